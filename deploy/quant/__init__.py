@@ -1,0 +1,30 @@
+"""Quantization core: specs, integer arithmetic, observers and fake-quantize modules."""
+
+from deploy.quant.fake_quant import FakeQuantize
+from deploy.quant.functional import dequantize, fake_quantize, fake_quantize_lsq, quantize
+from deploy.quant.histogram_observers import MSEObserver, PercentileObserver
+from deploy.quant.observers import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    Observer,
+    qparams_from_range,
+)
+from deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT, UINT8_AFFINE_ACT, QuantSpec
+
+__all__ = [
+    "INT8_SYM_ACT",
+    "INT8_WEIGHT",
+    "UINT8_AFFINE_ACT",
+    "FakeQuantize",
+    "MSEObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "Observer",
+    "PercentileObserver",
+    "QuantSpec",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_lsq",
+    "qparams_from_range",
+    "quantize",
+]

@@ -1,0 +1,143 @@
+"""FakeQuantize: the module the front end inserts wherever a backend will quantize a tensor.
+
+It owns an observer (what range to use) and the qparams it produced. Observing and fake
+quantizing switch on and off independently, so one module serves calibration (observe only),
+QAT (both, or fake-quant with frozen ranges) and float evaluation (neither). Everything that
+defines its behaviour is a buffer or parameter, so state_dict round-trips it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from deploy.errors import BadInputError
+from deploy.quant.functional import fake_quantize, fake_quantize_lsq, lsq_grad_scale
+from deploy.quant.observers import MIN_SCALE, MinMaxObserver, Observer
+from deploy.quant.spec import QuantSpec
+
+ObserverFactory = Callable[[QuantSpec, int | None], Observer]
+
+#: The integer ranges torch's ONNX exporter turns into QuantizeLinear/DequantizeLinear.
+_EXPORTABLE_RANGES = {(0, 255), (-128, 127), (0, 127)}
+
+
+class FakeQuantize(nn.Module):
+    """Observe, then simulate quantization with a straight-through gradient.
+
+    With `learnable=True` the scale (and, for affine specs, the zero point) become
+    nn.Parameters trained with LSQ gradients; the observer then only initialises them.
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        observer: ObserverFactory = MinMaxObserver,
+        channels: int | None = None,
+        learnable: bool = False,
+    ) -> None:
+        super().__init__()
+        if spec.per_channel and channels is None:
+            raise BadInputError("a per-channel fake quantizer needs its channel count")
+        self.spec = spec
+        self.learnable = learnable
+        self._export: tuple[bool, torch.Tensor, torch.Tensor] | None = None
+        self.observer = observer(spec, channels)
+        shape = (channels,) if spec.per_channel else ()
+        scale = torch.ones(shape)
+        zero_point = torch.zeros(shape, dtype=torch.float32 if learnable else torch.int32)
+        if learnable:
+            self.scale = nn.Parameter(scale)
+            self.zero_point = nn.Parameter(zero_point, requires_grad=not spec.symmetric)
+        else:
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zero_point)
+        self.register_buffer("observer_enabled", torch.tensor(True))
+        self.register_buffer("fake_quant_enabled", torch.tensor(True))
+
+    @property
+    def location(self) -> str:
+        return self.observer.location
+
+    @location.setter
+    def location(self, name: str) -> None:
+        self.observer.location = name
+
+    def enable_observer(self, enabled: bool = True) -> FakeQuantize:
+        self.observer_enabled.fill_(enabled)
+        return self
+
+    def enable_fake_quant(self, enabled: bool = True) -> FakeQuantize:
+        self.fake_quant_enabled.fill_(enabled)
+        return self
+
+    def effective_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (positive) and integer zero point as the integer grid will use them."""
+        scale = self.scale.detach().abs().clamp_min(MIN_SCALE)
+        zp = torch.round(self.zero_point.detach()).clamp(self.spec.qmin, self.spec.qmax)
+        return scale, zp.to(torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._export is not None:
+            return self._export_forward(x)
+        if bool(self.observer_enabled):
+            self._observe(x)
+        if not bool(self.fake_quant_enabled):
+            return x
+        if self.learnable:
+            scale = self.scale.abs().clamp_min(MIN_SCALE)
+            per_scale = x.numel() // max(scale.numel(), 1)
+            g = lsq_grad_scale(per_scale, self.spec)
+            return fake_quantize_lsq(x, scale, self.zero_point, self.spec, g)
+        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        self.observer(x)
+        scale, zero_point = self.observer.compute_qparams()
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point.to(self.zero_point.dtype))
+
+    @property
+    def export_mode(self) -> bool:
+        return self._export is not None
+
+    def set_export_mode(self, enabled: bool) -> None:
+        """Freeze switches and qparams as Python constants so torch.export sees no
+        data-dependent branches, and emit torch's fake-quant ops that become Q/DQ in ONNX."""
+        if not enabled:
+            self._export = None
+            return
+        if bool(self.fake_quant_enabled):
+            self.export_range()  # fail early, naming the quantizer, if ONNX cannot express it
+        scale, zp = self.effective_qparams()
+        self._export = (bool(self.fake_quant_enabled), scale.clone(), zp.clone())
+
+    def export_range(self) -> tuple[int, int]:
+        """Integer range for ONNX; narrow int8 is exported as [-128, 127] with a scale that
+        never reaches -128 (ONNX has no narrow-range flag)."""
+        qmin = -128 if (self.spec.narrow_range and self.spec.bits == 8) else self.spec.qmin
+        if (qmin, self.spec.qmax) not in _EXPORTABLE_RANGES:
+            raise BadInputError(
+                f"{self.location}: {self.spec.describe()} cannot be expressed in ONNX "
+                "QuantizeLinear; export supports 8-bit quantizers only"
+            )
+        return qmin, self.spec.qmax
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's fake-quant ops, which the ONNX exporter turns into Q/DQ pairs."""
+        enabled, scale, zp = self._export
+        if not enabled:
+            return x
+        qmin, qmax = self.export_range()
+        if self.spec.per_channel:
+            return torch.fake_quantize_per_channel_affine(
+                x, scale, zp, self.spec.axis % x.dim(), qmin, qmax
+            )
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+
+    def extra_repr(self) -> str:
+        mode = "LSQ" if self.learnable else type(self.observer).__name__
+        return f"{self.spec.describe()}, {mode}"

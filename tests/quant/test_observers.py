@@ -1,0 +1,182 @@
+"""Observers: finite positive scales for any finite input, refusal of NaN/Inf, and ranges checked
+against independent numpy computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from deploy.errors import BadInputError
+from deploy.quant import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
+
+OBSERVERS = [MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, MSEObserver]
+SPECS = [
+    QuantSpec(bits=8, signed=True, symmetric=True),
+    QuantSpec(bits=8, signed=False, symmetric=False),
+    QuantSpec(bits=8, signed=True, symmetric=True, axis=0, narrow_range=True),
+    QuantSpec(bits=4, signed=True, symmetric=False),
+    QuantSpec(bits=2, signed=False, symmetric=True),
+]
+
+finite_f32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+def make(observer_cls, spec, channels=3):
+    return observer_cls(spec, channels if spec.per_channel else None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=arrays(np.float32, (3, 7), elements=finite_f32),
+    observer_idx=st.integers(0, len(OBSERVERS) - 1),
+    spec_idx=st.integers(0, len(SPECS) - 1),
+)
+def test_scale_always_finite_positive_and_zero_exact(data, observer_idx, spec_idx):
+    spec = SPECS[spec_idx]
+    obs = make(OBSERVERS[observer_idx], spec)
+    obs(torch.from_numpy(data))
+    obs(torch.from_numpy(data[::-1].copy() * 0.5))
+    scale, zp = obs.compute_qparams()
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert ((zp >= spec.qmin) & (zp <= spec.qmax)).all()
+    zero = torch.zeros(3 if spec.per_channel else 1, 1).squeeze(-1)
+    zero = zero if spec.per_channel else zero.reshape(())
+    assert (dequantize(quantize(zero, scale, zp, spec), scale, zp, spec) == 0).all()
+
+
+@pytest.mark.parametrize("observer_cls", OBSERVERS)
+@pytest.mark.parametrize("value", [0.0, 3.5, -2.0])
+def test_constant_and_all_zero_tensors(observer_cls, value):
+    for spec in SPECS:
+        obs = make(observer_cls, spec)
+        obs(torch.full((3, 10), value))
+        scale, _ = obs.compute_qparams()
+        assert torch.isfinite(scale).all() and (scale > 0).all()
+
+
+@pytest.mark.parametrize("observer_cls", OBSERVERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_are_refused(observer_cls, bad):
+    obs = make(observer_cls, SPECS[0])
+    obs.location = "layer1.conv1.input"
+    x = torch.randn(3, 10)
+    x[1, 2] = bad
+    with pytest.raises(BadInputError, match=r"layer1\.conv1\.input.*(NaN|Inf)"):
+        obs(x)
+
+
+def test_empty_and_unobserved_are_refused():
+    obs = MinMaxObserver(SPECS[0])
+    with pytest.raises(BadInputError, match="no data observed"):
+        obs.compute_qparams()
+    with pytest.raises(BadInputError, match="empty"):
+        obs(torch.empty(0, 4))
+
+
+def test_per_channel_minmax_matches_numpy():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * rng.uniform(0.1, 3, (16, 1, 1, 1))
+    spec = SPECS[2]
+    obs = MinMaxObserver(spec, 16)
+    obs(torch.from_numpy(w))
+    scale, zp = obs.compute_qparams()
+    expected = np.abs(w).reshape(16, -1).max(axis=1) / 127
+    np.testing.assert_allclose(scale.numpy(), expected, rtol=1e-6)
+    assert (zp == 0).all()
+
+
+def test_affine_minmax_matches_formula():
+    spec = SPECS[1]
+    obs = MinMaxObserver(spec)
+    obs(torch.tensor([-1.0, 0.5, 3.0]))
+    scale, zp = obs.compute_qparams()
+    assert scale.item() == pytest.approx(4.0 / 255)
+    assert zp.item() == round(1.0 / (4.0 / 255))  # code of 0.0 is -min/scale
+
+
+def test_moving_average_follows_ema():
+    obs = MovingAverageMinMaxObserver(SPECS[1], momentum=0.9)
+    obs(torch.tensor([-1.0, 2.0]))
+    obs(torch.tensor([-3.0, 6.0]))
+    assert obs.min_val.item() == pytest.approx(0.9 * -1 + 0.1 * -3)
+    assert obs.max_val.item() == pytest.approx(0.9 * 2 + 0.1 * 6)
+
+
+def test_percentile_clips_outliers_like_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=200_000).astype(np.float32)
+    x[:20] = 80.0  # 0.01% outliers
+    obs = PercentileObserver(SPECS[0], percentile=99.9)
+    for chunk in np.array_split(x, 4):
+        obs(torch.from_numpy(chunk))
+    lo, hi = obs.clip_range()
+    expected = np.percentile(np.abs(x), 99.9)
+    bin_width = float(x.max() - x.min()) / obs.bins
+    assert hi.item() == pytest.approx(expected, abs=2 * bin_width)
+    assert lo.item() == -hi.item()
+
+
+def test_affine_percentile_both_tails():
+    rng = np.random.default_rng(2)
+    x = rng.exponential(size=100_000).astype(np.float32) - 0.5
+    obs = PercentileObserver(SPECS[1], percentile=99.0)
+    obs(torch.from_numpy(x))
+    lo, hi = obs.clip_range()
+    bin_width = float(x.max() - x.min()) / obs.bins
+    assert lo.item() == pytest.approx(np.percentile(x, 1.0), abs=2 * bin_width)
+    assert hi.item() == pytest.approx(np.percentile(x, 99.0), abs=2 * bin_width)
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], QuantSpec(bits=4, signed=True)])
+def test_mse_observer_near_brute_force_optimum(spec):
+    """The histogram search must land within a few % of the best clip found by actually
+    fake-quantizing the data at 400 candidate ranges."""
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.laplace(size=50_000).astype(np.float32))
+    obs = MSEObserver(spec)
+    obs(x)
+    scale, zp = obs.compute_qparams()
+    chosen = torch.mean((fake_quantize(x, scale, zp, spec) - x) ** 2).item()
+
+    def mse_at(t):
+        ref = MinMaxObserver(spec)
+        ref(x * t)
+        s, z = ref.compute_qparams()
+        return torch.mean((fake_quantize(x, s, z, spec) - x) ** 2).item()
+
+    best = min(mse_at(t) for t in np.linspace(0.01, 1.0, 400))
+    naive = mse_at(1.0)
+    assert chosen <= best * 1.05
+    assert chosen < naive
+
+
+def test_histogram_rebinning_matches_single_pass():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=50_000).astype(np.float32)
+    b = rng.normal(size=50_000).astype(np.float32) * 4  # range grows: old bins re-binned
+    spec = SPECS[0]
+    two = PercentileObserver(spec, percentile=99.0)
+    two(torch.from_numpy(a))
+    two(torch.from_numpy(b))
+    expected = np.percentile(np.abs(np.concatenate([a, b])), 99.0)
+    bin_width = float(max(a.max(), b.max()) - min(a.min(), b.min())) / two.bins
+    assert two.clip_range()[1].item() == pytest.approx(expected, abs=3 * bin_width)
+
+
+def test_per_channel_observer_checks_channel_count():
+    obs = MinMaxObserver(SPECS[2], 4)
+    with pytest.raises(BadInputError, match="expected 4 channels"):
+        obs(torch.randn(3, 5))

@@ -1,0 +1,28 @@
+"""The console script: exit codes and one-line errors, run as a user would run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from deploy import errors
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_selfcheck_passes_against_onnxruntime():
+    proc = run_cli("selfcheck")
+    assert proc.returncode == errors.OK, proc.stderr
+    assert "MISMATCH" not in proc.stdout and proc.stdout.count("ok") >= 4
+
+
+def test_unknown_command_is_one_line_usage_error():
+    proc = run_cli("frobnicate")
+    assert proc.returncode == errors.BAD_INPUT
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "frobnicate" in proc.stderr
