@@ -42,3 +42,9 @@ class LatencyRegressionError(DeployError):
     """The CI gate found a significant latency regression beyond tolerance."""
 
     exit_code = LATENCY_REGRESSION
+
+
+def one_line(exc: BaseException) -> str:
+    """First line of an exception, prefixed by its type: enough to name a problem in one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
