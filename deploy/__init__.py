@@ -1,0 +1,31 @@
+"""qat-deploy: one QAT front end, per-backend int8 rules, QDQ ONNX export, engine checks.
+
+Data flow: model -> prepare() (fake-quant, by the target's rules) -> calibrate() / train_qat()
+-> QDQ ONNX -> engine -> report.
+"""
+
+from deploy.calibrate import calibrate
+from deploy.errors import (
+    BackendUnavailableError,
+    BadInputError,
+    CheckFailedError,
+    DeployError,
+    LatencyRegressionError,
+)
+from deploy.prepare import PreparedModel, prepare
+from deploy.qat import train_qat
+from deploy.rules import available_targets, get_rules
+
+__all__ = [
+    "BackendUnavailableError",
+    "BadInputError",
+    "CheckFailedError",
+    "DeployError",
+    "LatencyRegressionError",
+    "PreparedModel",
+    "available_targets",
+    "calibrate",
+    "get_rules",
+    "prepare",
+    "train_qat",
+]

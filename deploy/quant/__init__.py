@@ -4,6 +4,7 @@ from deploy.quant.fake_quant import FakeQuantize
 from deploy.quant.functional import dequantize, fake_quantize, fake_quantize_lsq, quantize
 from deploy.quant.histogram_observers import MSEObserver, PercentileObserver
 from deploy.quant.observers import (
+    CurrentMinMaxObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     Observer,
@@ -15,6 +16,7 @@ __all__ = [
     "INT8_SYM_ACT",
     "INT8_WEIGHT",
     "UINT8_AFFINE_ACT",
+    "CurrentMinMaxObserver",
     "FakeQuantize",
     "MSEObserver",
     "MinMaxObserver",

@@ -122,3 +122,13 @@ class MovingAverageMinMaxObserver(Observer):
         m = self.momentum
         self.min_val.copy_(m * self.min_val + (1 - m) * lo)
         self.max_val.copy_(m * self.max_val + (1 - m) * hi)
+
+
+class CurrentMinMaxObserver(Observer):
+    """Range of the latest tensor only: weights change at every QAT step, so an accumulated
+    min/max would keep stale extremes."""
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = self._batch_range(x)
+        self.min_val.copy_(lo.expand_as(self.min_val))
+        self.max_val.copy_(hi.expand_as(self.max_val))

@@ -1,0 +1,39 @@
+"""onnxruntime CPU execution provider rules (its QDQ selector/action transformers).
+
+- Activations uint8 affine per-tensor: signed activations leave most Conv/Gemm in float on x86
+  (measured: 10/21 ResNet-18 Conv/Gemm became int8 kernels with s8 vs 21/21 with u8).
+- Quantize around every op with an int8 kernel: Conv -> QLinearConv, MatMul -> QLinearMatMul,
+  Gemm -> QGemm, Add/Mul -> QLinearAdd/Mul, Concat, AveragePool, GlobalAveragePool, Sigmoid,
+  Softmax, LeakyRelu.
+- ReLU/ReLU6 before a quantizer fold into it (the observed range starts at 0, so the zero point
+  is qmin and onnxruntime drops the ReLU/Clip).
+- Reshape, Transpose, Squeeze, MaxPool, Resize, Gather are quantization-agnostic.
+- Transformer mode: quantize Linear/MatMul inputs only; Softmax, LayerNorm, GELU and residual
+  Adds stay float (quantizing them all destroys encoder accuracy: cosine 0.41 measured).
+"""
+
+from deploy.quant.spec import INT8_WEIGHT, UINT8_AFFINE_ACT
+from deploy.rules import WEIGHTED_OPS, BackendRules, Inputs, OpRule
+
+RULES = BackendRules(
+    name="onnxruntime",
+    activation=UINT8_AFFINE_ACT,
+    weight=INT8_WEIGHT,
+    ops={
+        **WEIGHTED_OPS,
+        "add": OpRule(Inputs.ALL),
+        "mul": OpRule(Inputs.ALL),
+        "concat": OpRule(Inputs.ALL, shared_scale=True),
+        "avgpool": OpRule(Inputs.ALL),
+        "global_avgpool": OpRule(Inputs.ALL),
+        "sigmoid": OpRule(Inputs.ALL),
+        "softmax": OpRule(Inputs.ALL),
+        "leaky_relu": OpRule(Inputs.ALL),
+    },
+    pass_through=frozenset(
+        {"maxpool", "reshape", "transpose", "pad", "identity", "getitem", "interpolate"}
+    ),
+    fusions=(("conv", "bn"), ("conv", "bn", "relu"), ("conv", "bn", "relu6"), ("linear", "relu")),
+    transformer_ops={k: WEIGHTED_OPS[k] for k in ("linear", "matmul")},
+    weight_axis={"conv_transpose": 1},
+)

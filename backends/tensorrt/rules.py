@@ -1,0 +1,40 @@
+"""TensorRT explicit-quantization rules (TensorRT developer guide, "Q/DQ layer-placement
+recommendations"; NVIDIA/TensorRT#1992, #2592, #2774; ModelOpt concat handling).
+
+- int8 only symmetric: activations int8 zero point 0, weights int8 per-channel narrow range.
+- Quantize the inputs of weighted ops, not their outputs; TensorRT fuses Conv+BN+ReLU itself.
+- Residual Add: Q/DQ on the skip branch only, so TensorRT fuses Conv(+BN)+Add(+ReLU); a Q/DQ
+  between the Conv and the Add would break that fusion.
+- AvgPool does not commute with quantization: quantize its input so it runs in int8.
+- MaxPool, reshapes and Concat commute: TensorRT propagates Q/DQ through them, so Concat needs
+  no per-input quantizers (its consumers' quantizer gives every input one shared scale).
+"""
+
+from deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT
+from deploy.rules import WEIGHTED_OPS, BackendRules, Inputs, OpRule
+
+RULES = BackendRules(
+    name="tensorrt",
+    activation=INT8_SYM_ACT,
+    weight=INT8_WEIGHT,
+    ops={
+        **WEIGHTED_OPS,
+        "add": OpRule(Inputs.SKIP_BRANCH),
+        "avgpool": OpRule(Inputs.ALL),
+        "global_avgpool": OpRule(Inputs.ALL),
+    },
+    pass_through=frozenset(
+        {"maxpool", "reshape", "transpose", "pad", "identity", "concat", "getitem"}
+    ),
+    fusions=(
+        ("conv", "bn"),
+        ("conv", "bn", "relu"),
+        ("conv", "bn", "relu6"),
+        ("conv", "bn", "add", "relu"),
+        ("linear", "relu"),
+    ),
+    # transformers (ModelOpt's BERT recipe): quantize Linear/MatMul inputs, keep Softmax,
+    # LayerNorm, GELU and residual Adds in float.
+    transformer_ops=dict(WEIGHTED_OPS),
+    weight_axis={"conv_transpose": 1},
+)

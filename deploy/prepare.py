@@ -1,0 +1,345 @@
+"""prepare(): the one generic pass that turns a float model into a fake-quantized one by a
+backend's rules (deploy.rules / backends/<name>/rules.py).
+
+Steps: trace with torch.fx -> fold Conv+BN and give Conv/Linear quantized weights -> put an
+activation quantizer on every input edge the rules select -> record the plan. Where tracing
+fails, fall back to quantizing Conv/Linear inputs and weights, and say why.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from deploy.capture import TraceFailure, op_kind, trace
+from deploy.errors import BadInputError, one_line
+from deploy.plan import QuantizerSite, QuantPlan
+from deploy.quant.fake_quant import FakeQuantize
+from deploy.quant.histogram_observers import MSEObserver, PercentileObserver
+from deploy.quant.observers import (
+    CurrentMinMaxObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+)
+from deploy.quant.spec import QuantSpec
+from deploy.quant_modules import QuantConv, QuantConvBn, QuantLinear
+from deploy.rules import BackendRules, Inputs, OpRule, get_rules
+
+OBSERVERS = {
+    "minmax": MinMaxObserver,
+    "ema": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+}
+_WEIGHTED = ("conv", "conv_transpose", "linear")
+_TRANSFORMER_MARKERS = ("layer_norm", "softmax")
+
+
+class PreparedModel(nn.Module):
+    """A fake-quantized model plus the plan that says what was quantized and why."""
+
+    def __init__(self, model: nn.Module, plan: QuantPlan, rules: BackendRules) -> None:
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.rules = rules
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def quantizers(self) -> list[FakeQuantize]:
+        return [m for m in self.modules() if isinstance(m, FakeQuantize)]
+
+    def summary(self):
+        return self.plan.table(self)
+
+
+def prepare(
+    model: nn.Module,
+    target: str,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    mode: str = "auto",
+    bits: int = 8,
+    observer: str = "minmax",
+    learnable: bool = False,
+) -> PreparedModel:
+    """Return a fake-quantized copy of `model` laid out by `target`'s rules.
+
+    mode: "auto" (transformer rules when the graph has LayerNorm/Softmax), "cnn" or
+    "transformer". bits: 2..8 for both weights and activations (export needs 8).
+    observer: activation observer, one of OBSERVERS. learnable: LSQ scales (QAT).
+    """
+    rules = get_rules(target)
+    if mode not in ("auto", "cnn", "transformer"):
+        raise BadInputError(f"unknown mode '{mode}'; use auto, cnn or transformer")
+    if observer not in OBSERVERS:
+        raise BadInputError(f"unknown observer '{observer}'; known: {', '.join(OBSERVERS)}")
+    inputs = (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    )
+    model = copy.deepcopy(model).eval()
+    factory = _QuantizerFactory(rules, bits, OBSERVERS[observer], learnable)
+    traced = trace(model)
+    if isinstance(traced, TraceFailure):
+        return _prepare_fallback(model, traced, inputs, rules, factory)
+    _propagate_shapes(traced, inputs)
+    kinds = {n: op_kind(n, dict(traced.named_modules())) for n in traced.graph.nodes}
+    transformer = mode == "transformer" or (
+        mode == "auto" and any(k in _TRANSFORMER_MARKERS for k in kinds.values())
+    )
+    plan = QuantPlan(
+        target=rules.name,
+        mode="transformer" if transformer else "cnn",
+        input_shapes=[tuple(x.shape) for x in inputs],
+    )
+    folded_bn = _quantize_weights(traced, kinds, factory, plan)
+    kinds = {n: op_kind(n, dict(traced.named_modules())) for n in traced.graph.nodes}
+    _place_activation_quantizers(traced, kinds, rules.op_rules(transformer), factory, plan)
+    plan.fused = _find_fusions(traced, kinds, folded_bn, rules.fusions)
+    plan.float_ops = _float_ops(traced, kinds, rules, transformer, plan)
+    traced.graph.lint()
+    traced.recompile()
+    return PreparedModel(traced, _prefixed(plan), rules)
+
+
+class _QuantizerFactory:
+    """Builds FakeQuantize modules with the backend's specs and the user's choices."""
+
+    def __init__(self, rules: BackendRules, bits: int, observer, learnable: bool) -> None:
+        self.rules, self.bits, self.observer, self.learnable = rules, bits, observer, learnable
+
+    def activation(self, spec: QuantSpec | None, location: str) -> FakeQuantize:
+        spec = (spec or self.rules.activation).with_bits(self.bits)
+        fq = FakeQuantize(spec, self.observer, learnable=self.learnable)
+        fq.location = location
+        return fq
+
+    def weight(self, module: nn.Module, kind: str, location: str) -> FakeQuantize:
+        axis = self.rules.weight_axis.get(kind, self.rules.weight.axis)
+        spec = replace(self.rules.weight, axis=axis).with_bits(self.bits)
+        fq = FakeQuantize(
+            spec,
+            CurrentMinMaxObserver,
+            channels=module.weight.shape[axis],
+            learnable=self.learnable,
+        )
+        fq.location = location
+        return fq
+
+
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise BadInputError(
+            f"example input of shape {shapes} does not fit the model: {one_line(exc)}"
+        ) from exc
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node, fx.Node) and "tensor_meta" in node.meta
+
+
+def _set_module(gm: fx.GraphModule, path: str, module: nn.Module | None) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    if module is None:
+        delattr(parent, name)
+    else:
+        setattr(parent, name, module)
+
+
+def _quantize_weights(
+    gm: fx.GraphModule, kinds, factory: _QuantizerFactory, plan: QuantPlan
+) -> dict[str, str]:
+    """Swap Conv(+BN) and Linear for modules with fake-quantized (BN-folded) weights;
+    returns conv node name -> name of the BN node folded into it."""
+    modules = dict(gm.named_modules())
+    folded_bn = {}
+    for node in list(gm.graph.nodes):
+        kind = kinds.get(node)
+        if node.op != "call_module" or kind not in _WEIGHTED:
+            continue
+        layer = modules[node.target]
+        fq = factory.weight(layer, kind, f"{node.target}.weight")
+        users = list(node.users)
+        bn_node = users[0] if len(users) == 1 and kinds.get(users[0]) == "bn" else None
+        if bn_node is not None and kind != "linear":
+            axis = factory.rules.weight_axis.get(kind, factory.rules.weight.axis)
+            new = QuantConvBn(layer, modules[bn_node.target], fq, kind, axis)
+            bn_node.replace_all_uses_with(node)
+            gm.graph.erase_node(bn_node)
+            _set_module(gm, bn_node.target, None)
+            folded_bn[node.name] = bn_node.name
+        elif kind == "linear":
+            new = QuantLinear(layer, fq)
+        else:
+            new = QuantConv(layer, fq, kind)
+        _set_module(gm, node.target, new)
+        plan.sites.append(
+            QuantizerSite(f"{node.target}.weight_quant", "weight", fq.spec, node.name)
+        )
+    return folded_bn
+
+
+def _find_fusions(gm, kinds, folded_bn: dict[str, str], patterns) -> list[tuple[str, ...]]:
+    """Chains the backend will fuse, matched after placement: a chain stops at any inserted
+    quantizer, since a Q/DQ pair is exactly what blocks a backend fusion. The longest pattern
+    wins; a folded Conv+BN counts as the two tokens "conv", "bn"."""
+    chains = []
+    for node in gm.graph.nodes:
+        if kinds.get(node) not in _WEIGHTED:
+            continue
+        tokens = [(kinds[node], node.name)]
+        if node.name in folded_bn:
+            tokens.append(("bn", folded_bn[node.name]))
+        current = node
+        while len(current.users) == 1:
+            (current,) = current.users
+            tokens.append((kinds.get(current), current.name))
+        best: tuple[str, ...] = ()
+        for pattern in patterns:
+            if len(pattern) > len(best) and tuple(k for k, _ in tokens[: len(pattern)]) == pattern:
+                best = tuple(name for _, name in tokens[: len(pattern)])
+        if len(best) > 1:
+            chains.append(best)
+    return chains
+
+
+def _float_ops(gm, kinds, rules: BackendRules, transformer: bool, plan: QuantPlan) -> list[str]:
+    """Compute ops left in float: no int8 rule, not quantization-agnostic, not fused into
+    a quantized chain. Unrecognised ops land here too."""
+    fused = {name for chain in plan.fused for name in chain}
+    quantized = rules.op_rules(transformer)
+    return [
+        n.name
+        for n in gm.graph.nodes
+        if n.op in ("call_module", "call_function", "call_method")
+        and n in kinds
+        and kinds[n] not in quantized
+        and kinds[n] not in rules.pass_through
+        and n.name not in fused
+    ]
+
+
+def _selected_inputs(node: fx.Node, rule: OpRule, kinds) -> list[fx.Node]:
+    """The input edges of `node` that its rule says to quantize."""
+    tensors = [a for a in node.all_input_nodes if _is_tensor(a)]
+    if rule.inputs is Inputs.ACTIVATION:
+        first = node.args[0] if node.args else None
+        return [first] if _is_tensor(first) else []
+    if kinds.get(node) in ("add", "mul") and len(tensors) < 2:
+        return []  # x + constant: nothing to requantize
+    if rule.inputs is Inputs.SKIP_BRANCH:
+        fusible = [
+            a for a in tensors if kinds.get(a) in ("conv", "conv_transpose") and len(a.users) == 1
+        ]
+        if fusible:  # TensorRT fuses the first Conv(+BN) into the Add; quantize the rest
+            return [a for a in tensors if a is not fusible[0]]
+    return tensors
+
+
+def _place_activation_quantizers(gm, kinds, op_rules, factory, plan: QuantPlan) -> None:
+    """One FakeQuantize per (value, spec), shared by every consumer that needs that spec;
+    a shared-scale op (Concat) gets one quantizer for all its inputs."""
+    per_value: dict[tuple[str, QuantSpec], fx.Node] = {}
+    edges: dict[str, tuple[QuantSpec, list[tuple[str, str]]]] = {}
+
+    def new_quantizer(spec_override: QuantSpec | None, where: str, spec: QuantSpec) -> str:
+        name = f"act_quant_{len(edges)}"
+        gm.add_submodule(name, factory.activation(spec_override, where))
+        edges[name] = (spec, [])
+        return name
+
+    for node in list(gm.graph.nodes):
+        rule = op_rules.get(kinds.get(node))
+        selected = _selected_inputs(node, rule, kinds) if rule is not None else []
+        if not selected:
+            continue
+        spec = (rule.activation or factory.rules.activation).with_bits(factory.bits)
+        shared = None
+        if rule.shared_scale:
+            shared = new_quantizer(rule.activation, f"{node.name} inputs", spec)
+        for value in dict.fromkeys(selected):
+            q_node = None if shared else per_value.get((value.name, spec))
+            if q_node is None:
+                where = f"{value.name} -> {node.name}"
+                target = shared or new_quantizer(rule.activation, where, spec)
+                with gm.graph.inserting_after(value):
+                    q_node = gm.graph.call_module(target, (value,))
+                q_node.meta = dict(value.meta)
+                if not shared:
+                    per_value[(value.name, spec)] = q_node
+            node.replace_input_with(value, q_node)
+            edges[q_node.target][1].append((value.name, node.name))
+    for name, (spec, site_edges) in edges.items():
+        plan.sites.append(
+            QuantizerSite(name, "activation", spec, site_edges[0][0], tuple(site_edges))
+        )
+
+
+def _prefixed(plan: QuantPlan) -> QuantPlan:
+    """Module paths as seen from the PreparedModel (its graph module lives under `model`)."""
+    plan.sites = [replace(s, module=f"model.{s.module}") for s in plan.sites]
+    return plan
+
+
+class _InputQuantized(nn.Module):
+    """Fallback wrapper: quantize the input of a weighted layer whose graph we could not see."""
+
+    def __init__(self, input_quant: FakeQuantize, layer: nn.Module) -> None:
+        super().__init__()
+        self.input_quant = input_quant
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.input_quant(x))
+
+
+def _prepare_fallback(model, failure: TraceFailure, inputs, rules, factory) -> PreparedModel:
+    plan = QuantPlan(
+        target=rules.name,
+        mode="fallback",
+        fallback_reason=str(failure),
+        input_shapes=[tuple(x.shape) for x in inputs],
+    )
+    for path, layer in list(model.named_modules()):
+        kind = op_kind_of_module(layer)
+        if kind not in _WEIGHTED:
+            continue
+        wq = factory.weight(layer, kind, f"{path}.weight")
+        weighted = QuantLinear(layer, wq) if kind == "linear" else QuantConv(layer, wq, kind)
+        aq = factory.activation(None, f"{path} input")
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, _InputQuantized(aq, weighted))
+        plan.sites.append(
+            QuantizerSite(f"model.{path}.layer.weight_quant", "weight", wq.spec, path)
+        )
+        plan.sites.append(
+            QuantizerSite(
+                f"model.{path}.input_quant", "activation", aq.spec, path, ((f"{path}.input", path),)
+            )
+        )
+    warnings.warn(
+        f"{failure}; fell back to quantizing the inputs and weights of "
+        f"{len(plan.weight_layers)} Conv/Linear layers (no BN folding, no backend fusion rules)",
+        stacklevel=3,
+    )
+    return PreparedModel(model, plan, rules)
+
+
+def op_kind_of_module(module: nn.Module) -> str | None:
+    """Op kind of a module outside any graph (used by the fallback)."""
+    graph = fx.Graph()
+    node = graph.call_module("m", ())
+    return op_kind(node, {"m": module})

@@ -1,0 +1,91 @@
+"""Quantization-aware fine-tuning of a prepared (and calibrated) model.
+
+BN folding uses batch statistics until `freeze_bn_after` steps, then frozen running statistics;
+activation observers stop after `freeze_observers_after` steps (Krishnamoorthi 2018, sec. 3.2).
+Weight observers keep following the weights, which change every step. Learnable (LSQ) scales
+are nn.Parameters of the prepared model; an optimizer that misses them is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from deploy.calibrate import as_inputs
+from deploy.errors import BadInputError
+from deploy.prepare import PreparedModel
+from deploy.quant_modules import QuantConvBn
+
+
+def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The classic silent bug: an optimizer built before prepare() never trains the scales."""
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer
+    ]
+    if missing:
+        raise BadInputError(
+            f"the optimizer does not hold {len(missing)} trainable parameters of the prepared "
+            f"model (e.g. {missing[0]}); build it from prepared_model.parameters()"
+        )
+
+
+def train_qat(
+    model: PreparedModel,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    epochs: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    lr: float = 1e-3,
+    freeze_bn_after: int | None = None,
+    freeze_observers_after: int | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """Fine-tune with fake quantization on; returns the mean loss of each epoch.
+
+    `batches` is re-iterated every epoch (a DataLoader or a list of (inputs, labels)).
+    Defaults: Adam over all prepared parameters, cross-entropy loss.
+    """
+    if epochs < 1:
+        raise BadInputError(f"epochs must be >= 1, got {epochs}")
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    check_optimizer_covers(model, optimizer)
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    weight_ids = {id(m.weight_quant) for m in model.modules() if hasattr(m, "weight_quant")}
+    activation_quantizers = [fq for fq in model.quantizers() if id(fq) not in weight_ids]
+    for fq in model.quantizers():
+        fq.enable_fake_quant(True)
+        # LSQ scales learn by gradient; an observer would overwrite them every step
+        fq.enable_observer(not fq.learnable)
+    model.train()
+    step, history = 0, []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("QAT", total=epochs)
+        for _ in range(epochs):
+            total, count = 0.0, 0
+            for batch in batches:
+                if step == freeze_bn_after:
+                    for m in model.modules():
+                        if isinstance(m, QuantConvBn):
+                            m.freeze_bn()
+                if step == freeze_observers_after:
+                    for fq in activation_quantizers:
+                        fq.enable_observer(False)
+                inputs, labels = batch
+                optimizer.zero_grad()
+                loss = loss_fn(model(*as_inputs(inputs)), labels)
+                if not torch.isfinite(loss):
+                    raise BadInputError(f"QAT loss became {loss.item()} at step {step}; lower lr")
+                loss.backward()
+                optimizer.step()
+                total, count, step = total + loss.item(), count + 1, step + 1
+            if count == 0:
+                raise BadInputError("no training batches: the QAT data is empty")
+            history.append(total / count)
+            bar.advance(task)
+    model.eval()
+    return history

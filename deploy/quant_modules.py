@@ -1,0 +1,128 @@
+"""Weighted layers with fake-quantized weights: what the front end swaps Conv/Linear(+BN) for.
+
+QuantConvBn folds BatchNorm into the weights the quantizer sees, as deployed engines do
+(Jacob et al. 2018; Krishnamoorthi 2018, sec. 3.2): in training it first uses batch statistics
+(the real BN still runs, so running statistics keep updating), and after `freeze_bn()` it uses
+the frozen running statistics; in eval mode it is exactly conv(x, Q(W_fold)) + b_fold, the
+graph that gets exported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deploy.quant.fake_quant import FakeQuantize
+
+
+def _conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Apply `module`'s convolution (any dimensionality, transposed or not) with a new weight."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[
+            len(module.kernel_size)
+        ]
+        return fn(
+            x,
+            weight,
+            bias,
+            module.stride,
+            module.padding,
+            module.output_padding,
+            module.groups,
+            module.dilation,
+        )
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    else:
+        padding = module.padding
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
+    return fn(x, weight, bias, module.stride, padding, module.dilation, module.groups)
+
+
+def _channel_shape(module: nn.Module, weight_axis: int) -> list[int]:
+    shape = [1] * module.weight.dim()
+    shape[weight_axis] = -1
+    return shape
+
+
+class QuantConv(nn.Module):
+    """Conv / ConvTranspose with a fake-quantized weight."""
+
+    def __init__(self, conv: nn.Module, weight_quant: FakeQuantize, kind: str) -> None:
+        super().__init__()
+        self.conv = conv
+        self.weight_quant = weight_quant
+        self.op_kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv(self.conv, x, self.weight_quant(self.conv.weight), self.conv.bias)
+
+
+class QuantLinear(nn.Module):
+    """Linear with a fake-quantized weight."""
+
+    op_kind = "linear"
+
+    def __init__(self, linear: nn.Linear, weight_quant: FakeQuantize) -> None:
+        super().__init__()
+        self.linear = linear
+        self.weight_quant = weight_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_quant(self.linear.weight), self.linear.bias)
+
+
+class QuantConvBn(nn.Module):
+    """Conv followed by BatchNorm, with BN folded into the quantized weight."""
+
+    def __init__(
+        self,
+        conv: nn.Module,
+        bn: nn.modules.batchnorm._BatchNorm,
+        weight_quant: FakeQuantize,
+        kind: str,
+        weight_axis: int,
+    ) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+        self.weight_quant = weight_quant
+        self.op_kind = kind
+        self.weight_axis = weight_axis
+        self.register_buffer("bn_frozen", torch.tensor(False))
+
+    def freeze_bn(self, frozen: bool = True) -> None:
+        """From now on fold with running statistics and stop updating them."""
+        self.bn_frozen.fill_(frozen)
+
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W * gamma / sigma and (b - mu) * gamma / sigma + beta, from running statistics."""
+        factor = self._factor()
+        weight = self.conv.weight * factor.reshape(_channel_shape(self.conv, self.weight_axis))
+        bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(factor)
+        return weight, (bias - self.bn.running_mean) * factor + self._beta()
+
+    def _factor(self) -> torch.Tensor:
+        gamma = self.bn.weight if self.bn.affine else torch.ones_like(self.bn.running_var)
+        return gamma / torch.sqrt(self.bn.running_var + self.bn.eps)
+
+    def _beta(self) -> torch.Tensor:
+        return self.bn.bias if self.bn.affine else torch.zeros_like(self.bn.running_mean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.folded_weight_and_bias()
+        q_weight = self.weight_quant(weight)
+        if not self.training or bool(self.bn_frozen):
+            return _conv(self.conv, x, q_weight, bias)
+        # Batch statistics: undo the running-stat folding factor on the conv output, then let
+        # the real BN normalise with this batch's statistics (and update its running ones).
+        factor = self._factor()
+        safe = torch.where(factor.abs() < 1e-12, torch.full_like(factor, 1e-12), factor)
+        y = _conv(self.conv, x, q_weight, None)
+        shape = [1, -1] + [1] * (y.dim() - 2)
+        y = y / safe.reshape(shape)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.reshape(shape)
+        return self.bn(y)

@@ -1,0 +1,82 @@
+"""The schema of a backend's quantization rules, and how a target name finds its rules.
+
+Rules are data (backends/<name>/rules.py defines RULES); deploy.prepare is the one generic pass
+that applies them. Adding a backend means adding a folder with a rules.py, nothing here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import backends
+from deploy.errors import BadInputError
+from deploy.quant.spec import QuantSpec
+
+
+class Inputs(str, Enum):
+    """Which tensor inputs of an op get a quantizer."""
+
+    ACTIVATION = "activation"  # the data input of a weighted op (its weight is handled apart)
+    ALL = "all"  # every tensor input (MatMul, Add in CNNs, pooling, ...)
+    SKIP_BRANCH = "skip_branch"  # residual Add: only inputs NOT produced by a fusible Conv(+BN)
+
+
+@dataclass(frozen=True)
+class OpRule:
+    inputs: Inputs = Inputs.ALL
+    #: One quantizer shared by all inputs (Concat), so the op needs no requantization.
+    shared_scale: bool = False
+    #: Activation spec for this op's inputs when it differs from the backend default.
+    activation: QuantSpec | None = None
+
+
+@dataclass(frozen=True)
+class BackendRules:
+    """Everything the front end needs to know about a backend's int8 support."""
+
+    name: str
+    activation: QuantSpec
+    weight: QuantSpec
+    #: op kind (see deploy.graph.op_kinds) -> how its inputs are quantized, CNN mode.
+    ops: Mapping[str, OpRule]
+    #: op kinds whose input and output share quantization (no quantizer of their own).
+    pass_through: frozenset[str]
+    #: producer chains the backend fuses into one kernel; no quantizer goes inside them.
+    fusions: tuple[tuple[str, ...], ...]
+    #: transformer mode: op rules replacing `ops` (kinds absent here stay float).
+    transformer_ops: Mapping[str, OpRule] = field(default_factory=dict)
+    #: weight quantization axis per op kind (default: weight spec's axis).
+    weight_axis: Mapping[str, int] = field(default_factory=dict)
+    notes: str = ""
+
+    def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:
+        return self.transformer_ops if transformer else self.ops
+
+
+def available_targets() -> list[str]:
+    """Every sub-package of backends/ that ships a rules module."""
+    names = []
+    for info in pkgutil.iter_modules(backends.__path__):
+        if info.ispkg and importlib.util.find_spec(f"backends.{info.name}.rules") is not None:
+            names.append(info.name)
+    return sorted(names)
+
+
+def get_rules(target: str) -> BackendRules:
+    targets = available_targets()
+    if target not in targets:
+        raise BadInputError(f"unknown target '{target}'; known targets: {', '.join(targets)}")
+    return importlib.import_module(f"backends.{target}.rules").RULES
+
+
+#: Every backend quantizes the data input of weighted ops and both inputs of MatMul.
+WEIGHTED_OPS: Mapping[str, OpRule] = {
+    "conv": OpRule(Inputs.ACTIVATION),
+    "conv_transpose": OpRule(Inputs.ACTIVATION),
+    "linear": OpRule(Inputs.ACTIVATION),
+    "matmul": OpRule(Inputs.ALL),
+}

@@ -1,0 +1,110 @@
+"""Reference blocks for placement tests, written out so fx node names are predictable."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def conv_bn(cin, cout, k=3, stride=1, groups=1):
+    return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(c, c)
+        self.relu1 = nn.ReLU()
+        self.conv2, self.bn2 = conv_bn(c, c)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + x
+        return self.relu2(out)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin=8, width=4, cout=16):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(cin, width, 1)
+        self.relu1 = nn.ReLU()
+        self.conv2, self.bn2 = conv_bn(width, width, 3, stride=2)
+        self.relu2 = nn.ReLU()
+        self.conv3, self.bn3 = conv_bn(width, cout, 1)
+        self.downsample = nn.Sequential(*conv_bn(cin, cout, 1, stride=2))
+        self.relu3 = nn.ReLU()
+
+    def forward(self, x):
+        identity = self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out = out + identity
+        return self.relu3(out)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c=8, expand=6):
+        super().__init__()
+        hidden = c * expand
+        self.conv = nn.Sequential(
+            *conv_bn(c, hidden, 1),
+            nn.ReLU6(),
+            *conv_bn(hidden, hidden, 3, groups=hidden),
+            nn.ReLU6(),
+            *conv_bn(hidden, c, 1),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class ConcatBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv_a, self.bn_a = conv_bn(c, 4, 1)
+        self.relu_a = nn.ReLU()
+        self.conv_b, self.bn_b = conv_bn(c, 4, 3)
+        self.relu_b = nn.ReLU()
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+        self.conv_out = nn.Conv2d(4 + 4 + c, c, 1)
+
+    def forward(self, x):
+        a = self.relu_a(self.bn_a(self.conv_a(x)))
+        b = self.relu_b(self.bn_b(self.conv_b(x)))
+        return self.conv_out(torch.cat([a, b, self.pool(x)], 1))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.scale = 1 / math.sqrt(d)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+        attn = torch.softmax(scores, dim=-1)
+        x = self.norm1(x + self.out_proj(torch.matmul(attn, v)))
+        return self.norm2(x + self.fc2(self.act(self.fc1(x))))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+    return model

@@ -1,0 +1,200 @@
+"""Quantizer placement per target on reference blocks. Every expected placement below is
+written by hand from the rules in backends/<name>/rules.py and ../shared/REFERENCE.md:
+
+- tensorrt: quantize inputs of Conv/Linear/MatMul; residual Add gets a quantizer on the skip
+  branch only (never between the Conv+BN and the Add it feeds); Concat and MaxPool commute.
+- openvino / onnxruntime: also both Add inputs; Concat inputs share one quantizer.
+- transformer blocks (all targets): only Linear and MatMul inputs; Softmax, LayerNorm, GELU and
+  Adds stay float.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deploy.prepare import prepare
+from deploy.quant.spec import QuantSpec
+from tests.frontend.blocks import (
+    BasicBlock,
+    Bottleneck,
+    ConcatBlock,
+    EncoderBlock,
+    InvertedResidual,
+    randomize_bn,
+)
+
+INT8_SYM = QuantSpec(bits=8, signed=True, symmetric=True)
+UINT8_AFFINE = QuantSpec(bits=8, signed=False, symmetric=False)
+WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, axis=0, narrow_range=True)
+IMG = torch.randn(2, 8, 8, 8)
+SEQ = torch.randn(2, 5, 16)
+
+EXPECTED = {
+    "basic": {
+        "tensorrt": {("x", "conv1"), ("relu1", "conv2"), ("x", "add")},
+        "cpu": {("x", "conv1"), ("relu1", "conv2"), ("x", "add"), ("conv2", "add")},
+    },
+    "bottleneck": {
+        "tensorrt": {
+            ("x", "conv1"),
+            ("relu1", "conv2"),
+            ("relu2", "conv3"),
+            ("x", "downsample_0"),
+            ("downsample_0", "add"),
+        },
+        "cpu": {
+            ("x", "conv1"),
+            ("relu1", "conv2"),
+            ("relu2", "conv3"),
+            ("x", "downsample_0"),
+            ("downsample_0", "add"),
+            ("conv3", "add"),
+        },
+    },
+    "inverted_residual": {
+        "tensorrt": {("x", "conv_0"), ("conv_2", "conv_3"), ("conv_5", "conv_6"), ("x", "add")},
+        "cpu": {
+            ("x", "conv_0"),
+            ("conv_2", "conv_3"),
+            ("conv_5", "conv_6"),
+            ("x", "add"),
+            ("conv_6", "add"),
+        },
+    },
+    "concat": {
+        "tensorrt": {("x", "conv_a"), ("x", "conv_b"), ("cat", "conv_out")},
+        "cpu": {
+            ("x", "conv_a"),
+            ("x", "conv_b"),
+            ("relu_a", "cat"),
+            ("relu_b", "cat"),
+            ("pool", "cat"),
+            ("cat", "conv_out"),
+        },
+    },
+}
+ENCODER_EDGES = {
+    ("x", "q_proj"),
+    ("x", "k_proj"),
+    ("x", "v_proj"),
+    ("q_proj", "matmul"),
+    ("transpose", "matmul"),
+    ("softmax", "matmul_1"),
+    ("v_proj", "matmul_1"),
+    ("matmul_1", "out_proj"),
+    ("norm1", "fc1"),
+    ("act", "fc2"),
+}
+BLOCKS = {
+    "basic": (BasicBlock, {"conv1", "conv2"}),
+    "bottleneck": (Bottleneck, {"conv1", "conv2", "conv3", "downsample_0"}),
+    "inverted_residual": (InvertedResidual, {"conv_0", "conv_3", "conv_6"}),
+    "concat": (ConcatBlock, {"conv_a", "conv_b", "conv_out"}),
+}
+ACTIVATION = {"tensorrt": INT8_SYM, "openvino": UINT8_AFFINE, "onnxruntime": UINT8_AFFINE}
+TARGETS = list(ACTIVATION)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_cnn_block_placement(block, target):
+    cls, weighted = BLOCKS[block]
+    prepared = prepare(randomize_bn(cls()), target, IMG)
+    plan = prepared.plan
+    expected = EXPECTED[block]["tensorrt" if target == "tensorrt" else "cpu"]
+    assert plan.mode == "cnn"
+    assert plan.activation_edges == expected
+    assert plan.weight_layers == weighted
+    for site in plan.sites:
+        assert site.spec == (ACTIVATION[target] if site.role == "activation" else WEIGHT)
+
+
+def test_fusion_chains_follow_each_backend():
+    """TensorRT fuses Conv+BN+Add+ReLU (the residual), the CPU backends Conv+BN(+ReLU)."""
+    trt = prepare(Bottleneck(), "tensorrt", IMG).plan
+    assert sorted(trt.fused) == sorted(
+        [
+            ("conv1", "bn1", "relu1"),
+            ("conv2", "bn2", "relu2"),
+            ("conv3", "bn3", "add", "relu3"),
+            ("downsample_0", "downsample_1"),
+        ]
+    )
+    ov = prepare(Bottleneck(), "openvino", IMG).plan
+    assert sorted(ov.fused) == sorted(
+        [
+            ("conv1", "bn1", "relu1"),
+            ("conv2", "bn2", "relu2"),
+            ("conv3", "bn3"),
+            ("downsample_0", "downsample_1"),
+        ]
+    )
+    ort = prepare(InvertedResidual(), "onnxruntime", IMG).plan
+    assert ("conv_0", "conv_1", "conv_2") in ort.fused  # Conv+BN+ReLU6
+
+
+def test_relu_before_an_affine_quantizer_folds_into_its_range():
+    """onnxruntime drops a ReLU whose following Q has zero point qmin: calibration must give
+    exactly that for post-ReLU quantizers."""
+    from deploy.calibrate import calibrate
+
+    prepared = prepare(randomize_bn(BasicBlock()), "onnxruntime", IMG)
+    calibrate(prepared, [torch.randn(4, 8, 8, 8)], progress=False)
+    site = prepared.plan.site_for_edge("relu1", "conv2")
+    fq = dict(prepared.named_modules())[site.module]
+    assert int(fq.effective_qparams()[1]) == 0
+
+
+@pytest.mark.parametrize("target", ["openvino", "onnxruntime"])
+def test_concat_inputs_share_one_quantizer(target):
+    plan = prepare(ConcatBlock(), target, IMG).plan
+    cat_sites = {plan.site_for_edge(p, "cat").module for p in ("relu_a", "relu_b", "pool")}
+    assert len(cat_sites) == 1
+
+
+def test_one_quantizer_per_value_shared_by_its_consumers():
+    plan = prepare(BasicBlock(), "tensorrt", IMG).plan
+    assert plan.site_for_edge("x", "conv1") == plan.site_for_edge("x", "add")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_transformer_block_keeps_softmax_layernorm_gelu_add_float(target):
+    prepared = prepare(EncoderBlock(), target, SEQ)
+    plan = prepared.plan
+    assert plan.mode == "transformer"
+    assert plan.activation_edges == ENCODER_EDGES
+    assert plan.weight_layers == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    assert set(plan.float_ops) == {"mul", "softmax", "add", "norm1", "act", "add_1", "norm2"}
+    act = INT8_SYM if target in ("tensorrt", "openvino") else UINT8_AFFINE
+    assert all(s.spec == act for s in plan.sites if s.role == "activation")
+
+
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_tensorrt_and_openvino_differ_exactly_where_rules_differ(block):
+    cls, _ = BLOCKS[block]
+    model = cls()
+    trt, ov = prepare(model, "tensorrt", IMG).plan, prepare(model, "openvino", IMG).plan
+    extra = ov.activation_edges - trt.activation_edges
+    if block == "concat":  # OpenVINO quantizes Concat inputs; TensorRT lets Q/DQ commute
+        assert extra == {("relu_a", "cat"), ("relu_b", "cat"), ("pool", "cat")}
+    else:  # OpenVINO also quantizes the Conv branch of the residual Add
+        assert len(extra) == 1 and next(iter(extra))[1] == "add"
+    assert trt.activation_edges <= ov.activation_edges
+    assert {s.spec for s in trt.sites if s.role == "activation"} == {INT8_SYM}
+    assert {s.spec for s in ov.sites if s.role == "activation"} == {UINT8_AFFINE}
+    assert trt.weight_layers == ov.weight_layers
+
+
+def test_conv_transpose_weights_use_axis_1():
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 6, 2, stride=2))
+    plan = prepare(model, "tensorrt", IMG).plan
+    (weight,) = [s for s in plan.sites if s.role == "weight"]
+    assert weight.spec.axis == 1
+    prepared = prepare(model, "tensorrt", IMG)
+    assert prepared(IMG).shape == (2, 6, 16, 16)
+
+
+def test_bits_override_reaches_every_quantizer():
+    plan = prepare(BasicBlock(), "onnxruntime", IMG, bits=4).plan
+    assert {s.spec.bits for s in plan.sites} == {4}
