@@ -1,0 +1,119 @@
+"""The contract every backend adapter fulfils (QDQ/fp32 ONNX -> engine artifact -> runner).
+
+Shaped after polygraphy: an adapter builds an artifact on disk and hands out a polygraphy
+runner (activate / infer(feed_dict) -> outputs / deactivate) for it, so comparison and timing
+code is written once. Adapters live in backends/<name>/adapter.py as ADAPTER.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from deploy.errors import BackendUnavailableError
+from deploy.rules import available_targets, get_rules
+
+#: Layer kinds the int8 claim is about: a model "runs int8" when these do.
+COMPUTE_KINDS = ("conv", "conv_transpose", "gemm", "matmul")
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """One layer of the built engine as the backend itself reports it."""
+
+    name: str
+    layer_type: str  # the backend's own name: QLinearConv, Convolution, CaskConvolution, ...
+    precision: str  # "int8" or "float" (fp32/fp16/bf16 are all "float" here)
+    compute_kind: str | None = None  # one of COMPUTE_KINDS, else None
+
+
+@dataclass
+class KernelReport:
+    """Which compute layers really run int8 kernels, from the backend's own report."""
+
+    layers: list[LayerPrecision]
+    source: str  # how it was obtained, e.g. "optimized model graph", "exec graph rt_info"
+
+    @property
+    def compute_layers(self) -> list[LayerPrecision]:
+        return [layer for layer in self.layers if layer.compute_kind is not None]
+
+    @property
+    def int8_compute(self) -> list[str]:
+        return [lp.name for lp in self.compute_layers if lp.precision == "int8"]
+
+    @property
+    def fallback_layers(self) -> list[str]:
+        """Compute layers left in float: each one is int8 speed not gained."""
+        return [lp.name for lp in self.compute_layers if lp.precision != "int8"]
+
+    @property
+    def int8_fraction(self) -> float:
+        total = len(self.compute_layers)
+        return len(self.int8_compute) / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "int8": len(self.int8_compute),
+            "float": len(self.fallback_layers),
+            "int8_fraction": self.int8_fraction,
+            "fallback_layers": self.fallback_layers,
+            "source": self.source,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    backend: str
+    artifact: Path  # the engine file on disk (optimized ONNX, OpenVINO blob, TensorRT plan)
+    onnx_path: Path
+    precision: str  # "int8" (from a QDQ model) or "fp32"
+    threads: int
+    info: dict[str, str] = field(default_factory=dict)  # versions, precision hints, builder
+
+
+class Adapter(ABC):
+    """One backend: build, run, and report precision. Subclasses set `name`."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def unavailable_reason(self) -> str | None:
+        """None when the backend can build here; otherwise what is missing, in one line."""
+
+    def require_available(self) -> None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(f"{self.name} backend unavailable: {reason}")
+
+    @abstractmethod
+    def build(
+        self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int
+    ) -> BuiltEngine:
+        """Build the engine artifact into out_dir (atomically: temp file, then rename)."""
+
+    @abstractmethod
+    def runner(self, engine: BuiltEngine):
+        """A polygraphy runner (polygraphy.backend.base.BaseRunner) for the built engine.
+        Raises BackendUnavailableError where running needs hardware this machine lacks."""
+
+    @abstractmethod
+    def kernel_report(self, engine: BuiltEngine) -> KernelReport:
+        """Per-layer precision from the backend's own view of the built engine."""
+
+
+def get_adapter(target: str) -> Adapter:
+    """The ADAPTER of backends/<target>/adapter.py."""
+    get_rules(target)  # unknown targets fail here with the list of known ones
+    try:
+        module = importlib.import_module(f"backends.{target}.adapter")
+    except ModuleNotFoundError as exc:
+        raise BackendUnavailableError(f"target '{target}' has no engine adapter yet") from exc
+    return module.ADAPTER
+
+
+__all__ = ["available_targets", "get_adapter"]
