@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from deploy.errors import BackendUnavailableError
-from deploy.rules import available_targets, get_rules
+from deploy.rules import get_rules
 
 #: Layer kinds the int8 claim is about: a model "runs int8" when these do.
 COMPUTE_KINDS = ("conv", "conv_transpose", "gemm", "matmul")
@@ -91,9 +91,7 @@ class Adapter(ABC):
             raise BackendUnavailableError(f"{self.name} backend unavailable: {reason}")
 
     @abstractmethod
-    def build(
-        self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int
-    ) -> BuiltEngine:
+    def build(self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int) -> BuiltEngine:
         """Build the engine artifact into out_dir (atomically: temp file, then rename)."""
 
     @abstractmethod
@@ -114,6 +112,3 @@ def get_adapter(target: str) -> Adapter:
     except ModuleNotFoundError as exc:
         raise BackendUnavailableError(f"target '{target}' has no engine adapter yet") from exc
     return module.ADAPTER
-
-
-__all__ = ["available_targets", "get_adapter"]
