@@ -92,6 +92,17 @@ class QuantConvBn(nn.Module):
         self.op_kind = kind
         self.weight_axis = weight_axis
         self.register_buffer("bn_frozen", torch.tensor(False))
+        self._export: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_export_mode(self, enabled: bool) -> None:
+        """Precompute the folded weight and bias as constants, so the exported graph holds
+        W_fold -> QuantizeLinear -> DequantizeLinear -> Conv and no BN arithmetic."""
+        if not enabled:
+            self._export = None
+            return
+        with torch.no_grad():
+            weight, bias = self.folded_weight_and_bias()
+        self._export = (weight.detach().clone(), bias.detach().clone())
 
     def freeze_bn(self, frozen: bool = True) -> None:
         """From now on fold with running statistics and stop updating them."""
@@ -112,6 +123,9 @@ class QuantConvBn(nn.Module):
         return self.bn.bias if self.bn.affine else torch.zeros_like(self.bn.running_mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._export is not None:
+            weight, bias = self._export
+            return _conv(self.conv, x, self.weight_quant(weight), bias)
         weight, bias = self.folded_weight_and_bias()
         q_weight = self.weight_quant(weight)
         if not self.training or bool(self.bn_frozen):

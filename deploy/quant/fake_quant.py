@@ -136,7 +136,9 @@ class FakeQuantize(nn.Module):
             return torch.fake_quantize_per_channel_affine(
                 x, scale, zp, self.spec.axis % x.dim(), qmin, qmax
             )
-        return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+        # Python constants (snapshotted outside tracing) also work with a dynamic batch axis,
+        # where the tensor-qparams overload has no shape-propagation kernel.
+        return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), qmin, qmax)
 
     def extra_repr(self) -> str:
         mode = "LSQ" if self.learnable else type(self.observer).__name__

@@ -1,0 +1,226 @@
+"""export(): prepared (fake-quant) model -> QDQ ONNX file.
+
+torch.onnx.export(dynamo=True) turns torch's fake-quant ops into QuantizeLinear/DequantizeLinear
+pairs, but leaves weights as float -> Q -> DQ. A post-pass quantizes those weights with the
+core's own arithmetic into int8 initializers feeding DequantizeLinear directly, so the file holds
+int8 weights (about 1/4 of the fp32 size). Narrow-range weights are exported on [-128, 127] with
+a scale of amax/127, so the code -128 never occurs.
+
+Default opset 18: per-channel Q/DQ needs >= 13, and the dynamo exporter emits opset-18
+ReduceMean for global pooling that it cannot convert down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from deploy.errors import BadInputError, one_line
+from deploy.prepare import PreparedModel
+from deploy.quant.fake_quant import FakeQuantize
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 13
+
+
+def _register_fake_quant_shape_kernels() -> None:
+    """torch ships no fake (shape-only) kernels for the fake-quant ops; with a static shape
+    torch.export falls back to running them, with a symbolic batch axis it cannot. They return
+    (output, mask), both shaped like the input."""
+    ops = (
+        "aten::fake_quantize_per_tensor_affine_cachemask",
+        "aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+        "aten::fake_quantize_per_channel_affine_cachemask",
+    )
+    for op in ops:
+        with contextlib.suppress(RuntimeError):  # already registered (e.g. a newer torch)
+            torch.library.register_fake(op)(_like_input)
+
+
+def _like_input(x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+_register_fake_quant_shape_kernels()
+
+
+def export(
+    model: PreparedModel,
+    path: str | os.PathLike,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+) -> Path:
+    """Write `model` as QDQ ONNX to `path` (atomically) and return the path."""
+    with export_mode(model):
+        proto = _torch_export(model, example_inputs, opset, dynamic_batch)
+    fold_weight_quantizers(proto)
+    strip_debug_info(proto)
+    return save_checked(proto, path)
+
+
+def export_fp32(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+) -> Path:
+    """Write the float model as ONNX: the baseline every int8 engine is compared against."""
+    proto = _torch_export(model.eval(), example_inputs, opset, dynamic_batch)
+    strip_debug_info(proto)
+    return save_checked(proto, path)
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module) -> Iterator[None]:
+    """Switch every quantizer and folded layer to its export form, and back afterwards."""
+    switchable = [m for m in model.modules() if hasattr(m, "set_export_mode")]
+    was_training = model.training
+    model.eval()
+    try:
+        for m in switchable:
+            m.set_export_mode(True)
+        yield
+    finally:
+        for m in switchable:
+            m.set_export_mode(False)
+        model.train(was_training)
+
+
+def _input_names(n: int) -> list[str]:
+    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+
+
+def _torch_export(model, example_inputs, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    if opset < MIN_OPSET:
+        raise BadInputError(f"opset {opset} is too old: per-channel Q/DQ needs >= {MIN_OPSET}")
+    inputs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
+    names = _input_names(len(inputs))
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} for _ in inputs)
+        if _takes_varargs(model):  # forward(*args): one entry holding all inputs
+            dynamic = (dynamic,)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # chatter about torchvision ops
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                inputs,
+                None,
+                dynamo=True,
+                opset_version=opset,
+                verbose=False,
+                input_names=names,
+                output_names=["output"],
+                dynamic_shapes=dynamic,
+            )
+    except Exception as exc:
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise BadInputError(f"torch.onnx.export failed: {one_line(root)}") from exc
+    return program.model_proto
+
+
+def _takes_varargs(model: nn.Module) -> bool:
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def _quantize_initializer(
+    weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int
+) -> np.ndarray:
+    """ONNX QuantizeLinear semantics (divide, round half to even, saturate) in numpy."""
+    if scale.size > 1:
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    info = np.iinfo(zero_point.dtype)
+    q = np.rint(weight.astype(np.float32) / scale.astype(np.float32)) + zero_point.astype(
+        np.float32
+    )
+    return np.clip(q, info.min, info.max).astype(zero_point.dtype)
+
+
+def fold_weight_quantizers(model: onnx.ModelProto) -> int:
+    """Replace initializer -> QuantizeLinear with an integer initializer; returns how many."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[0]])
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        q = numpy_helper.from_array(
+            _quantize_initializer(weight, scale, zp, axis % max(weight.ndim, 1)), node.output[0]
+        )
+        graph.initializer.append(q)
+        graph.node.remove(node)
+        consumers[node.input[0]] -= 1
+        folded += 1
+    used = {name for node in graph.node for name in node.input}
+    for init in list(graph.initializer):
+        if init.name not in used and init.name not in {o.name for o in graph.output}:
+            graph.initializer.remove(init)
+    return folded
+
+
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node stack traces and fx dumps: they embed absolute paths and
+    per-process counters, which would make identical models differ byte for byte."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.metadata_props[:]
+    del model.metadata_props[:]
+
+
+def save_checked(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Full onnx check + shape inference, then write to a temp file and rename into place."""
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def quantizers_in_export_form(model: nn.Module) -> list[FakeQuantize]:
+    """Quantizers that will appear as Q/DQ pairs in the export (fake-quant enabled)."""
+    return [
+        m for m in model.modules() if isinstance(m, FakeQuantize) and bool(m.fake_quant_enabled)
+    ]
