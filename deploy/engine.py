@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from deploy.errors import BackendUnavailableError
+from deploy.errors import BackendUnavailableError, BadInputError
 from deploy.rules import get_rules
+
+PRECISIONS = ("int8", "fp32")
 
 #: Layer kinds the int8 claim is about: a model "runs int8" when these do.
 COMPUTE_KINDS = ("conv", "conv_transpose", "gemm", "matmul")
@@ -102,6 +104,16 @@ class Adapter(ABC):
     @abstractmethod
     def kernel_report(self, engine: BuiltEngine) -> KernelReport:
         """Per-layer precision from the backend's own view of the built engine."""
+
+
+def check_build_args(onnx_path: Path, precision: str, threads: int) -> None:
+    """Arguments every adapter's build() takes, checked once for all of them."""
+    if not Path(onnx_path).is_file():
+        raise BadInputError(f"ONNX model not found: {onnx_path}")
+    if precision not in PRECISIONS:
+        raise BadInputError(f"bad precision '{precision}'; expected one of {', '.join(PRECISIONS)}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise BadInputError(f"bad thread count {threads!r}; expected a positive integer")
 
 
 def get_adapter(target: str) -> Adapter:

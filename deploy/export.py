@@ -16,7 +16,6 @@ import contextlib
 import inspect
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from deploy.artifacts import write_atomic
 from deploy.errors import BadInputError, one_line
 from deploy.prepare import PreparedModel
 from deploy.quant.fake_quant import FakeQuantize
@@ -206,17 +206,7 @@ def save_checked(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Full onnx check + shape inference, then write to a temp file and rename into place."""
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString(deterministic=True))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(Path(path), model.SerializeToString(deterministic=True))
 
 
 def quantizers_in_export_form(model: nn.Module) -> list[FakeQuantize]:

@@ -1,0 +1,105 @@
+"""OpenVINO CPU plugin: compile the QDQ ONNX, export the compiled blob, prove int8 per layer.
+
+OpenVINO turns Q/DQ pairs into FakeQuantize and its low-precision transformations decide which
+layers run int8; the compiled model's runtime graph reports each layer's runtime precision, so
+the kernel report reads it from the imported blob, the very artifact that will run.
+On CPUs with bf16 support OpenVINO computes float layers in bf16 by default: an fp32 build pins
+f32 so a "fp32 baseline" is really fp32, and every build records the precision it got.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import openvino as ov
+
+from backends.openvino.runner import DEVICE, OpenvinoRunner, import_blob, ov_message
+from deploy.artifacts import write_atomic
+from deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision, check_build_args
+from deploy.errors import BadInputError
+
+#: Runtime layerType -> compute kind, as the CPU plugin names its layers (FullyConnected is a
+#: MatMul or Gemm with constant weights; depthwise convolutions are reported as Convolution).
+#: Known blind spot: a MatMul fused into a "Subgraph" snippet (fp32 attention) is not listed as
+#: compute, because the imported blob's runtime model no longer names the ops a Subgraph fused.
+COMPUTE_KIND = {
+    "Convolution": "conv",
+    "GroupConvolution": "conv",
+    "Deconvolution": "conv_transpose",
+    "FullyConnected": "gemm",
+    "MatMul": "matmul",
+    "ScaledDotProductAttention": "matmul",
+}
+INT8_PRECISIONS = frozenset({"u8", "i8"})
+#: Runtime-graph bookkeeping, not kernels.
+NOT_LAYERS = frozenset({"Const", "Input", "Output"})
+
+
+class OpenvinoAdapter(Adapter):
+    name = "openvino"
+
+    def unavailable_reason(self) -> str | None:
+        devices = ov.Core().available_devices
+        return None if DEVICE in devices else f"no {DEVICE} device (found: {devices})"
+
+    def build(self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int) -> BuiltEngine:
+        onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+        check_build_args(onnx_path, precision, threads)
+        config: dict[str, object] = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads,
+        }
+        if precision == "fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        core = ov.Core()
+        try:
+            compiled = core.compile_model(core.read_model(str(onnx_path)), DEVICE, config)
+        except RuntimeError as exc:
+            raise BadInputError(f"OpenVINO cannot compile {onnx_path}: {ov_message(exc)}") from exc
+        blob = io.BytesIO()
+        compiled.export_model(blob)
+        artifact = out_dir / f"engine.{self.name}.blob"
+        write_atomic(artifact, blob.getvalue())
+        return BuiltEngine(
+            backend=self.name,
+            artifact=artifact,
+            onnx_path=onnx_path,
+            precision=precision,
+            threads=threads,
+            info={
+                "openvino": ov.get_version(),
+                "device": core.get_property(DEVICE, "FULL_DEVICE_NAME"),
+                "performance_hint": "LATENCY",
+                "inference_precision": compiled.get_property(
+                    "INFERENCE_PRECISION_HINT"
+                ).get_type_name(),
+            },
+        )
+
+    def runner(self, engine: BuiltEngine) -> OpenvinoRunner:
+        return OpenvinoRunner(
+            engine.artifact, engine.threads, name=f"{self.name}-{engine.precision}"
+        )
+
+    def kernel_report(self, engine: BuiltEngine) -> KernelReport:
+        compiled = import_blob(engine.artifact, engine.threads)
+        layers = []
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            layer_type = info["layerType"].astype(str)
+            if layer_type in NOT_LAYERS:
+                continue
+            int8 = info["runtimePrecision"].astype(str) in INT8_PRECISIONS
+            layers.append(
+                LayerPrecision(
+                    name=op.get_friendly_name(),
+                    layer_type=layer_type,
+                    precision="int8" if int8 else "float",
+                    compute_kind=COMPUTE_KIND.get(layer_type),
+                )
+            )
+        return KernelReport(layers=layers, source="OpenVINO runtime model rt_info of the blob")
+
+
+ADAPTER = OpenvinoAdapter()

@@ -1,0 +1,160 @@
+"""onnxruntime adapter on real exported models: artifact, runner, and the int8 kernel proof."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from backends.onnxruntime.adapter import ADAPTER, graph_precisions
+from deploy import verify
+from deploy.engine import get_adapter
+from deploy.errors import BadInputError, CheckFailedError
+
+
+def kinds(report) -> list[str]:
+    return sorted(layer.compute_kind for layer in report.compute_layers)
+
+
+def test_registered_under_its_target_and_always_available():
+    assert get_adapter("onnxruntime") is ADAPTER
+    assert ADAPTER.name == "onnxruntime"
+    assert ADAPTER.unavailable_reason() is None
+
+
+def test_qdq_mnist_runs_both_convs_and_the_fc_as_int8_kernels(mnist_qdq, tmp_path):
+    report = ADAPTER.kernel_report(ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1))
+    assert kinds(report) == ["conv", "conv", "gemm"]
+    assert report.fallback_layers == []
+    assert len(report.int8_compute) == 3 and report.int8_fraction == 1.0
+    assert {layer.layer_type for layer in report.compute_layers} == {"QLinearConv", "QGemm"}
+
+
+def test_fp32_mnist_reports_every_layer_float(mnist_fp32, tmp_path):
+    report = ADAPTER.kernel_report(ADAPTER.build(mnist_fp32, tmp_path, precision="fp32", threads=1))
+    assert kinds(report) == ["conv", "conv", "gemm"]
+    assert report.int8_compute == [] and report.int8_fraction == 0.0
+    assert report.layers and {layer.precision for layer in report.layers} == {"float"}
+
+
+def test_resnet18_qdq_runs_all_21_conv_and_gemm_layers_int8(resnet18_qdq, tmp_path):
+    report = ADAPTER.kernel_report(
+        ADAPTER.build(resnet18_qdq, tmp_path, precision="int8", threads=2)
+    )
+    assert len(report.compute_layers) == 21  # 20 convolutions (3 of them downsample) + fc
+    assert report.fallback_layers == []
+
+
+def test_artifact_is_the_saved_optimized_graph_and_nothing_else(mnist_qdq, tmp_path):
+    engine = ADAPTER.build(mnist_qdq, tmp_path / "out", precision="int8", threads=2)
+    assert engine.artifact == tmp_path / "out" / "engine.onnxruntime.onnx"
+    assert engine.artifact.stat().st_size > 0
+    assert list(engine.artifact.parent.iterdir()) == [engine.artifact]  # no temp files left
+    ops = {node.op_type for node in onnx.load(str(engine.artifact)).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops  # fused, unlike the QDQ input
+    assert (engine.precision, engine.threads, engine.onnx_path) == ("int8", 2, mnist_qdq)
+
+
+def test_failed_rebuild_keeps_the_previous_artifact(mnist_qdq, tmp_path):
+    engine = ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1)
+    before = engine.artifact.read_bytes()
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a protobuf")
+    with pytest.raises(BadInputError, match="corrupt.onnx"):
+        ADAPTER.build(corrupt, tmp_path, precision="int8", threads=1)
+    assert engine.artifact.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.onnx", "engine.onnxruntime.onnx"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"precision": "fp16"}, "precision"),
+        ({"threads": 0}, "thread"),
+        ({"onnx_path": "missing.onnx"}, "not found"),
+    ],
+)
+def test_bad_build_arguments_are_bad_input(mnist_qdq, tmp_path, change, message):
+    args = {"onnx_path": mnist_qdq, "precision": "int8", "threads": 1, **change}
+    with pytest.raises(BadInputError, match=message):
+        ADAPTER.build(args.pop("onnx_path"), tmp_path, **args)
+
+
+def test_runner_uses_the_build_options_on_the_original_model(mnist_qdq, tmp_path):
+    engine = ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1)
+    engine.artifact.unlink()  # the machine-specific artifact is not what the runner loads
+    with ADAPTER.runner(engine) as runner:
+        options = runner.sess.get_session_options()
+        assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+        assert runner.infer({"x": np.zeros((1, 1, 16, 16), np.float32)})["linear"].shape == (1, 10)
+
+
+def test_int8_engine_outputs_track_the_fp32_model_on_digits(
+    mnist_fp32, mnist_qdq, digits_x, tmp_path, infer_all
+):
+    fp32_engine = ADAPTER.build(mnist_fp32, tmp_path / "f", precision="fp32", threads=1)
+    int8_engine = ADAPTER.build(mnist_qdq, tmp_path / "q", precision="int8", threads=1)
+    fp32, int8 = (infer_all(ADAPTER.runner(e), digits_x) for e in (fp32_engine, int8_engine))
+    assert verify.compare(int8, fp32, step=None)["cosine"] > 0.9
+    assert not np.array_equal(int8, fp32)  # really the quantized path
+
+
+def test_wrong_activation_scales_fail_the_agreement_check(
+    mnist_qdq, mnist_qdq_wrong_scales, digits_x, tmp_path, infer_all, step_of
+):
+    good = ADAPTER.build(mnist_qdq, tmp_path / "good", precision="int8", threads=1)
+    bad = ADAPTER.build(mnist_qdq_wrong_scales, tmp_path / "bad", precision="int8", threads=1)
+    assert ADAPTER.kernel_report(bad).int8_fraction == 1.0  # still int8: only accuracy shows it
+    good_out = infer_all(ADAPTER.runner(good), digits_x)
+    fake_quant = _unoptimized_outputs(mnist_qdq, digits_x)
+    step = step_of(mnist_qdq)
+    thresholds = verify.DEFAULT_THRESHOLDS["int8_vs_fakequant"]
+    verify.check(verify.compare(good_out, fake_quant, step), thresholds, "int8_vs_fakequant")
+    bad_out = infer_all(ADAPTER.runner(bad), digits_x)
+    with pytest.raises(CheckFailedError, match="top1_agreement"):
+        verify.check(verify.compare(bad_out, good_out, step), thresholds, "int8_vs_fakequant")
+
+
+def _unoptimized_outputs(qdq_path, inputs: np.ndarray) -> np.ndarray:
+    """The QDQ graph run op by op (no fusion): float Conv between Q/DQ, i.e. fake quantization."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(qdq_path), options, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[None]})[0] for x in inputs])
+
+
+def _node(op: str, inputs: list[str], output: str) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, [output], name=output)
+
+
+def test_precision_follows_8bit_tensors_through_the_graph():
+    u8 = helper.make_tensor("zp", TensorProto.UINT8, [], [128])
+    nodes = [
+        _node("QuantizeLinear", ["x", "s", "zp"], "q"),
+        _node("Transpose", ["q"], "t"),  # moves uint8 data: int8
+        _node("QGemm", ["t", "s", "zp", "w", "s", "zp"], "g"),  # no y_scale: float output
+        _node("Reshape", ["g", "shape"], "r"),  # moves float data
+        _node("DynamicQuantizeMatMul", ["r", "w", "s"], "m"),  # quantizes its float input
+        _node("MatMul", ["m", "w2"], "y"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[u8],
+    )
+    got = {(layer.name, layer.precision, layer.compute_kind) for layer in graph_precisions(graph)}
+    assert got == {
+        ("q", "float", None),
+        ("t", "int8", None),
+        ("g", "int8", "gemm"),
+        ("r", "float", None),
+        ("m", "int8", "matmul"),
+        ("y", "float", "matmul"),
+    }

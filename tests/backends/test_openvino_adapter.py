@@ -1,0 +1,102 @@
+"""OpenVINO adapter on real exported models: blob, runner, and per-layer runtime precision."""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from backends.onnxruntime.adapter import ADAPTER as ORT_ADAPTER
+from backends.openvino import adapter as openvino_adapter
+from backends.openvino.adapter import ADAPTER
+from deploy import verify
+from deploy.engine import get_adapter
+from deploy.errors import BadInputError
+
+
+def test_registered_under_its_target_and_available_on_this_cpu():
+    assert get_adapter("openvino") is ADAPTER
+    assert ADAPTER.unavailable_reason() is None
+
+
+def test_qdq_mnist_convolutions_and_fc_run_int8(mnist_qdq, tmp_path):
+    report = ADAPTER.kernel_report(ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1))
+    by_type = sorted((layer.layer_type, layer.compute_kind) for layer in report.compute_layers)
+    assert by_type == [("Convolution", "conv"), ("Convolution", "conv"), ("FullyConnected", "gemm")]
+    assert report.fallback_layers == [] and report.int8_fraction == 1.0
+
+
+def test_fp32_mnist_has_no_int8_layer_and_pins_f32(mnist_fp32, tmp_path):
+    engine = ADAPTER.build(mnist_fp32, tmp_path, precision="fp32", threads=1)
+    report = ADAPTER.kernel_report(engine)
+    assert len(report.compute_layers) == 3 and report.int8_compute == []
+    assert report.layers and {layer.precision for layer in report.layers} == {"float"}
+    assert engine.info["inference_precision"] == "f32"
+
+
+@pytest.mark.parametrize("precision, hint", [("fp32", "f32"), ("int8", None)])
+def test_only_fp32_builds_pin_the_inference_precision(
+    mnist_fp32, tmp_path, monkeypatch, precision, hint
+):
+    """OpenVINO's CPU default is bf16 where the CPU has it: an fp32 baseline must ask for f32,
+    an int8 build keeps the plugin's choice for its float layers."""
+    configs = []
+
+    class RecordingCore(ov.Core):
+        def compile_model(self, model, device, config):
+            configs.append(dict(config))
+            return super().compile_model(model, device, config)
+
+    monkeypatch.setattr(openvino_adapter.ov, "Core", RecordingCore)
+    ADAPTER.build(mnist_fp32, tmp_path, precision=precision, threads=1)
+    assert [c.get("INFERENCE_PRECISION_HINT") for c in configs] == [hint]
+    assert configs[0]["INFERENCE_NUM_THREADS"] == 1 and configs[0]["PERFORMANCE_HINT"] == "LATENCY"
+
+
+def test_blob_is_written_atomically_and_reimports_and_runs(mnist_qdq, digits_x, tmp_path):
+    engine = ADAPTER.build(mnist_qdq, tmp_path / "out", precision="int8", threads=1)
+    assert engine.artifact == tmp_path / "out" / "engine.openvino.blob"
+    assert engine.artifact.stat().st_size > 0
+    assert list(engine.artifact.parent.iterdir()) == [engine.artifact]
+    compiled = ov.Core().import_model(engine.artifact.read_bytes(), "CPU")
+    direct = compiled.create_infer_request().infer({"x": digits_x[:1]})[compiled.outputs[0]]
+    with ADAPTER.runner(engine) as runner:
+        via_runner = runner.infer({"x": digits_x[:1]})["linear"]
+    assert direct.shape == (1, 10) and np.array_equal(direct, via_runner)
+
+
+def test_runner_reports_input_metadata(mnist_qdq, tmp_path):
+    engine = ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1)
+    with ADAPTER.runner(engine) as runner:
+        meta = runner.get_input_metadata(use_numpy_dtypes=False)
+        assert list(meta) == ["x"]
+        assert tuple(meta["x"].shape) == (1, 1, 16, 16) and meta["x"].dtype.numpy() == np.float32
+        runner.infer({"x": np.zeros((1, 1, 16, 16), np.float32)})
+        assert runner.last_inference_time() > 0
+
+
+def test_int8_engine_tracks_fp32_and_matches_onnxruntime_int8(
+    mnist_fp32, mnist_qdq, digits_x, tmp_path, infer_all, step_of
+):
+    engines = {
+        "fp32": ADAPTER.build(mnist_fp32, tmp_path / "f", precision="fp32", threads=1),
+        "int8": ADAPTER.build(mnist_qdq, tmp_path / "q", precision="int8", threads=1),
+    }
+    fp32, int8 = (infer_all(ADAPTER.runner(engines[k]), digits_x) for k in ("fp32", "int8"))
+    ort_engine = ORT_ADAPTER.build(mnist_qdq, tmp_path / "o", precision="int8", threads=1)
+    ort_int8 = infer_all(ORT_ADAPTER.runner(ort_engine), digits_x)
+    assert verify.compare(int8, fp32, step=None)["cosine"] > 0.9
+    same_model = verify.compare(int8, ort_int8, step=step_of(mnist_qdq))
+    verify.check(same_model, verify.Thresholds(), "openvino_vs_onnxruntime")
+
+
+def test_corrupt_blob_and_bad_onnx_are_bad_input(mnist_qdq, tmp_path):
+    engine = ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1)
+    engine.artifact.write_bytes(b"garbage")
+    with pytest.raises(BadInputError, match="rebuild"):
+        ADAPTER.kernel_report(engine)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(BadInputError, match="bad.onnx"):
+        ADAPTER.build(bad, tmp_path / "none", precision="int8", threads=1)
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
