@@ -130,7 +130,28 @@ def load_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = spec.factory()
+        if spec.default_data == "synthetic" and spec.input_dtype == "float32":
+            _estimate_bn_statistics(module, spec.input_shape)
     return module.eval(), spec
+
+
+def _estimate_bn_statistics(module: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Random-weight zoo models stand in for trained ones. With BN's initial statistics their
+    activations shrink or blow up layer by layer (MobileNetV2 logits ~1e-9), which makes
+    calibration and accuracy checks meaningless; statistics measured on random images give
+    the normalised activations a trained network has."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    module.train()
+    with torch.no_grad():
+        for _ in range(4):
+            module(torch.randn(4, *input_shape[1:]))
+    for bn in bns:
+        bn.momentum = 0.1
 
 
 def _builtin(name: str) -> ModelSpec:
