@@ -1,0 +1,80 @@
+"""lint(): check a QDQ ONNX graph, from this project or any other tool (onnxruntime's
+quantize_static, NNCF, ModelOpt), against a target's rules before building an engine.
+
+Every check reads backends/<target>/rules.py, so a new backend needs only its rules. Rule ids:
+
+- zero-point: a non-zero zero point where the rules' spec is symmetric (and, on a
+  symmetric-only backend such as TensorRT, on any Q/DQ).
+- dtype: an integer type other than the spec's: uint8/int8 activations, non-int8 weights; on
+  a symmetric-only backend also the int32 bias DequantizeLinear of onnxruntime's tool.
+- per-channel-activation: an activation with more than one scale.
+- weight-axis: a per-channel weight quantized on another axis than its output channels.
+- qoperator: QLinearConv, ConvInteger, ... on a backend that parses only Q/DQ.
+- opset: opset < 13, which cannot express the per-channel weights the rules want.
+- unquantized-input: an input the op rules select (Conv, Gemm, MatMul, Add, Concat, pooling,
+  ...; transformer rules when the graph has LayerNormalization or Softmax) that does not come
+  from a DequantizeLinear, possibly through the rules' pass-through ops.
+- concat-scales: Concat inputs with different scales where the rules want one shared scale.
+- qdq-breaks-fusion / unquantized-skip: a residual Add under Inputs.SKIP_BRANCH whose Conv input
+  goes through Q/DQ, or whose skip-branch input is not quantized.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import onnx
+
+from deploy.errors import BadInputError, one_line
+from deploy.lint.base import Context, Violation
+from deploy.lint.graph import Graph
+from deploy.lint.quantizers import check_quantizers
+from deploy.lint.structure import (
+    check_concat_scales,
+    check_opset,
+    check_qoperators,
+    check_residual_adds,
+    check_unquantized_inputs,
+)
+from deploy.rules import BackendRules, get_rules
+
+__all__ = ["Violation", "lint", "load_model"]
+
+_CHECKS: tuple[Callable[[Context], Iterator[Violation]], ...] = (
+    check_opset,
+    check_qoperators,
+    check_quantizers,
+    check_unquantized_inputs,
+    check_concat_scales,
+    check_residual_adds,
+)
+
+
+def lint(
+    model_or_path: onnx.ModelProto | str | os.PathLike, target: str | BackendRules
+) -> list[Violation]:
+    """Every place where the graph departs from the target's rules; empty when it conforms.
+    `target` is a backend name, or a BackendRules object for rules not shipped in backends/."""
+    rules = target if isinstance(target, BackendRules) else get_rules(target)
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = model_or_path
+    else:
+        model = load_model(model_or_path)
+    ctx = Context(Graph(model), rules)
+    return [violation for check in _CHECKS for violation in check(ctx)]
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file, turning every way that can fail into one BadInputError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"no such ONNX file: {path}")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:  # DecodeError, missing external data, ...: all "cannot read"
+        raise BadInputError(f"cannot read {path} as ONNX: {one_line(exc)}") from exc
+    if not model.graph.node:
+        raise BadInputError(f"{path} holds no ONNX graph nodes: not an ONNX model?")
+    return model

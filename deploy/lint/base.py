@@ -1,0 +1,93 @@
+"""What a check reports (Violation) and what it reads (Context: the graph plus the target's
+rules, with the graph walks that depend on those rules)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+from onnx import NodeProto
+
+from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
+from deploy.rules import BackendRules, OpRule
+
+#: Op kinds that mark a transformer (the same markers deploy.prepare uses in "auto" mode).
+TRANSFORMER_MARKERS = frozenset({"layer_norm", "softmax"})
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One place where a graph departs from a target's rules."""
+
+    rule: str  # short id, e.g. "zero-point"
+    node: str  # name of the offending node ("" when the whole model is at fault)
+    message: str
+
+
+@dataclass(frozen=True)
+class Use:
+    """A consumer of a quantized tensor, past any Q->DQ and pass-through ops on the way."""
+
+    node: NodeProto
+    index: int  # which input of `node`
+    path: tuple[NodeProto, ...]  # the DequantizeLinear / pass-through nodes crossed
+
+
+@dataclass(frozen=True)
+class Context:
+    graph: Graph
+    rules: BackendRules
+
+    @cached_property
+    def transformer(self) -> bool:
+        return any(self.graph.kind(n) in TRANSFORMER_MARKERS for n in self.graph.nodes)
+
+    @property
+    def op_rules(self) -> Mapping[str, OpRule]:
+        return self.rules.op_rules(self.transformer)
+
+    @property
+    def symmetric_only(self) -> bool:
+        """A backend with symmetric activations (TensorRT) runs Q/DQ as plain int8 scaling: it
+        has no zero points, no int32 or uint8 Q/DQ and no QOperator kernels."""
+        return self.rules.activation.symmetric
+
+    def passes_through(self, node: NodeProto) -> bool:
+        return self.graph.kind(node) in self.rules.pass_through
+
+    def dequantizers(self, name: str) -> list[NodeProto] | None:
+        """The DequantizeLinear nodes that `name` comes from through pass-through ops, or None
+        when any data path to it is not quantized."""
+        node = self.graph.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == DEQUANTIZE:
+            return [node]
+        if not self.passes_through(node):
+            return None
+        found: list[NodeProto] = []
+        for source in self.graph.data_inputs(node):
+            upstream = self.dequantizers(source)
+            if upstream is None:
+                return None
+            found += upstream
+        return found or None
+
+    def is_quantized(self, name: str) -> bool:
+        return self.dequantizers(name) is not None
+
+    def uses(self, name: str, path: tuple[NodeProto, ...] = ()) -> Iterator[Use]:
+        """The compute ops reading `name`, seen through DequantizeLinear after a Q and through
+        pass-through ops, which carry the quantized value on unchanged."""
+        for node, index in self.graph.consumers.get(name, ()):
+            dequantizes = node.op_type == DEQUANTIZE and self._after_quantize(name)
+            carries = self.passes_through(node) and name in self.graph.data_inputs(node)
+            if dequantizes or carries:
+                yield from self.uses(node.output[0], (*path, node))
+            else:
+                yield Use(node, index, path)
+
+    def _after_quantize(self, name: str) -> bool:
+        node = self.graph.producer.get(name)
+        return node is not None and node.op_type == QUANTIZE

@@ -1,0 +1,171 @@
+"""Checks on the graph around the quantizers: which ops a backend cannot parse, which int8 ops
+miss quantized inputs, Concat scales, and TensorRT-style residual Adds (Inputs.SKIP_BRANCH)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from onnx import NodeProto
+
+from deploy.lint.base import Context, Violation
+from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
+from deploy.rules import BackendRules, Inputs, OpRule
+
+#: onnxruntime's QOperator format: integer ops with the quantization folded in, no Q/DQ.
+_QOPERATORS = frozenset(
+    {"ConvInteger", "MatMulInteger", "QGemm", "QAttention", "MatMulIntegerToFloat"}
+)
+#: DequantizeLinear gained its `axis` attribute (per-channel scales) in opset 13.
+PER_CHANNEL_OPSET = 13
+
+
+def check_qoperators(ctx: Context) -> Iterator[Violation]:
+    if not ctx.symmetric_only:
+        return
+    for node in ctx.graph.nodes:
+        if node.op_type.startswith("QLinear") or node.op_type in _QOPERATORS:
+            yield Violation(
+                "qoperator",
+                Graph.label(node),
+                f"{node.op_type} is a QOperator op: {ctx.rules.name} reads only "
+                "QuantizeLinear/DequantizeLinear (export in QDQ format)",
+            )
+
+
+def check_opset(ctx: Context) -> Iterator[Violation]:
+    opset = ctx.graph.opset()
+    if ctx.rules.weight.per_channel and opset < PER_CHANNEL_OPSET:
+        yield Violation(
+            "opset",
+            "",
+            f"opset {opset} < {PER_CHANNEL_OPSET}: Q/DQ has no axis there, so the per-channel "
+            f"weights {ctx.rules.name} wants cannot be expressed",
+        )
+
+
+def check_unquantized_inputs(ctx: Context) -> Iterator[Violation]:
+    """Every input the op rules select must come from a DequantizeLinear (through pass-through
+    ops), or the backend runs that op in float."""
+    for node in ctx.graph.nodes:
+        kind = ctx.graph.kind(node)
+        rule = ctx.op_rules.get(kind)
+        if rule is None or rule.inputs is Inputs.SKIP_BRANCH:
+            continue
+        for name, what in _selected_inputs(ctx, node, kind, rule):
+            if not ctx.is_quantized(name):
+                yield Violation(
+                    "unquantized-input",
+                    Graph.label(node),
+                    f"{what} {name!r} of {node.op_type} is not quantized: {ctx.rules.name} "
+                    f"runs {kind} in int8 only on quantized inputs",
+                )
+
+
+def _selected_inputs(
+    ctx: Context, node: NodeProto, kind: str, rule: OpRule
+) -> list[tuple[str, str]]:
+    """Mirrors deploy.prepare: the data input and weight of a weighted op; every run-time
+    input otherwise, except Add/Mul with a constant operand (nothing to requantize)."""
+    graph = ctx.graph
+    if rule.inputs is Inputs.ACTIVATION:
+        selected = [] if graph.is_constant(node.input[0]) else [(node.input[0], "input")]
+        return selected + [(node.input[1], "weight")] if len(node.input) > 1 else selected
+    runtime = graph.runtime_inputs(node)
+    if kind in ("add", "mul") and len(runtime) < 2:
+        return []
+    return [(name, "input") for name in runtime]
+
+
+def check_concat_scales(ctx: Context) -> Iterator[Violation]:
+    """A shared_scale op (Concat) needs one scale on all inputs, or it requantizes them."""
+    for node in ctx.graph.nodes:
+        rule = ctx.op_rules.get(ctx.graph.kind(node))
+        if rule is None or not rule.shared_scale:
+            continue
+        scales = {
+            tuple(scale.ravel().tolist())
+            for name in ctx.graph.runtime_inputs(node)
+            for dq in ctx.dequantizers(name) or ()
+            if (scale := ctx.graph.value(dq.input[1])) is not None
+        }
+        if len(scales) > 1:
+            shown = ", ".join(
+                f"{s[0]:.4g}" if len(s) == 1 else f"{len(s)} channels" for s in scales
+            )
+            yield Violation(
+                "concat-scales",
+                Graph.label(node),
+                f"inputs have {len(scales)} different scales ({shown}): {ctx.rules.name} wants "
+                "one shared scale",
+            )
+
+
+def check_residual_adds(ctx: Context) -> Iterator[Violation]:
+    """Inputs.SKIP_BRANCH: the backend fuses a Conv into the Add that reads its output, so that
+    input must not pass through Q/DQ, and every other (skip-branch) input must be quantized."""
+    rule = ctx.op_rules.get("add")
+    if rule is None or rule.inputs is not Inputs.SKIP_BRANCH:
+        return
+    for node in ctx.graph.nodes:
+        inputs = ctx.graph.runtime_inputs(node) if ctx.graph.kind(node) == "add" else []
+        if len(inputs) > 1:
+            yield from _check_residual(ctx, node, inputs)
+
+
+def _check_residual(ctx: Context, add: NodeProto, inputs: list[str]) -> Iterator[Violation]:
+    fused = [(name, conv) for name in inputs if (conv := _fusible_conv(ctx, name)) is not None]
+    if fused:
+        main, conv = fused[0]
+    else:
+        behind_qdq = [(name, _conv_behind_qdq(ctx, name)) for name in inputs]
+        blocked = [(name, found) for name, found in behind_qdq if found is not None]
+        if not blocked:
+            return  # no Conv feeds this Add: not a residual
+        main, (quantize, conv) = blocked[0]
+        yield Violation(
+            "qdq-breaks-fusion",
+            Graph.label(quantize),
+            f"Q/DQ between {Graph.label(conv)} and residual Add {Graph.label(add)} stops "
+            f"{ctx.rules.name} fusing them: quantize the skip-branch input instead",
+        )
+    for name in inputs:
+        if name != main and not ctx.is_quantized(name):
+            yield Violation(
+                "unquantized-skip",
+                Graph.label(add),
+                f"skip-branch input {name!r} is not quantized: {ctx.rules.name} needs it int8 "
+                f"to fuse {Graph.label(conv)} into this Add",
+            )
+
+
+def _add_chains(rules: BackendRules) -> list[tuple[str, ...]]:
+    """The op chains the rules' fusions run into an Add, e.g. ("conv", "bn")."""
+    return [f[: f.index("add")] for f in rules.fusions if "add" in f[1:]]
+
+
+def _fusible_conv(ctx: Context, name: str) -> NodeProto | None:
+    """The Conv computing `name` when the backend can fuse it into its only reader; the tail
+    of the chain (BN) is optional because exporters fold it into the Conv."""
+    graph = ctx.graph
+    if len(graph.consumers.get(name, ())) != 1:
+        return None
+    for chain in _add_chains(ctx.rules):
+        node = graph.producer.get(name)
+        for kind in reversed(chain[1:]):
+            if node is not None and graph.kind(node) == kind:
+                node = graph.producer.get(node.input[0])
+        if node is not None and graph.kind(node) == chain[0]:
+            return node
+    return None
+
+
+def _conv_behind_qdq(ctx: Context, name: str) -> tuple[NodeProto, NodeProto] | None:
+    """(QuantizeLinear, Conv) when `name` is a fusible Conv's output sent only through Q->DQ."""
+    dequantize = ctx.graph.producer.get(name)
+    if dequantize is None or dequantize.op_type != DEQUANTIZE:
+        return None
+    quantize = ctx.graph.producer.get(dequantize.input[0])
+    if quantize is None or quantize.op_type != QUANTIZE:
+        return None
+    conv = _fusible_conv(ctx, quantize.input[0])
+    return (quantize, conv) if conv is not None else None
