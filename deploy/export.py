@@ -68,6 +68,7 @@ def export(
     with export_mode(model):
         proto = _torch_export(model, example_inputs, opset, dynamic_batch)
     fold_weight_quantizers(proto)
+    quantize_biases(proto, model.rules.int32_bias)
     strip_debug_info(proto)
     return save_checked(proto, path)
 
@@ -164,10 +165,6 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     """Replace initializer -> QuantizeLinear with an integer initializer; returns how many."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
     folded = 0
     for node in list(graph.node):
         if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
@@ -183,13 +180,64 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
         )
         graph.initializer.append(q)
         graph.node.remove(node)
-        consumers[node.input[0]] -= 1
         folded += 1
-    used = {name for node in graph.node for name in node.input}
-    for init in list(graph.initializer):
-        if init.name not in used and init.name not in {o.name for o in graph.output}:
-            graph.initializer.remove(init)
+    _drop_unused_initializers(graph)
     return folded
+
+
+def quantize_biases(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
+    """Give ops in `op_types` an int32 bias behind a DequantizeLinear whose scale is input
+    scale x weight scale, as backends that fuse only all-quantized inputs require."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    done = 0
+    for node in graph.node:
+        if node.op_type not in op_types or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        x_dq, w_dq = producers.get(node.input[0]), producers.get(node.input[1])
+        if not all(dq is not None and dq.op_type == "DequantizeLinear" for dq in (x_dq, w_dq)):
+            continue
+        x_scale = numpy_helper.to_array(inits[x_dq.input[1]]).astype(np.float32)
+        w_scale = numpy_helper.to_array(inits[w_dq.input[1]]).astype(np.float32)
+        scale = (x_scale * w_scale).astype(np.float32)
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        codes = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        name = node.input[2]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, f"{name}_int32"),
+                numpy_helper.from_array(
+                    scale.reshape(-1) if scale.size > 1 else scale.reshape(()), f"{name}_scale"
+                ),
+                numpy_helper.from_array(
+                    np.zeros(scale.shape, np.int32).reshape(-1)
+                    if scale.size > 1
+                    else np.zeros((), np.int32),
+                    f"{name}_zero_point",
+                ),
+            ]
+        )
+        dq = onnx.helper.make_node(
+            "DequantizeLinear",
+            [f"{name}_int32", f"{name}_scale", f"{name}_zero_point"],
+            [f"{name}_dequantized"],
+            name=f"{node.name}_bias_dq",
+            axis=0,
+        )
+        graph.node.insert(list(graph.node).index(node), dq)
+        node.input[2] = f"{name}_dequantized"
+        done += 1
+    _drop_unused_initializers(graph)
+    return done
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    outputs = {o.name for o in graph.output}
+    for init in list(graph.initializer):
+        if init.name not in used and init.name not in outputs:
+            graph.initializer.remove(init)
 
 
 def strip_debug_info(model: onnx.ModelProto) -> None:

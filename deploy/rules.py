@@ -51,6 +51,9 @@ class BackendRules:
     transformer_ops: Mapping[str, OpRule] = field(default_factory=dict)
     #: weight quantization axis per op kind (default: weight spec's axis).
     weight_axis: Mapping[str, int] = field(default_factory=dict)
+    #: ONNX op types whose bias the backend only fuses as an int32 DequantizeLinear
+    #: (scale = input scale x weight scale, zero point 0); others keep a float bias.
+    int32_bias: frozenset[str] = frozenset()
     notes: str = ""
 
     def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:

@@ -14,6 +14,7 @@ import importlib
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from models.mobilenet_v2 import mobilenet_v2
 from models.resnet import resnet18, resnet50
 
 INPUT_DTYPES = ("float32", "int64")
+_WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class ModelSpec:
     task: str = "classification"
     description: str = ""
     vocab_size: int | None = None  # int64 token-id inputs are drawn from [0, vocab_size)
+    weights: str | None = None  # trained state_dict shipped in models/weights/
 
 
 _IMAGENET = (1, 3, 224, 224)
@@ -71,6 +74,7 @@ _REGISTRY: dict[str, ModelSpec] = {
             (1, 1, 16, 16),
             default_data="digits",
             description="two-conv digit classifier, 16x16 upsampled digits, 10 classes",
+            weights="mnist_cnn_digits.pt",
         ),
         ModelSpec(
             "bert_tiny",
@@ -107,8 +111,10 @@ def load_model(
     seed: int = 0,
     input_shape: tuple[int, ...] | None = None,
     input_dtype: str | None = None,
+    pretrained: bool = False,
 ) -> tuple[nn.Module, ModelSpec]:
-    """Build the model in eval mode with weights seeded by ``seed``; global RNG untouched."""
+    """Build the model in eval mode with weights seeded by ``seed``; global RNG untouched.
+    pretrained=True loads the shipped trained weights where the model has them."""
     if ":" in ref:
         factory = _import_factory(ref)
         module, factory_shape = _call_user_factory(ref, factory, seed)
@@ -132,6 +138,9 @@ def load_model(
         module = spec.factory()
         if spec.default_data == "synthetic" and spec.input_dtype == "float32":
             _estimate_bn_statistics(module, spec.input_shape)
+    if pretrained and spec.weights is not None:
+        state = torch.load(_WEIGHTS_DIR / spec.weights, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
     return module.eval(), spec
 
 

@@ -8,6 +8,7 @@
 - ReLU/ReLU6 before a quantizer fold into it (the observed range starts at 0, so the zero point
   is qmin and onnxruntime drops the ReLU/Clip).
 - Reshape, Transpose, Squeeze, MaxPool, Resize, Gather are quantization-agnostic.
+- QGemm needs an int32-quantized bias; QLinearConv takes a float one.
 - Transformer mode: quantize Linear/MatMul inputs only; Softmax, LayerNorm, GELU and residual
   Adds stay float (quantizing them all destroys encoder accuracy: cosine 0.41 measured).
 """
@@ -36,4 +37,7 @@ RULES = BackendRules(
     fusions=(("conv", "bn"), ("conv", "bn", "relu"), ("conv", "bn", "relu6"), ("linear", "relu")),
     transformer_ops={k: WEIGHTED_OPS[k] for k in ("linear", "matmul")},
     weight_axis={"conv_transpose": 1},
+    # the QDQ Gemm selector requires every input from a DequantizeLinear: a float bias keeps
+    # Gemm in fp32 (Conv takes a float bias and quantizes it itself)
+    int32_bias=frozenset({"Gemm"}),
 )

@@ -1,0 +1,107 @@
+"""`deploy build`: the whole pipeline for one target, with progress and a summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from deploy import errors
+from deploy.cli.app import app, console
+from deploy.pipeline import STAGES, BuildOptions, build
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """'1x3x224x224' -> (1, 3, 224, 224)."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise errors.BadInputError(f"bad --input-shape '{text}'; expected e.g. 1x3x224x224")
+    return shape
+
+
+Opt = typer.Option
+
+
+@app.command("build")
+def build_command(
+    target: Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or onnxruntime")],
+    model: Annotated[
+        str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")
+    ] = None,
+    input_shape: Annotated[str | None, Opt(help="Model input shape, e.g. 1x3x224x224.")] = None,
+    data: Annotated[Path | None, Opt(help="Calibration data: .npz file or image folder.")] = None,
+    calib_batches: Annotated[int, Opt(help="Calibration batches.")] = 8,
+    qat_epochs: Annotated[int, Opt(help="QAT fine-tuning epochs (needs labels).")] = 0,
+    out: Annotated[Path, Opt("--out", help="Output directory.")] = Path("out"),
+    export_only: Annotated[bool, Opt(help="Stop after the linted QDQ model.")] = False,
+    threads: Annotated[int, Opt(help="Inference threads.")] = 2,
+    eval_samples: Annotated[int, Opt(help="Held-out samples for the accuracy check.")] = 1000,
+    sm: Annotated[str | None, Opt(help="TensorRT compute capability for AOT builds.")] = None,
+) -> None:
+    """Prepare, calibrate, (QAT), export, lint, build, verify kernels, check accuracy, time."""
+    options = BuildOptions(
+        target=target,
+        model=model,
+        input_shape=parse_shape(input_shape),
+        data=data,
+        calib_batches=calib_batches,
+        qat_epochs=qat_epochs,
+        out_dir=out,
+        export_only=export_only,
+        threads=threads,
+        eval_samples=eval_samples,
+        sm=sm,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("building", total=len(STAGES))
+        report = build(options, lambda stage: bar.update(task, advance=1, description=stage))
+    console.print(summary_table(report))
+    console.print(f"report: {out / 'report.json'}")
+
+
+def summary_table(report: dict) -> Table:
+    table = Table(title=f"{report['model']['name']} on {report['target']}")
+    table.add_column("item")
+    table.add_column("value")
+    kernels = report.get("kernels")
+    if kernels:
+        total = kernels["int8"] + kernels["float"]
+        table.add_row("int8 compute layers", f"{kernels['int8']}/{total}")
+    latency = report.get("latency_ms")
+    if isinstance(latency, dict):
+        for precision in ("fp32", "int8"):
+            row = latency[precision]
+            table.add_row(
+                f"{precision} latency p50 / p99", f"{row['p50']:.3f} / {row['p99']:.3f} ms"
+            )
+        table.add_row("int8 speedup (p50)", f"{report['speedup_p50']:.2f}x")
+    elif latency:
+        table.add_row("latency", latency)
+    accuracy = report.get("accuracy")
+    if isinstance(accuracy, dict):
+        for label in ("int8_vs_fakequant", "int8_vs_fp32"):
+            m = accuracy[label]
+            table.add_row(
+                label,
+                f"top-1 agree {m['top1_agreement']:.4f}, cosine {m['cosine']:.5f}, "
+                f"p99.9 err {m['p999_err_steps']:.2f} steps ({m['samples']} samples)",
+            )
+        if "top1" in accuracy:
+            t = accuracy["top1"]
+            table.add_row(
+                "top-1 accuracy",
+                f"fp32 {t['fp32']:.4f}, fake-quant {t['fakequant']:.4f}, int8 {t['int8']:.4f}",
+            )
+    elif accuracy:
+        table.add_row("accuracy", accuracy)
+    table.add_row("status", report["status"])
+    return table

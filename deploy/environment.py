@@ -1,0 +1,65 @@
+"""Machine and library facts recorded in every report: latency means nothing without them."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+#: CPU features that decide int8 speed (VNNI/AMX dot products) or fp32 defaults (bf16).
+ISA_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_int8",
+    "amx_bf16",
+    "amx_tile",
+)
+PACKAGES = (
+    "torch",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "openvino",
+    "polygraphy",
+    "tensorrt",
+    "tensorrt-rtx-cu12-bindings",
+    "numpy",
+)
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def environment(threads: int) -> dict:
+    model, flags = _cpuinfo()
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cpu": model,
+        "isa": {flag: flag in flags for flag in ISA_FLAGS},
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }

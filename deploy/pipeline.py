@@ -1,0 +1,302 @@
+"""`deploy build`: model -> prepared -> calibrated (-> QAT) -> QDQ ONNX -> lint -> engine ->
+kernel check -> accuracy check -> latency -> report.json.
+
+Every stage writes atomically; the report is written on every exit path, saying how far the run
+got and why it stopped, so CI can read it even when the build fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deploy import verify
+from deploy.artifacts import write_atomic
+from deploy.calibrate import calibrate
+from deploy.data import Dataset, default_dataset, load_calibration_data
+from deploy.engine import BuiltEngine, get_adapter
+from deploy.environment import environment
+from deploy.errors import BackendUnavailableError, BadInputError, CheckFailedError, DeployError
+from deploy.export import export, export_fp32
+from deploy.lint import lint
+from deploy.prepare import PreparedModel, prepare
+from deploy.qat import train_qat
+from deploy.rules import get_rules
+from deploy.timing import TimingConfig, runner_call, summarize, time_interleaved
+from models import load_model
+
+DEFAULT_MODEL = "mnist_cnn"
+STAGES = (
+    "prepare",
+    "calibrate",
+    "qat",
+    "export",
+    "lint",
+    "build",
+    "kernels",
+    "accuracy",
+    "latency",
+)
+
+
+@dataclass
+class BuildOptions:
+    target: str
+    model: str | None = None  # registry name or package.module:factory; None = embedded default
+    input_shape: tuple[int, ...] | None = None
+    data: Path | None = None  # .npz file or image folder; None = the model's default data
+    calib_batches: int = 8
+    batch_size: int = 16  # calibration / QAT batch size
+    qat_epochs: int = 0
+    out_dir: Path = Path("out")
+    export_only: bool = False
+    threads: int = 2
+    eval_samples: int = 1000
+    min_int8_fraction: float = 0.5
+    min_time_s: float = 1.0
+    sm: str | None = None  # TensorRT compute capability for ahead-of-time builds
+
+
+@dataclass
+class Report:
+    """report.json, filled stage by stage."""
+
+    data: dict = field(default_factory=dict)
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+
+    def write(self, out_dir: Path) -> Path:
+        text = json.dumps(self.data, indent=2, sort_keys=False, default=str)
+        return write_atomic(out_dir / "report.json", text.encode())
+
+
+Progress = Callable[[str], None]
+
+
+def build(options: BuildOptions, progress: Progress = lambda stage: None) -> dict:
+    """Run the pipeline; returns the report. Raises DeployError subclasses (after writing
+    report.json) when a stage cannot run or a check fails."""
+    _check_options(options)
+    out = Path(options.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report()
+    report.set("target", options.target)
+    report.set("status", "running")
+    report.set("stages", {})
+    started = time.perf_counter()
+    try:
+        _run(options, out, report, progress)
+        report.set("status", "ok")
+    except DeployError as exc:
+        report.set("status", f"failed: {exc}")
+        report.set("exit_code", exc.exit_code)
+        raise
+    finally:
+        report.set("seconds", round(time.perf_counter() - started, 2))
+        report.write(out)
+    return report.data
+
+
+def _check_options(o: BuildOptions) -> None:
+    get_rules(o.target)  # unknown targets fail first, with the list of known ones
+    for name in ("calib_batches", "batch_size", "threads", "eval_samples"):
+        value = getattr(o, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer")
+    if o.qat_epochs < 0:
+        raise BadInputError("--qat-epochs must be >= 0")
+
+
+def _stage(report: Report, progress: Progress, name: str) -> None:
+    progress(name)
+    report.data["stages"][name] = "done"
+
+
+def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None:
+    torch.manual_seed(0)
+    model, spec = load_model(o.model or DEFAULT_MODEL, input_shape=o.input_shape, pretrained=True)
+    calib, evaluation = _datasets(o, spec)
+    report.set(
+        "model",
+        {"name": spec.name, "input_shape": list(spec.input_shape), "input_dtype": spec.input_dtype},
+    )
+    report.set(
+        "data",
+        {
+            "calibration": calib.source,
+            "evaluation": evaluation.source,
+            "labels": evaluation.labels is not None,
+        },
+    )
+    report.set("environment", environment(o.threads))
+    example = torch.from_numpy(calib.inputs[: spec.input_shape[0]])
+
+    prepared = prepare(model, o.target, example)
+    _stage(report, progress, "prepare")
+    batches = [torch.from_numpy(b) for b in _chunks(calib.inputs, o.batch_size)][: o.calib_batches]
+    calibrate(prepared, batches, progress=False)
+    _stage(report, progress, "calibrate")
+    if o.qat_epochs:
+        _qat(prepared, calib, o)
+        _stage(report, progress, "qat")
+    report.set("quantizers", len(prepared.quantizers()))
+    report.set("placement_mode", prepared.plan.mode)
+
+    fp32_path = export_fp32(model, out / "model.fp32.onnx", example)
+    qdq_path = export(prepared, out / "model.qdq.onnx", example)
+    report.set("artifacts", {"fp32_onnx": str(fp32_path), "qdq_onnx": str(qdq_path)})
+    _stage(report, progress, "export")
+    violations = lint(qdq_path, o.target)
+    report.set("lint", [dataclasses.asdict(v) for v in violations])
+    _stage(report, progress, "lint")
+    if violations:
+        raise CheckFailedError(f"{len(violations)} lint violation(s) in {qdq_path.name}")
+    if o.export_only:
+        return
+
+    adapter = get_adapter(o.target)
+    if o.sm is not None and hasattr(adapter, "sm"):
+        adapter = dataclasses.replace(adapter, sm=o.sm)
+    adapter.require_available()
+    int8 = adapter.build(qdq_path, out, precision="int8", threads=o.threads)
+    fp32 = adapter.build(fp32_path, out / "fp32", precision="fp32", threads=o.threads)
+    report.data["artifacts"].update(
+        {"engine": str(int8.artifact), "fp32_engine": str(fp32.artifact)}
+    )
+    report.set("engine", int8.info)
+    _stage(report, progress, "build")
+
+    kernels = adapter.kernel_report(int8)
+    report.set("kernels", kernels.to_dict())
+    _stage(report, progress, "kernels")
+    if kernels.int8_fraction < o.min_int8_fraction:
+        floats = ", ".join(kernels.fallback_layers)
+        raise CheckFailedError(
+            f"only {len(kernels.int8_compute)} of {len(kernels.compute_layers)} compute layers run "
+            f"int8 (required {o.min_int8_fraction:.0%}); float: {floats}"
+        )
+
+    runners = _runners(adapter, int8, fp32)
+    if isinstance(runners, str):  # cannot run here (TensorRT without a GPU): say so, exit 0
+        report.set("accuracy", f"not measured: {runners}")
+        report.set("latency_ms", f"not measured: {runners}")
+        return
+    try:
+        _accuracy(report, progress, model, prepared, runners["int8"], evaluation, spec)
+        _latency(report, progress, runners, spec, calib, o)
+    finally:
+        for runner in runners.values():
+            runner.deactivate()
+
+
+def _datasets(o: BuildOptions, spec) -> tuple[Dataset, Dataset]:
+    needed = o.calib_batches * o.batch_size
+    if o.data is None:
+        return (
+            default_dataset(spec, needed, split="calib"),
+            default_dataset(spec, o.eval_samples, split="eval"),
+        )
+    data = load_calibration_data(o.data, spec.input_shape, spec.input_dtype)
+    if len(data) < 2:
+        raise BadInputError(f"{o.data}: need at least 2 samples (calibration and evaluation)")
+    # hold the tail out of calibration, so accuracy is measured on data the ranges never saw
+    n_eval = min(o.eval_samples, len(data) // 2)
+    split = len(data) - n_eval
+    labels = data.labels
+    return (
+        Dataset(
+            data.inputs[:split],
+            None if labels is None else labels[:split],
+            f"{data.source} (first {split} samples)",
+        ),
+        Dataset(
+            data.inputs[split:],
+            None if labels is None else labels[split:],
+            f"{data.source} (last {n_eval} samples, held out of calibration)",
+        ),
+    )
+
+
+def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
+    return [array[i : i + size] for i in range(0, len(array), size)]
+
+
+def _qat(prepared: PreparedModel, calib: Dataset, o: BuildOptions) -> None:
+    if calib.labels is None:
+        raise BadInputError("--qat-epochs needs labelled data (an .npz with 'y' or 'labels')")
+    pairs = [
+        (torch.from_numpy(x), torch.from_numpy(y))
+        for x, y in zip(
+            _chunks(calib.inputs, o.batch_size), _chunks(calib.labels, o.batch_size), strict=True
+        )
+    ]
+    train_qat(prepared, pairs, epochs=o.qat_epochs, lr=1e-4, progress=False)
+
+
+def _runners(adapter, int8: BuiltEngine, fp32: BuiltEngine) -> dict | str:
+    """Activated runners, or the reason engines cannot run on this machine."""
+    try:
+        runners = {"fp32": adapter.runner(fp32), "int8": adapter.runner(int8)}
+    except BackendUnavailableError as exc:
+        return str(exc)
+    for runner in runners.values():
+        runner.activate()
+    return runners
+
+
+def _feed_name(runner) -> str:
+    return next(iter(runner.get_input_metadata().keys()))
+
+
+def _run_engine(runner, inputs: np.ndarray, batch: int) -> np.ndarray:
+    name = _feed_name(runner)
+    outputs = [
+        next(iter(runner.infer({name: inputs[i : i + batch]}, check_inputs=False).values()))
+        for i in range(0, len(inputs) - batch + 1, batch)
+    ]
+    return np.concatenate(outputs)
+
+
+def _accuracy(report, progress, model, prepared, runner, evaluation: Dataset, spec) -> None:
+    batch = spec.input_shape[0]
+    n = (len(evaluation) // batch) * batch
+    if n == 0:
+        raise BadInputError(f"evaluation data has fewer samples than the batch size {batch}")
+    x = evaluation.inputs[:n]
+    engine_out = _run_engine(runner, x, batch)
+    with torch.no_grad():
+        fake_quant = torch.cat([prepared(torch.from_numpy(c)) for c in _chunks(x, 64)]).numpy()
+        float_out = torch.cat([model(torch.from_numpy(c)) for c in _chunks(x, 64)]).numpy()
+    results = {
+        label: verify.compare(engine_out, ref, verify.range_step(ref))
+        for label, ref in (("int8_vs_fakequant", fake_quant), ("int8_vs_fp32", float_out))
+    }
+    if evaluation.labels is not None:
+        labels = evaluation.labels[:n]
+        results["top1"] = {
+            "fp32": verify.top1_accuracy(float_out, labels),
+            "fakequant": verify.top1_accuracy(fake_quant, labels),
+            "int8": verify.top1_accuracy(engine_out, labels),
+        }
+    report.set("accuracy", results)
+    _stage(report, progress, "accuracy")
+    for label, thresholds in verify.DEFAULT_THRESHOLDS.items():
+        verify.check(results[label], thresholds, label)
+
+
+def _latency(report, progress, runners: dict, spec, calib: Dataset, o: BuildOptions) -> None:
+    sample = calib.inputs[: spec.input_shape[0]]
+    calls = {name: runner_call(r, {_feed_name(r): sample}) for name, r in runners.items()}
+    latencies = time_interleaved(calls, TimingConfig(min_time_s=o.min_time_s))
+    summary = {name: summarize(values).to_dict() for name, values in latencies.items()}
+    report.set("latency_ms", summary)
+    report.set("speedup_p50", summary["fp32"]["p50"] / summary["int8"]["p50"])
+    _stage(report, progress, "latency")

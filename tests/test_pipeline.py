@@ -1,0 +1,97 @@
+"""`deploy build` end to end on the embedded default model, for every target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deploy import errors
+from deploy.pipeline import BuildOptions, build
+
+FAST = {"eval_samples": 200, "min_time_s": 0.2}
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_default_build_writes_artifacts_and_a_complete_report(target, tmp_path):
+    report = build(BuildOptions(target=target, out_dir=tmp_path, **FAST))
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"model.fp32.onnx", "model.qdq.onnx", "report.json"} <= names
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["status"] == "ok" and on_disk["target"] == target
+    for precision in ("fp32", "int8"):
+        assert set(on_disk["latency_ms"][precision]) >= {"p50", "p90", "p99", "mean", "runs"}
+    assert on_disk["speedup_p50"] > 0
+    assert on_disk["kernels"]["int8"] == 3 and on_disk["kernels"]["fallback_layers"] == []
+    for label in ("int8_vs_fakequant", "int8_vs_fp32"):
+        assert set(on_disk["accuracy"][label]) == {
+            "top1_agreement",
+            "max_err_steps",
+            "p999_err_steps",
+            "cosine",
+            "samples",
+        }
+    assert on_disk["accuracy"]["int8_vs_fakequant"]["top1_agreement"] >= 0.999
+    top1 = on_disk["accuracy"]["top1"]
+    assert top1["fp32"] >= 0.97 and abs(top1["int8"] - top1["fakequant"]) <= 0.005
+    assert on_disk["environment"]["isa"]["avx512f"] in (True, False)
+    assert "onnxruntime" in on_disk["environment"]["versions"]
+    assert report["data"]["labels"] is True
+
+
+def test_export_only_stops_after_the_linted_qdq_model(tmp_path):
+    report = build(BuildOptions(target="tensorrt", out_dir=tmp_path, export_only=True))
+    assert report["status"] == "ok" and report["lint"] == []
+    assert "build" not in report["stages"]
+    assert not any(p.suffix == ".plan" for p in tmp_path.iterdir())
+
+
+def test_tensorrt_builds_ahead_of_time_and_says_latency_is_not_measured(tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed")
+    report = build(BuildOptions(target="tensorrt", out_dir=tmp_path, **FAST))
+    assert (tmp_path / "engine.tensorrt.plan").stat().st_size > 0
+    assert report["kernels"]["int8"] == 3
+    assert report["latency_ms"].startswith("not measured:") and "GPU" in report["latency_ms"]
+    assert "RTX" in report["engine"]["builder"]
+
+
+def test_missing_backend_exits_3_after_writing_the_qdq_model(tmp_path, monkeypatch):
+    from backends.tensorrt import adapter
+
+    monkeypatch.setattr(
+        type(adapter.ADAPTER), "unavailable_reason", lambda self: "no tensorrt here (test)"
+    )
+    with pytest.raises(errors.BackendUnavailableError) as info:
+        build(BuildOptions(target="tensorrt", out_dir=tmp_path))
+    assert info.value.exit_code == errors.BACKEND_UNAVAILABLE
+    assert (tmp_path / "model.qdq.onnx").exists()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"].startswith("failed") and report["exit_code"] == 3
+
+
+def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
+    """An engine whose activation scales are off by 10x must not pass as int8-equivalent."""
+    import deploy.pipeline as pipeline
+    from deploy.quant.fake_quant import FakeQuantize
+
+    real_export = pipeline.export
+
+    def export_with_wrong_scales(prepared, path, example):
+        saved = {}
+        for m in prepared.modules():
+            if isinstance(m, FakeQuantize) and not m.spec.per_channel:
+                saved[m] = m.scale.clone()
+                m.scale.mul_(10)
+        try:
+            return real_export(prepared, path, example)
+        finally:
+            for m, scale in saved.items():
+                m.scale.copy_(scale)
+
+    monkeypatch.setattr(pipeline, "export", export_with_wrong_scales)
+    with pytest.raises(errors.CheckFailedError, match="int8_vs_fakequant"):
+        build(BuildOptions(target="onnxruntime", out_dir=tmp_path, **FAST))
+    report = json.loads((tmp_path / "report.json").read_text())
+    metrics = report["accuracy"]["int8_vs_fakequant"]
+    assert metrics["p999_err_steps"] > 4 or metrics["cosine"] < 0.999
+    assert report["status"].startswith("failed") and report["exit_code"] == 4
