@@ -207,9 +207,9 @@ def _datasets(o: BuildOptions, spec) -> tuple[Dataset, Dataset]:
     data = load_calibration_data(o.data, spec.input_shape, spec.input_dtype)
     if len(data) < 2:
         raise BadInputError(f"{o.data}: need at least 2 samples (calibration and evaluation)")
-    # hold the tail out of calibration, so accuracy is measured on data the ranges never saw
-    n_eval = min(o.eval_samples, len(data) // 2)
-    split = len(data) - n_eval
+    # calibrate on the head, evaluate on what calibration never saw
+    split = min(needed, len(data) // 2)
+    n_eval = min(o.eval_samples, len(data) - split)
     labels = data.labels
     return (
         Dataset(

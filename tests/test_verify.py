@@ -35,9 +35,13 @@ def test_compare_matches_hand_computed_metrics():
             "p999_err_steps",
             "cosine",
             "samples",
+            "top1_agreement_decisive",
+            "decisive_samples",
         }
     )
     assert metrics["samples"] == 4
+    # every reference margin is 1 = 2 steps of 0.5, under the 8-step decisive margin
+    assert metrics["decisive_samples"] == 0 and metrics["top1_agreement_decisive"] == 1.0
     assert metrics["top1_agreement"] == 0.75  # only the last sample's argmax moved (0 -> 1)
     # |diff| / 0.5 is 1 (sample 1), 2 and 6 (sample 3), nine zeros; 99.9th percentile of the
     # 12 values interpolates between the two largest at position 0.999 * 11 = 10.989.
@@ -55,6 +59,8 @@ def test_identical_outputs_agree_perfectly():
         "p999_err_steps": 0.0,
         "cosine": pytest.approx(1.0),
         "samples": 4,
+        "top1_agreement_decisive": 1.0,
+        "decisive_samples": 4,  # margins of 1 are 10 steps of 0.1
     }
 
 
@@ -124,17 +130,34 @@ def _metrics(**changes: float) -> dict[str, float]:
     return {**compare(REF, REF, step=1.0), **changes}
 
 
+def test_flips_between_classes_tied_within_int8_resolution_do_not_fail_the_check():
+    """Sample 0's two top logits differ by 1 step: an int8 engine may swap them. Sample 1's
+    differ by 20 steps: swapping those is a real disagreement."""
+    ref = np.array([[1.0, 1.1, 0.0], [0.0, 2.0, 0.0]])
+    tied_flip = np.array([[1.1, 1.0, 0.0], [0.0, 2.0, 0.0]])
+    metrics = compare(tied_flip, ref, step=0.1)
+    assert metrics["top1_agreement"] == 0.5 and metrics["top1_agreement_decisive"] == 1.0
+    check(metrics, Thresholds(max_p999_err_steps=None, min_cosine=None), "tied")
+    real_flip = np.array([[1.0, 1.1, 0.0], [2.0, 0.0, 0.0]])
+    with pytest.raises(CheckFailedError, match="top1_agreement_decisive 0"):
+        check(
+            compare(real_flip, ref, step=0.1),
+            Thresholds(max_p999_err_steps=None, min_cosine=None),
+            "real",
+        )
+
+
 def test_check_passes_at_and_within_the_bounds():
     check(_metrics(top1_agreement=0.999, cosine=0.999, p999_err_steps=4.0), Thresholds(), "x")
 
 
 def test_check_names_metric_value_and_threshold_in_one_line():
     with pytest.raises(CheckFailedError) as info:
-        check(_metrics(top1_agreement=0.99), Thresholds(), "int8_vs_fakequant")
+        check(_metrics(top1_agreement_decisive=0.99), Thresholds(), "int8_vs_fakequant")
     message = str(info.value)
     assert len(message.splitlines()) == 1
     assert "int8_vs_fakequant" in message
-    assert "top1_agreement 0.99 (required >= 0.999)" in message
+    assert "top1_agreement_decisive 0.99 (required >= 0.999)" in message
     assert "cosine" not in message
     assert info.value.exit_code == errors.CHECK_FAILED
 
