@@ -18,6 +18,7 @@ ISA_FLAGS = (
     "amx_tile",
 )
 PACKAGES = (
+    "qat-deploy",
     "torch",
     "onnx",
     "onnxscript",
@@ -46,7 +47,8 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int | None = None) -> dict:
+    """CPU model and ISA from /proc/cpuinfo, versions from package metadata: cheap to call."""
     model, flags = _cpuinfo()
     versions = {}
     for name in PACKAGES:

@@ -1,0 +1,107 @@
+"""`deploy check` as CI runs it: exit codes, one-line errors, the JUnit file, a real pass.
+
+Bad inputs are refused before anything is exported or timed, so those cases take only the
+interpreter's start-up. The real pass measures mnist_cnn on onnxruntime briefly; it asserts
+the outcome of the gate, never a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from deploy import errors
+from tests.test_gate import baseline_doc, tiny_onnx, write_doc
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "ci" / "baselines" / "mnist_cnn-onnxruntime.json"
+
+
+def run_check(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "check", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_missing_baseline(tmp_path):
+    proc = run_check("--baseline", tmp_path / "absent.json")
+    assert_one_line_error(proc, errors.BAD_INPUT, "baseline not found", "absent.json")
+
+
+def test_corrupt_baseline_json(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"schema": 1, "model": "mnist_cnn", "ratio": {')
+    assert_one_line_error(run_check("--baseline", path), errors.BAD_INPUT, "corrupt baseline")
+
+
+def test_baseline_with_a_wrong_field(tmp_path):
+    path = write_doc(tmp_path / "b.json", baseline_doc(threads=0))
+    assert_one_line_error(run_check("--baseline", path), errors.BAD_INPUT, "'threads' is 0")
+
+
+def test_bad_tolerance(tmp_path):
+    baseline = shutil.copy(COMMITTED, tmp_path / "b.json")
+    proc = run_check("--baseline", baseline, "--tolerance", "ten%")
+    assert_one_line_error(proc, errors.BAD_INPUT, "bad tolerance 'ten%'")
+
+
+def test_unknown_model_in_baseline_writes_a_junit_error(tmp_path):
+    path = write_doc(tmp_path / "b.json", baseline_doc(model="resnet19"))
+    report = tmp_path / "reports" / "gate.xml"
+    proc = run_check("--baseline", path, "--junit", report)
+    assert_one_line_error(proc, errors.BAD_INPUT, "unknown model 'resnet19'")
+    case = ET.parse(report).getroot().find("testsuite/testcase")
+    assert case.get("name") == "b" and "resnet19" in case.find("error").get("message")
+
+
+def test_unknown_target_in_baseline(tmp_path):
+    path = write_doc(tmp_path / "b.json", baseline_doc(target="tensorflow"))
+    assert_one_line_error(run_check("--baseline", path), errors.BAD_INPUT, "unknown target")
+
+
+def test_tensorrt_latency_is_backend_unavailable_here(tmp_path):
+    """TensorRT builds here (TensorRT-RTX, or fails as not installed) but cannot be timed."""
+    path = write_doc(tmp_path / "b.json", baseline_doc(target="tensorrt"))
+    model = tiny_onnx(tmp_path / "fp32.onnx")
+    report = tmp_path / "gate.xml"
+    proc = run_check(
+        "--baseline", path, "--candidate", model, "--reference", model, "--junit", report
+    )
+    assert_one_line_error(proc, errors.BACKEND_UNAVAILABLE, "tensorrt")
+    assert ET.parse(report).getroot().find("testsuite").get("skipped") == "1"
+
+
+def test_real_update_then_pass_on_mnist_cnn_onnxruntime(tmp_path):
+    """The whole default path twice: export from the repo, build, time, bootstrap."""
+    path = tmp_path / "mnist.json"
+    update = run_check(
+        "--baseline", path, "--update-baseline", "--model", "mnist_cnn",
+        "--target", "onnxruntime", "--min-time", "0.5",
+    )  # fmt: skip
+    assert update.returncode == errors.OK, update.stderr
+    assert "baseline updated" in update.stdout
+    saved = json.loads(path.read_text())
+    assert saved["model"] == "mnist_cnn" and saved["ratio"]["low"] <= saved["ratio"]["high"]
+    report = tmp_path / "gate.xml"
+    check = run_check("--baseline", path, "--min-time", "0.5", "--junit", report)
+    assert check.returncode == errors.OK, check.stdout + check.stderr
+    assert ": pass" in check.stdout
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert suite.get("failures") == "0" and suite.get("errors") == "0"
