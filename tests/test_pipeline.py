@@ -24,7 +24,7 @@ def test_default_build_writes_artifacts_and_a_complete_report(target, tmp_path):
     assert on_disk["speedup_p50"] > 0
     assert on_disk["kernels"]["int8"] == 3 and on_disk["kernels"]["fallback_layers"] == []
     for label in ("int8_vs_fakequant", "int8_vs_fp32"):
-        assert set(on_disk["accuracy"][label]) == {
+        assert set(on_disk["accuracy"][label]) >= {
             "top1_agreement",
             "max_err_steps",
             "p999_err_steps",
