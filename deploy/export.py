@@ -28,6 +28,7 @@ from torch import nn
 
 from deploy.artifacts import write_atomic
 from deploy.errors import BadInputError, one_line
+from deploy.export_passes import run_passes
 from deploy.prepare import PreparedModel
 from deploy.quant.fake_quant import FakeQuantize
 
@@ -69,6 +70,7 @@ def export(
         proto = _torch_export(model, example_inputs, opset, dynamic_batch)
     fold_weight_quantizers(proto)
     quantize_biases(proto, model.rules.int32_bias)
+    run_passes(proto, model.rules.export_passes)
     strip_debug_info(proto)
     return save_checked(proto, path)
 

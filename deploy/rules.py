@@ -54,6 +54,8 @@ class BackendRules:
     #: ONNX op types whose bias the backend only fuses as an int32 DequantizeLinear
     #: (scale = input scale x weight scale, zero point 0); others keep a float bias.
     int32_bias: frozenset[str] = frozenset()
+    #: ONNX post-passes (names in deploy/export_passes.py) export() applies for this backend.
+    export_passes: tuple[str, ...] = ()
     notes: str = ""
 
     def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:

@@ -9,8 +9,12 @@
   is qmin and onnxruntime drops the ReLU/Clip).
 - Reshape, Transpose, Squeeze, MaxPool, Resize, Gather are quantization-agnostic.
 - QGemm needs an int32-quantized bias; QLinearConv takes a float one.
-- Transformer mode: quantize Linear/MatMul inputs only; Softmax, LayerNorm, GELU and residual
-  Adds stay float (quantizing them all destroys encoder accuracy: cosine 0.41 measured).
+- Transformer mode: quantize Linear inputs only; Softmax, LayerNorm, GELU and residual Adds stay
+  float (quantizing them all destroys encoder accuracy: cosine 0.41 measured), and so do the
+  two attention MatMuls: with both inputs activations they need two QuantizeLinear per head
+  matmul and become MatMulIntegerToFloat / u8u8 QLinearMatMul, which cost more than the fp32
+  FusedMatMul they replace (bert_tiny, 2 threads: 10.4 ms quantized vs 8.6 ms float, same run;
+  docs/performance.md).
 """
 
 from deploy.quant.spec import INT8_WEIGHT, UINT8_AFFINE_ACT
@@ -35,8 +39,10 @@ RULES = BackendRules(
         {"maxpool", "reshape", "transpose", "pad", "identity", "getitem", "interpolate"}
     ),
     fusions=(("conv", "bn"), ("conv", "bn", "relu"), ("conv", "bn", "relu6"), ("linear", "relu")),
-    transformer_ops={k: WEIGHTED_OPS[k] for k in ("linear", "matmul")},
+    transformer_ops={"linear": WEIGHTED_OPS["linear"]},
     weight_axis={"conv_transpose": 1},
+    # ONNX post-passes (deploy/export_passes.py) that let onnxruntime fuse more int8 kernels
+    export_passes=("global_average_pool", "matmul_bias_3d"),
     # the QDQ Gemm selector requires every input from a DequantizeLinear: a float bias keeps
     # Gemm in fp32 (Conv takes a float bias and quantizes it itself)
     int32_bias=frozenset({"Gemm"}),

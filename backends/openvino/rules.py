@@ -33,4 +33,6 @@ RULES = BackendRules(
         "matmul": OpRule(Inputs.ALL, activation=INT8_SYM_ACT),
     },
     weight_axis={"conv_transpose": 1},
+    # ONNX post-passes (deploy/export_passes.py) that let openvino fuse more int8 kernels
+    export_passes=("quantize_before_maxpool",),
 )

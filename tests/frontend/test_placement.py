@@ -5,7 +5,7 @@ written by hand from the rules in backends/<name>/rules.py and ../shared/REFEREN
   branch only (never between the Conv+BN and the Add it feeds); Concat and MaxPool commute.
 - openvino / onnxruntime: also both Add inputs; Concat inputs share one quantizer.
 - transformer blocks (all targets): only Linear and MatMul inputs; Softmax, LayerNorm, GELU and
-  Adds stay float.
+  Adds stay float. onnxruntime: only Linear inputs (the attention MatMuls stay float too).
 """
 
 from __future__ import annotations
@@ -86,6 +86,23 @@ ENCODER_EDGES = {
     ("norm1", "fc1"),
     ("act", "fc2"),
 }
+# onnxruntime keeps the two attention MatMuls (activation x activation) in float: written by hand
+# from backends/onnxruntime/rules.py (transformer_ops = Linear only), changed because their
+# QuantizeLinear + MatMulIntegerToFloat / QLinearMatMul cost more than fp32 FusedMatMul on the
+# x86 CPU EP (measured on bert_tiny, see docs/performance.md).
+ENCODER_EDGES_LINEAR_ONLY = {
+    ("x", "q_proj"),
+    ("x", "k_proj"),
+    ("x", "v_proj"),
+    ("matmul_1", "out_proj"),
+    ("norm1", "fc1"),
+    ("act", "fc2"),
+}
+ENCODER = {
+    "tensorrt": (ENCODER_EDGES, set()),
+    "openvino": (ENCODER_EDGES, set()),
+    "onnxruntime": (ENCODER_EDGES_LINEAR_ONLY, {"matmul", "matmul_1"}),
+}
 BLOCKS = {
     "basic": (BasicBlock, {"conv1", "conv2"}),
     "bottleneck": (Bottleneck, {"conv1", "conv2", "conv3", "downsample_0"}),
@@ -163,9 +180,11 @@ def test_transformer_block_keeps_softmax_layernorm_gelu_add_float(target):
     prepared = prepare(EncoderBlock(), target, SEQ)
     plan = prepared.plan
     assert plan.mode == "transformer"
-    assert plan.activation_edges == ENCODER_EDGES
+    edges, float_matmuls = ENCODER[target]
+    assert plan.activation_edges == edges
     assert plan.weight_layers == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
-    assert set(plan.float_ops) == {"mul", "softmax", "add", "norm1", "act", "add_1", "norm2"}
+    always_float = {"mul", "softmax", "add", "norm1", "act", "add_1", "norm2"}
+    assert set(plan.float_ops) == always_float | float_matmuls
     act = INT8_SYM if target in ("tensorrt", "openvino") else UINT8_AFFINE
     assert all(s.spec == act for s in plan.sites if s.role == "activation")
 

@@ -1,0 +1,346 @@
+"""Our QDQ placement against the vendor quantization tools, on onnxruntime and OpenVINO.
+
+For each model, in one run: the fp32 ONNX; our QDQ model by the onnxruntime rules and by the
+OpenVINO rules; onnxruntime's quantize_static (QDQ, per-channel, uint8 activations, int8
+weights; quantize_dynamic too for transformers); NNCF's quantize on the ONNX model (when nncf
+is installed). Every int8 model is calibrated on the same random samples. Each model is built
+on both runtimes, all of one runtime's engines are timed together in interleaved blocks
+(deploy.timing: re-warm before each block, alternating order), and every int8 engine's
+outputs are compared with the fp32 engine's on held-out inputs, so a fast but broken model
+cannot win.
+
+    python -m benchmarks.vs_vendor --model resnet18 --model mobilenet_v2 --model bert_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import openvino as ov
+import torch
+
+import deploy
+from deploy.data import default_dataset
+from deploy.engine import get_adapter
+from deploy.export import export, export_fp32
+from deploy.timing import TimingConfig, runner_call, summarize, time_interleaved
+from models import load_model
+
+RUNTIMES = ("onnxruntime", "openvino")
+CALIB_SAMPLES = 32
+HELD_OUT = 16
+MIN_COSINE = 0.9  # below this an int8 variant counts as broken and cannot be "best"
+OUT = Path(__file__).resolve().parents[1] / "docs" / "vs_vendor_results.json"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    onnx: Path
+    precision: str  # "fp32" or "int8"
+    ours_for: str | None = None  # the runtime whose rules made it (our models only)
+    vendor: bool = False
+
+
+@dataclass
+class Row:
+    runtime: str
+    variant: str
+    p50: float
+    p90: float
+    speedup: float
+    vs_best_vendor: float | None
+    int8_layers: str
+    cosine: float
+    centred_cosine: float
+    note: str = ""
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+def our_variant(model, target: str, x: torch.Tensor, calib: np.ndarray, out: Path) -> Variant:
+    prepared = deploy.prepare(model, target, x)
+    batches = [torch.from_numpy(calib[i : i + 8]) for i in range(0, len(calib), 8)]
+    deploy.calibrate(prepared, batches, progress=False)
+    path = export(prepared, out / f"ours_{target}.onnx", x, dynamic_batch=False)
+    return Variant(f"ours ({target} rules)", path, "int8", ours_for=target)
+
+
+def ort_variants(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) -> list[Variant]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"input": calib[i : i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    pre = out / "fp32_ort_pre.onnx"  # the tool's recommended pre-processing step
+    quant_pre_process(str(fp32), str(pre))
+    static = out / "ort_static.onnx"
+    quantize_static(
+        str(pre),
+        str(static),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    variants = [Variant("ort quantize_static", static, "int8", vendor=True)]
+    if transformer:
+        dynamic = out / "ort_dynamic.onnx"
+        quantize_dynamic(str(pre), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
+        variants.append(Variant("ort quantize_dynamic", dynamic, "int8", vendor=True))
+    return variants
+
+
+def nncf_variant(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) -> Variant:
+    import nncf
+
+    samples = [{"input": calib[i : i + 1]} for i in range(len(calib))]
+    kind = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    quantized = nncf.quantize(
+        onnx.load(str(fp32)), nncf.Dataset(samples), subset_size=len(samples), **kind
+    )
+    path = out / "nncf.onnx"
+    onnx.save(quantized, str(path))
+    return Variant("nncf quantize", path, "int8", vendor=True)
+
+
+def make_variants(name: str, out: Path) -> tuple[list[Variant], np.ndarray, list[str]]:
+    model, spec = load_model(name)
+    calib = default_dataset(spec, CALIB_SAMPLES, split="calib").inputs
+    held_out = default_dataset(spec, HELD_OUT, split="eval").inputs
+    x = torch.from_numpy(calib[:1])
+    transformer = name.startswith("bert")
+    fp32 = export_fp32(model, out / "fp32.onnx", x)
+    variants = [Variant("fp32", fp32, "fp32")]
+    variants += [our_variant(model, t, x, calib, out) for t in RUNTIMES]
+    notes: list[str] = []
+    for label, make in (
+        ("onnxruntime.quantization", lambda: ort_variants(fp32, calib, transformer, out)),
+        ("nncf", lambda: [nncf_variant(fp32, calib, transformer, out)]),
+    ):
+        try:
+            variants += make()
+        except Exception as exc:  # a vendor tool failing is a result, not a crash
+            notes.append(f"{label} failed: {type(exc).__name__}: {exc}".splitlines()[0])
+    return variants, held_out, notes
+
+
+# ---- measurement ----------------------------------------------------------------------------
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of the held-out outputs, all inputs stacked into one vector."""
+    a, b = a.ravel(), b.ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The same after removing the fp32 mean output: only the input-dependent part, which on
+    random-weight models is small, so int8 noise shows much more (reported, not gated)."""
+    mean = b.mean(axis=0, keepdims=True)
+    return cosine(a - mean, b - mean)
+
+
+def measure(
+    runtime: str, variants: list[Variant], held_out: np.ndarray, threads: int, cfg: TimingConfig
+) -> tuple[list[Row], list[str]]:
+    adapter = get_adapter(runtime)
+    built, reports, notes = {}, {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            out = Path(tmp) / v.name.replace(" ", "_").replace("(", "").replace(")", "")
+            out.mkdir()
+            try:
+                built[v.name] = adapter.build(v.onnx, out, precision=v.precision, threads=threads)
+                reports[v.name] = adapter.kernel_report(built[v.name])
+            except Exception as exc:
+                notes.append(f"{runtime}: {v.name} does not build: {exc}".splitlines()[0])
+        runners = {name: adapter.runner(engine) for name, engine in built.items()}
+        for r in runners.values():
+            r.activate()
+        try:
+            outputs = {
+                name: np.concatenate([first_output(r, s[None]) for s in held_out])
+                for name, r in runners.items()
+            }
+            feed = {"input": held_out[:1]}
+            fns: dict[str, Callable[[], object]] = {
+                name: runner_call(r, feed) for name, r in runners.items()
+            }
+            raw = time_interleaved(fns, cfg)
+            times = {name: summarize(ms) for name, ms in raw.items()}
+        finally:
+            for r in runners.values():
+                r.deactivate()
+    cos = {name: cosine(out, outputs["fp32"]) for name, out in outputs.items()}
+    centred = {name: centred_cosine(out, outputs["fp32"]) for name, out in outputs.items()}
+    vendor = [
+        v.name for v in variants if v.vendor and v.name in times and cos[v.name] >= MIN_COSINE
+    ]
+    best = min(vendor, key=lambda n: times[n].p50, default=None)
+    rows = []
+    for v in variants:
+        if v.name not in times:
+            continue
+        t, rep = times[v.name], reports[v.name]
+        ok = v.precision == "fp32" or cos[v.name] >= MIN_COSINE
+        rows.append(
+            Row(
+                runtime=runtime,
+                variant=v.name,
+                p50=t.p50,
+                p90=t.p90,
+                speedup=paired_ratio(raw["fp32"], raw[v.name], cfg.block),
+                vs_best_vendor=paired_ratio(raw[v.name], raw[best], cfg.block)
+                if v.ours_for and best
+                else None,
+                int8_layers=f"{len(rep.int8_compute)}/{len(rep.compute_layers)}",
+                cosine=cos[v.name],
+                centred_cosine=centred[v.name],
+                note=("" if ok else "BROKEN (cosine)")
+                + (" <- target runtime" if v.ours_for == runtime else "")
+                + (" best vendor" if v.name == best else ""),
+            )
+        )
+    return rows, notes
+
+
+def paired_ratio(a_ms: list[float], b_ms: list[float], block: int) -> float:
+    """Median over rounds of median(a's block) / median(b's block). time_interleaved runs one
+    block of every engine per round, so each ratio compares blocks timed side by side, and
+    load that comes and goes between rounds cancels out."""
+    rounds = min(len(a_ms), len(b_ms)) // block
+    ratios = [
+        float(np.median(a_ms[i * block : (i + 1) * block]))
+        / float(np.median(b_ms[i * block : (i + 1) * block]))
+        for i in range(rounds)
+    ]
+    return float(np.median(ratios))
+
+
+def first_output(runner, x: np.ndarray) -> np.ndarray:
+    name = next(iter(runner.get_input_metadata()))
+    return np.asarray(next(iter(runner.infer({name: x}).values())), dtype=np.float64)
+
+
+# ---- machine and reporting ------------------------------------------------------------------
+
+
+def machine() -> dict[str, object]:
+    flags: set[str] = set()
+    model = platform.processor()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    versions = {"torch": torch.__version__, "onnxruntime": ort.__version__}
+    versions |= {"openvino": ov.get_version(), "onnx": onnx.__version__}
+    try:
+        import nncf
+
+        versions["nncf"] = nncf.__version__
+    except ImportError:
+        versions["nncf"] = "not installed"
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "flags": {f: f in flags for f in wanted},
+        "versions": versions,
+    }
+
+
+def wait_for_quiet(max_load: float, tries: int) -> float:
+    """Wait (60 s at a time, `tries` times at most) for the 1-minute load to drop."""
+    for _ in range(tries):
+        if os.getloadavg()[0] <= max_load:
+            break
+        print(f"load {os.getloadavg()[0]:.2f} > {max_load}: waiting 60 s")
+        time.sleep(60)
+    return os.getloadavg()[0]
+
+
+def table(rows: list[Row]) -> str:
+    head = "| runtime | model variant | median ms | p90 ms | speedup vs fp32 | ours/best vendor"
+    head += " | int8 compute layers | cosine vs fp32 | centred cosine | note |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        ratio = f"{r.vs_best_vendor:.2f}" if r.vs_best_vendor is not None else ""
+        lines.append(
+            f"| {r.runtime} | {r.variant} | {r.p50:.2f} | {r.p90:.2f} | {r.speedup:.2f}x "
+            f"| {ratio} | {r.int8_layers} | {r.cosine:.4f} | {r.centred_cosine:.3f} "
+            f"| {r.note.strip()} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", dest="models", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0, help="min timed time per engine")
+    parser.add_argument("--max-load", type=float, default=1.5)
+    parser.add_argument("--load-tries", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    cfg = TimingConfig(warmup=20, block=20, min_runs=100, min_time_s=args.seconds, rewarm=5)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results["machine"] = machine()
+    warnings.filterwarnings("ignore")
+    for name in args.models or ["resnet18"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            variants, held_out, notes = make_variants(name, Path(tmp))
+            rows: list[Row] = []
+            loads = []
+            for runtime in RUNTIMES:
+                before = wait_for_quiet(args.max_load, args.load_tries)
+                got, more = measure(runtime, variants, held_out, args.threads, cfg)
+                rows += got
+                notes += more
+                loads.append({"runtime": runtime, "before": before, "after": os.getloadavg()[0]})
+        print(f"\n## {name} (batch 1, {args.threads} threads)\n\n{table(rows)}")
+        for line in notes:
+            print(f"- {line}")
+        print(f"- load average (1 min): {loads}")
+        results[name] = {
+            "threads": args.threads,
+            "rows": [asdict(r) for r in rows],
+            "notes": notes,
+            "load": loads,
+            "timing": asdict(cfg),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""ONNX post-passes that let a runtime fuse more of the exported QDQ graph into int8 kernels.
+
+A backend lists the passes it wants in its rules (`export_passes` in backends/<name>/rules.py,
+data like the rest of its rules); export() runs them after folding the
+weights. Every pass keeps what the model computes exactly (same values, same broadcasts); they only
+change how a runtime's graph optimizer sees the graph.
+
+- global_average_pool: the dynamo exporter writes adaptive average pooling to 1x1 as
+  ReduceMean(axes=[2, 3], keepdims=1); GlobalAveragePool is the same op under the name
+  onnxruntime's QDQ fusion knows (DQ -> GlobalAveragePool -> Q becomes
+  QLinearGlobalAveragePool).
+- matmul_bias_3d: Linear layers on 3-D inputs export as MatMul + Add(bias [N]). onnxruntime's
+  MatMulAddFusion turns that into Reshape -> Gemm(float bias) -> Reshape, a Gemm its QDQ
+  selector leaves in float (it needs an int32 bias), and the reshapes cost time. It only fuses
+  a 1-D bias when the input is 3-D, so a [1, 1, N] bias keeps the MatMul, which becomes
+  MatMulIntegerToFloat followed by the bias Add (measured faster on bert_tiny than int32 bias
+  + QGemm: no reshapes).
+- quantize_before_maxpool: the front end quantizes MaxPool's output (MaxPool is
+  quantization-agnostic); OpenVINO does not move that FakeQuantize above the pool, so the
+  producing Conv writes fp32 and the pool runs in fp32 on 4x the data. A copy of the
+  quantizer above the MaxPool keeps both in u8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class _Graph:
+    """Lookups over an ONNX graph that passes need (rebuilt after each pass)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def const(self, name: str) -> np.ndarray | None:
+        init = self.inits.get(name)
+        return None if init is None else numpy_helper.to_array(init)
+
+    def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def fresh(self, base: str) -> str:
+        taken = set(self.inits) | set(self.producer) | {i.name for i in self.graph.input}
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def add_init(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        tensor = numpy_helper.from_array(value, name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def drop_unused_inits(self) -> None:
+        used = {name for node in self.graph.node for name in node.input}
+        used |= {o.name for o in self.graph.output}
+        for init in list(self.graph.initializer):
+            if init.name not in used:
+                self.graph.initializer.remove(init)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _rank(model: onnx.ModelProto, name: str) -> int | None:
+    for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        if v.name == name and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
+def global_average_pool(model: onnx.ModelProto) -> int:
+    """ReduceMean over the spatial axes of a 4-D tensor, keepdims=1 -> GlobalAveragePool."""
+    g = _Graph(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    rewritten = 0
+    for i, node in enumerate(list(g.graph.node)):
+        if node.op_type != "ReduceMean" or _attr(node, "keepdims", 1) != 1:
+            continue
+        axes = _attr(node, "axes", None)
+        if axes is None and len(node.input) > 1:
+            found = g.const(node.input[1])
+            axes = None if found is None else found.tolist()
+        if _rank(inferred, node.input[0]) != 4 or sorted(a % 4 for a in axes or []) != [2, 3]:
+            continue
+        pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), node.name)
+        g.graph.node.remove(node)
+        g.graph.node.insert(i, pool)
+        rewritten += 1
+    g.drop_unused_inits()
+    return rewritten
+
+
+def matmul_bias_3d(model: onnx.ModelProto) -> int:
+    """Add(MatMul(DQ x, DQ w), bias of shape [N]) with a 3-D x: the bias becomes [1, 1, N]
+    (the same broadcast, so the same values)."""
+    g = _Graph(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    rewritten = 0
+    for node in list(g.graph.node):
+        if node.op_type != "Add":
+            continue
+        for side in (0, 1):
+            matmul = g.made_by(node.input[side], "MatMul")
+            bias = g.const(node.input[1 - side])
+            if matmul is None or bias is None or bias.ndim != 1:
+                continue
+            if (
+                _rank(inferred, matmul.input[0]) != 3
+                or g.made_by(matmul.input[0], "DequantizeLinear") is None
+            ):
+                continue
+            node.input[1 - side] = g.add_init(
+                f"{node.name or matmul.name}_bias_3d", bias.reshape(1, 1, -1)
+            )
+            rewritten += 1
+            break
+    g.drop_unused_inits()
+    return rewritten
+
+
+def quantize_before_maxpool(model: onnx.ModelProto) -> int:
+    """MaxPool -> Q -> DQ becomes Q -> DQ -> MaxPool -> Q -> DQ with the same scale and zero
+    point. Exact: quantization is monotonic, so max and quantize commute, and the second pair
+    is an identity on values already on the grid. The runtime then sees a quantized MaxPool
+    input and keeps the pooling (and the producer's output) in 8 bits. Only where the MaxPool
+    is the producer's one consumer: otherwise the float output is computed anyway."""
+    g = _Graph(model)
+    rewritten = 0
+    for node in list(g.graph.node):
+        if node.op_type != "MaxPool" or len(node.output) != 1:
+            continue
+        users = g.consumers.get(node.output[0], [])
+        if not users or any(u.op_type != "QuantizeLinear" for u in users):
+            continue
+        params = {tuple(u.input[1:]) for u in users}
+        producer = g.producer.get(node.input[0])
+        if len(params) != 1 or producer is None or producer.op_type == "DequantizeLinear":
+            continue
+        if len(g.consumers[node.input[0]]) != 1:  # the producer's float output is needed too
+            continue
+        (qparams,) = params
+        base = f"{node.name or node.output[0]}_input"
+        quantized, dequantized = g.fresh(f"{base}_quantized"), g.fresh(f"{base}_dequantized")
+        q = helper.make_node("QuantizeLinear", [node.input[0], *qparams], [quantized], f"{base}_q")
+        dq = helper.make_node(
+            "DequantizeLinear", [quantized, *qparams], [dequantized], f"{base}_dq"
+        )
+        at = list(g.graph.node).index(node)
+        g.graph.node.insert(at, dq)
+        g.graph.node.insert(at, q)
+        g.producer[quantized], g.producer[dequantized] = q, dq
+        node.input[0] = dequantized
+        rewritten += 1
+    return rewritten
+
+
+PASSES: dict[str, Callable[[onnx.ModelProto], int]] = {
+    "global_average_pool": global_average_pool,
+    "matmul_bias_3d": matmul_bias_3d,
+    "quantize_before_maxpool": quantize_before_maxpool,
+}
+
+
+def run_passes(model: onnx.ModelProto, names: tuple[str, ...]) -> dict[str, int]:
+    """Apply the named passes in order; returns how many rewrites each made."""
+    return {name: PASSES[name](model) for name in names}
