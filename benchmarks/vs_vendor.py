@@ -7,7 +7,9 @@ is installed). Every int8 model is calibrated on the same random samples. Each m
 on both runtimes, all of one runtime's engines are timed together in interleaved blocks
 (deploy.timing: re-warm before each block, alternating order), and every int8 engine's
 outputs are compared with the fp32 engine's on held-out inputs, so a fast but broken model
-cannot win.
+cannot win. Speedups and ours/best-vendor ratios are paired: the median over rounds of the
+ratio of two blocks timed back to back (robust to load that comes and goes on a shared box).
+Results go to docs/vs_vendor_results.json (merged per model); docs/performance.md explains them.
 
     python -m benchmarks.vs_vendor --model resnet18 --model mobilenet_v2 --model bert_tiny
 """

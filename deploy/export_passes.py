@@ -1,9 +1,9 @@
 """ONNX post-passes that let a runtime fuse more of the exported QDQ graph into int8 kernels.
 
 A backend lists the passes it wants in its rules (`export_passes` in backends/<name>/rules.py,
-data like the rest of its rules); export() runs them after folding the
-weights. Every pass keeps what the model computes exactly (same values, same broadcasts); they only
-change how a runtime's graph optimizer sees the graph.
+data like the rest of its rules); export() runs them after folding the weights. Every pass keeps
+what the model computes exactly (same values, same broadcasts); they only change how a runtime's
+graph optimizer sees the graph.
 
 - global_average_pool: the dynamo exporter writes adaptive average pooling to 1x1 as
   ReduceMean(axes=[2, 3], keepdims=1); GlobalAveragePool is the same op under the name
