@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -29,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import openvino as ov
 import torch
 
 import deploy
 from deploy.data import default_dataset
 from deploy.engine import get_adapter
+from deploy.environment import environment
 from deploy.export import export, export_fp32
 from deploy.timing import TimingConfig, runner_call, summarize, time_interleaved
 from models import load_model
@@ -254,30 +252,15 @@ def first_output(runner, x: np.ndarray) -> np.ndarray:
 
 
 def machine() -> dict[str, object]:
-    flags: set[str] = set()
-    model = platform.processor()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-    versions = {"torch": torch.__version__, "onnxruntime": ort.__version__}
-    versions |= {"openvino": ov.get_version(), "onnx": onnx.__version__}
+    """The shared environment record, plus NNCF's version (a benchmark-only dependency)."""
+    env = environment()
     try:
         import nncf
 
-        versions["nncf"] = nncf.__version__
+        env["versions"]["nncf"] = nncf.__version__
     except ImportError:
-        versions["nncf"] = "not installed"
-    return {
-        "cpu": model,
-        "logical_cpus": os.cpu_count(),
-        "flags": {f: f in flags for f in wanted},
-        "versions": versions,
-    }
+        env["versions"]["nncf"] = "not installed"
+    return env
 
 
 def wait_for_quiet(max_load: float, tries: int) -> float:
