@@ -102,15 +102,19 @@ _METHOD_KINDS = {
 }
 
 
+def module_kind(module: nn.Module) -> str | None:
+    """The op kind of a module, or None when we do not recognise it."""
+    for cls, kind in _MODULE_KINDS:
+        if isinstance(module, cls):
+            return kind
+    return getattr(module, "op_kind", None)
+
+
 def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """The op kind of a graph node, or None for placeholders, outputs, attributes and ops we
     do not recognise (those stay float)."""
     if node.op == "call_module":
-        module = modules[node.target]
-        for cls, kind in _MODULE_KINDS:
-            if isinstance(module, cls):
-                return kind
-        return getattr(module, "op_kind", None)
+        return module_kind(modules[node.target])
     if node.op == "call_function":
         return _FUNCTION_KINDS.get(node.target)
     if node.op == "call_method":

@@ -28,9 +28,8 @@ from torch import nn
 
 from deploy.artifacts import write_atomic
 from deploy.errors import BadInputError, one_line
-from deploy.export_passes import run_passes
+from deploy.export_passes import drop_unused_initializers, run_passes
 from deploy.prepare import PreparedModel
-from deploy.quant.fake_quant import FakeQuantize
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13
@@ -183,7 +182,7 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
         graph.initializer.append(q)
         graph.node.remove(node)
         folded += 1
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return folded
 
 
@@ -230,16 +229,8 @@ def quantize_biases(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[2] = f"{name}_dequantized"
         done += 1
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return done
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    outputs = {o.name for o in graph.output}
-    for init in list(graph.initializer):
-        if init.name not in used and init.name not in outputs:
-            graph.initializer.remove(init)
 
 
 def strip_debug_info(model: onnx.ModelProto) -> None:
@@ -257,10 +248,3 @@ def save_checked(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
     return write_atomic(Path(path), model.SerializeToString(deterministic=True))
-
-
-def quantizers_in_export_form(model: nn.Module) -> list[FakeQuantize]:
-    """Quantizers that will appear as Q/DQ pairs in the export (fake-quant enabled)."""
-    return [
-        m for m in model.modules() if isinstance(m, FakeQuantize) and bool(m.fake_quant_enabled)
-    ]

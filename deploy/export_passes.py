@@ -66,11 +66,16 @@ class _Graph:
         return name
 
     def drop_unused_inits(self) -> None:
-        used = {name for node in self.graph.node for name in node.input}
-        used |= {o.name for o in self.graph.output}
-        for init in list(self.graph.initializer):
-            if init.name not in used:
-                self.graph.initializer.remove(init)
+        drop_unused_initializers(self.graph)
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers no node reads and no graph output names."""
+    used = {name for node in graph.node for name in node.input}
+    used |= {o.name for o in graph.output}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from deploy.capture import TraceFailure, op_kind, trace
+from deploy.capture import TraceFailure, module_kind, op_kind, trace
 from deploy.errors import BadInputError, one_line
 from deploy.plan import QuantizerSite, QuantPlan
 from deploy.quant.fake_quant import FakeQuantize
@@ -313,7 +313,7 @@ def _prepare_fallback(model, failure: TraceFailure, inputs, rules, factory) -> P
         input_shapes=[tuple(x.shape) for x in inputs],
     )
     for path, layer in list(model.named_modules()):
-        kind = op_kind_of_module(layer)
+        kind = module_kind(layer)
         if kind not in _WEIGHTED:
             continue
         wq = factory.weight(layer, kind, f"{path}.weight")
@@ -336,10 +336,3 @@ def _prepare_fallback(model, failure: TraceFailure, inputs, rules, factory) -> P
         stacklevel=3,
     )
     return PreparedModel(model, plan, rules)
-
-
-def op_kind_of_module(module: nn.Module) -> str | None:
-    """Op kind of a module outside any graph (used by the fallback)."""
-    graph = fx.Graph()
-    node = graph.call_module("m", ())
-    return op_kind(node, {"m": module})
