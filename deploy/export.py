@@ -33,6 +33,9 @@ from deploy.prepare import PreparedModel
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13
+#: ONNX op a weighted op kind with an int32 bias exports as (a 2-D Linear becomes Gemm; an N-D
+#: one becomes MatMul + Add, whose float bias no engine rounds, see deploy/arithmetic.py).
+_BIAS_OP_TYPES = {"conv": "Conv", "conv_transpose": "ConvTranspose", "linear": "Gemm"}
 
 
 def _register_fake_quant_shape_kernels() -> None:
@@ -68,7 +71,7 @@ def export(
     with export_mode(model):
         proto = _torch_export(model, example_inputs, opset, dynamic_batch)
     fold_weight_quantizers(proto)
-    quantize_biases(proto, model.rules.int32_bias)
+    quantize_biases(proto, frozenset(_BIAS_OP_TYPES[k] for k in model.rules.int32_bias))
     run_passes(proto, model.rules.export_passes)
     strip_debug_info(proto)
     return save_checked(proto, path)

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from deploy import arithmetic
 from deploy.capture import TraceFailure, module_kind, op_kind, trace
 from deploy.errors import BadInputError, one_line
 from deploy.plan import QuantizerSite, QuantPlan
@@ -102,6 +103,7 @@ def prepare(
     folded_bn = _quantize_weights(traced, kinds, factory, plan)
     kinds = {n: op_kind(n, dict(traced.named_modules())) for n in traced.graph.nodes}
     _place_activation_quantizers(traced, kinds, rules.op_rules(transformer), factory, plan)
+    arithmetic.link(traced, kinds, rules)
     plan.fused = _find_fusions(traced, kinds, folded_bn, rules.fusions)
     plan.float_ops = _float_ops(traced, kinds, rules, transformer, plan)
     traced.graph.lint()

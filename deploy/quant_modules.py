@@ -47,7 +47,37 @@ def _channel_shape(module: nn.Module, weight_axis: int) -> list[int]:
     return shape
 
 
-class QuantConv(nn.Module):
+#: Op kinds of the modules below, all of which can round their bias as an int32 engine does.
+BIASED_KINDS = ("conv", "conv_transpose", "linear")
+
+
+class _EngineBias(nn.Module):
+    """Bias as an int8 kernel adds it: round(b / (x_scale * w_scale)) in the int32 accumulator
+    (straight-through gradient), once round_bias_with() names the data-input quantizer."""
+
+    weight_quant: FakeQuantize
+    _bias_source: FakeQuantize | None = None
+
+    def round_bias_with(self, source: FakeQuantize) -> None:
+        self.__dict__["_bias_source"] = source  # a reference, not a second owner in state_dict
+
+    def engine_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Call after weight_quant ran, so its scale belongs to this weight."""
+        source, weight_quant = self._bias_source, self.weight_quant
+        if (
+            bias is None
+            or source is None
+            or weight_quant.export_mode  # export writes float bias; its post-pass rounds it
+            or not (bool(source.fake_quant_enabled) and bool(weight_quant.fake_quant_enabled))
+        ):
+            return bias
+        scale = source.effective_qparams()[0] * weight_quant.effective_qparams()[0]
+        scale = scale.to(bias.dtype)
+        codes = torch.clamp(torch.round(bias / scale), -(2**31), 2**31 - 1)
+        return bias + (codes * scale - bias).detach()
+
+
+class QuantConv(_EngineBias):
     """Conv / ConvTranspose with a fake-quantized weight."""
 
     def __init__(self, conv: nn.Module, weight_quant: FakeQuantize, kind: str) -> None:
@@ -57,10 +87,11 @@ class QuantConv(nn.Module):
         self.op_kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _conv(self.conv, x, self.weight_quant(self.conv.weight), self.conv.bias)
+        weight = self.weight_quant(self.conv.weight)
+        return _conv(self.conv, x, weight, self.engine_bias(self.conv.bias))
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(_EngineBias):
     """Linear with a fake-quantized weight."""
 
     op_kind = "linear"
@@ -71,10 +102,11 @@ class QuantLinear(nn.Module):
         self.weight_quant = weight_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.linear.weight), self.linear.bias)
+        weight = self.weight_quant(self.linear.weight)
+        return F.linear(x, weight, self.engine_bias(self.linear.bias))
 
 
-class QuantConvBn(nn.Module):
+class QuantConvBn(_EngineBias):
     """Conv followed by BatchNorm, with BN folded into the quantized weight."""
 
     def __init__(
@@ -129,7 +161,7 @@ class QuantConvBn(nn.Module):
         weight, bias = self.folded_weight_and_bias()
         q_weight = self.weight_quant(weight)
         if not self.training or bool(self.bn_frozen):
-            return _conv(self.conv, x, q_weight, bias)
+            return _conv(self.conv, x, q_weight, self.engine_bias(bias))
         # Batch statistics: undo the running-stat folding factor on the conv output, then let
         # the real BN normalise with this batch's statistics (and update its running ones).
         factor = self._factor()

@@ -51,9 +51,15 @@ class BackendRules:
     transformer_ops: Mapping[str, OpRule] = field(default_factory=dict)
     #: weight quantization axis per op kind (default: weight spec's axis).
     weight_axis: Mapping[str, int] = field(default_factory=dict)
-    #: ONNX op types whose bias the backend only fuses as an int32 DequantizeLinear
-    #: (scale = input scale x weight scale, zero point 0); others keep a float bias.
+    #: Where the engine's int8 arithmetic departs from plain Q/DQ semantics. prepare() makes
+    #: the fake-quant model compute the same (deploy/arithmetic.py), so what QAT trains and
+    #: what the accuracy check compares against is what the engine runs.
+    #: Weighted op kinds whose float bias the engine rounds to int32 at input scale x weight
+    #: scale; export writes those biases as int32 DequantizeLinear (some fusions require it).
     int32_bias: frozenset[str] = frozenset()
+    #: The engine fuses a residual Add into the Conv producing its first Conv operand and
+    #: applies that operand's quantizer as a clamp, without rounding.
+    unrounded_fused_add: bool = False
     #: ONNX post-passes (names in deploy/export_passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()
     notes: str = ""

@@ -117,6 +117,36 @@ class Thresholds:
     max_p999_err_steps: float | None = 4.0
 
 
+#: An engine may drift from its fake-quant model up to this many times as far as that same
+#: model drifts from itself when evaluated in float64 instead of float32. Both drifts are
+#: rounding flips at near-ties (accumulation order, bias and requantization rounding) that a
+#: deep network amplifies; on random MobileNetV2 the float64 floor alone is cosine 0.9976 and
+#: 9 output steps at p99.9, so fixed int8 bounds would fail every correct engine.
+FLOOR_FACTOR = 2.0
+
+
+def floor_adjusted(
+    thresholds: Thresholds, floor: Mapping[str, float], factor: float = FLOOR_FACTOR
+) -> Thresholds:
+    """`thresholds`, loosened where `factor` x the reference floor (compare() of the float64
+    against the float32 fake-quant outputs) needs more room; never tightened."""
+
+    def looser_min(bound: float | None, floor_value: float) -> float | None:
+        return None if bound is None else min(bound, 1 - factor * (1 - floor_value))
+
+    max_steps = thresholds.max_p999_err_steps
+    return Thresholds(
+        min_top1_agreement=looser_min(
+            thresholds.min_top1_agreement,
+            floor.get("top1_agreement_decisive", floor["top1_agreement"]),
+        ),
+        min_cosine=looser_min(thresholds.min_cosine, floor["cosine"]),
+        max_p999_err_steps=None
+        if max_steps is None
+        else max(max_steps, factor * floor["p999_err_steps"]),
+    )
+
+
 #: Per comparison label. Against fp32 the quantization error itself is expected, so only
 #: gross breakage (a low cosine) fails; agreement is reported, since it depends on the model.
 DEFAULT_THRESHOLDS: Mapping[str, Thresholds] = {

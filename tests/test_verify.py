@@ -12,10 +12,12 @@ from deploy import errors
 from deploy.errors import BadInputError, CheckFailedError
 from deploy.verify import (
     DEFAULT_THRESHOLDS,
+    FLOOR_FACTOR,
     METRICS,
     Thresholds,
     check,
     compare,
+    floor_adjusted,
     range_step,
     top1_accuracy,
 )
@@ -186,3 +188,25 @@ def test_top1_accuracy():
     assert top1_accuracy(REF, np.array([2, 0, 2, 1])) == 0.75
     with pytest.raises(BadInputError, match="labels"):
         top1_accuracy(REF, np.array([2, 0]))
+
+
+def test_a_noisy_reference_floor_loosens_the_bounds_by_the_floor_factor():
+    """Random MobileNetV2's float64-vs-float32 floor: cosine 0.9976, p99.9 8.8 steps."""
+    floor = _metrics(cosine=0.9976, p999_err_steps=8.8, top1_agreement_decisive=0.99)
+    loose = floor_adjusted(Thresholds(), floor)
+    assert loose.min_cosine == pytest.approx(1 - FLOOR_FACTOR * 0.0024)
+    assert loose.max_p999_err_steps == pytest.approx(FLOOR_FACTOR * 8.8)
+    assert loose.min_top1_agreement == pytest.approx(1 - FLOOR_FACTOR * 0.01)
+    engine = _metrics(cosine=0.9968, p999_err_steps=10.2)  # measured on OpenVINO
+    check(engine, loose, "int8_vs_fakequant")
+    with pytest.raises(CheckFailedError, match="cosine"):
+        check(engine, Thresholds(), "int8_vs_fakequant")
+    with pytest.raises(CheckFailedError, match="p999_err_steps"):
+        check(_metrics(p999_err_steps=2.5 * 8.8), loose, "int8_vs_fakequant")
+
+
+def test_a_quiet_floor_never_tightens_the_bounds():
+    strict = Thresholds(min_top1_agreement=0.99, min_cosine=0.998, max_p999_err_steps=4.0)
+    assert floor_adjusted(strict, _metrics()) == strict  # a perfect floor: compare(REF, REF)
+    unchecked = Thresholds(None, None, None)
+    assert floor_adjusted(unchecked, _metrics(cosine=0.5, p999_err_steps=99)) == unchecked

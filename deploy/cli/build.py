@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from rich.table import Table
 from deploy import errors
 from deploy.cli.app import app, console
 from deploy.pipeline import STAGES, BuildOptions, build
+from deploy.verify import DEFAULT_THRESHOLDS, Thresholds
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -28,6 +30,19 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 Opt = typer.Option
+DEFAULT = DEFAULT_THRESHOLDS["int8_vs_fakequant"]
+
+
+def thresholds(min_agreement: float, min_cosine: float, max_err_steps: float) -> Thresholds:
+    """Accuracy-check bounds from the command line, each checked for a sensible range."""
+    for name, value, low, high in (
+        ("--min-agreement", min_agreement, 0.0, 1.0),
+        ("--min-cosine", min_cosine, -1.0, 1.0),
+        ("--max-err-steps", max_err_steps, 0.0, math.inf),
+    ):
+        if not low <= value <= high:
+            raise errors.BadInputError(f"{name} {value:g} is outside [{low:g}, {high:g}]")
+    return Thresholds(min_agreement, min_cosine, max_err_steps)
 
 
 @app.command("build")
@@ -45,6 +60,15 @@ def build_command(
     threads: Annotated[int, Opt(help="Inference threads.")] = 2,
     eval_samples: Annotated[int, Opt(help="Held-out samples for the accuracy check.")] = 1000,
     sm: Annotated[str | None, Opt(help="TensorRT compute capability for AOT builds.")] = None,
+    min_agreement: Annotated[
+        float, Opt(help="Accuracy check: min int8-vs-fake-quant top-1 agreement.")
+    ] = DEFAULT.min_top1_agreement,
+    min_cosine: Annotated[
+        float, Opt(help="Accuracy check: min int8-vs-fake-quant cosine.")
+    ] = DEFAULT.min_cosine,
+    max_err_steps: Annotated[
+        float, Opt(help="Accuracy check: max p99.9 int8-vs-fake-quant error, output steps.")
+    ] = DEFAULT.max_p999_err_steps,
 ) -> None:
     """Prepare, calibrate, (QAT), export, lint, build, verify kernels, check accuracy, time."""
     options = BuildOptions(
@@ -59,6 +83,7 @@ def build_command(
         threads=threads,
         eval_samples=eval_samples,
         sm=sm,
+        thresholds=thresholds(min_agreement, min_cosine, max_err_steps),
     )
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -88,10 +113,10 @@ def summary_table(report: dict) -> Table:
         table.add_row("latency", latency)
     accuracy = report.get("accuracy")
     if isinstance(accuracy, dict):
-        for label in ("int8_vs_fakequant", "int8_vs_fp32"):
+        for label in ("int8_vs_fakequant", "reference_floor", "int8_vs_fp32"):
             m = accuracy[label]
             table.add_row(
-                label,
+                "fake-quant fp64 vs fp32" if label == "reference_floor" else label,
                 f"top-1 agree {m['top1_agreement']:.4f}, cosine {m['cosine']:.5f}, "
                 f"p99.9 err {m['p999_err_steps']:.2f} steps ({m['samples']} samples)",
             )

@@ -56,6 +56,9 @@ class FakeQuantize(nn.Module):
             self.register_buffer("zero_point", zero_point)
         self.register_buffer("observer_enabled", torch.tensor(True))
         self.register_buffer("fake_quant_enabled", torch.tensor(True))
+        #: False: clamp to the quantized range without rounding, where the engine fuses this
+        #: quantizer into a later one (deploy/arithmetic.py). Export still writes Q/DQ.
+        self.rounding = True
 
     @property
     def location(self) -> str:
@@ -86,12 +89,25 @@ class FakeQuantize(nn.Module):
             self._observe(x)
         if not bool(self.fake_quant_enabled):
             return x
+        if not self.rounding:
+            return self._clamp(x)
         if self.learnable:
             scale = self.scale.abs().clamp_min(MIN_SCALE)
             per_scale = x.numel() // max(scale.numel(), 1)
             g = lsq_grad_scale(per_scale, self.spec)
             return fake_quantize_lsq(x, scale, self.zero_point, self.spec, g)
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def _clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized range as a clamp (gradient 1 inside, as with the STE)."""
+        scale = self.scale.abs().clamp_min(MIN_SCALE)
+        zero_point = torch.round(self.zero_point.detach()).clamp(self.spec.qmin, self.spec.qmax)
+        if self.spec.per_channel:
+            shape = [1] * x.dim()
+            shape[self.spec.axis % x.dim()] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        low, high = (self.spec.qmin - zero_point) * scale, (self.spec.qmax - zero_point) * scale
+        return torch.clamp(x, low.to(x.dtype), high.to(x.dtype))
 
     def _observe(self, x: torch.Tensor) -> None:
         self.observer(x)

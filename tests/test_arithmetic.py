@@ -1,0 +1,137 @@
+"""The fake-quant model computes what the int8 engines compute (deploy/arithmetic.py).
+
+Each engine here runs for real. An emulation is right when switching it off makes the engine
+disagree more with the fake-quant model: the comparison is engine vs model, never model vs a
+copy of its own formula.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import openvino as ov
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from deploy import verify
+from deploy.calibrate import calibrate
+from deploy.export import export
+from deploy.prepare import prepare
+from deploy.quant.fake_quant import FakeQuantize
+from deploy.quant_modules import BIASED_KINDS
+from tests.frontend.blocks import InvertedResidual, conv_bn, randomize_bn
+
+BLOCKS = 4
+
+
+def residual_stack() -> nn.Module:
+    """A MobileNetV2-like stem and inverted residuals: Conv->ReLU6, linear bottleneck + Add."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*conv_bn(3, 8), nn.ReLU6(), *[InvertedResidual(8) for _ in range(BLOCKS)])
+    return randomize_bn(model).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> torch.Tensor:
+    return torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _prepared(target: str):
+    example = torch.randn(1, 3, 16, 16)
+    prepared = prepare(residual_stack(), target, example)
+    calibrate(prepared, [torch.randn(16, 3, 16, 16) for _ in range(4)], progress=False)
+    return prepared, example
+
+
+def _weighted(prepared):
+    return [m for m in prepared.model.modules() if getattr(m, "op_kind", None) in BIASED_KINDS]
+
+
+def _fake_quant(prepared, inputs) -> np.ndarray:
+    with torch.no_grad():
+        return prepared(inputs).numpy()
+
+
+def _mean_err_steps(engine: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.mean(np.abs(engine - reference)) / verify.range_step(reference))
+
+
+def _onnxruntime(path, inputs, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[None].numpy()})[0] for x in inputs])
+
+
+def test_only_onnxruntime_rounds_biases_and_only_openvino_skips_add_rounding():
+    for target, rounds_bias, unrounded in (
+        ("onnxruntime", True, 0),
+        ("openvino", False, BLOCKS),
+        ("tensorrt", False, 0),
+    ):
+        prepared, _ = _prepared(target)
+        linked = [m._bias_source is not None for m in _weighted(prepared)]
+        assert linked and all(x == rounds_bias for x in linked), target
+        quantizers = [m for m in prepared.model.modules() if isinstance(m, FakeQuantize)]
+        assert sum(not q.rounding for q in quantizers) == unrounded, target
+
+
+def test_onnxruntime_engine_agrees_with_the_rounded_bias_model(tmp_path, inputs):
+    prepared, example = _prepared("onnxruntime")
+    path = export(prepared, tmp_path / "m.onnx", example)
+    conv_biases = [n.input[2] for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in onnx.load(str(path)).graph.node for o in n.output}
+    assert conv_biases and all(producers[b].op_type == "DequantizeLinear" for b in conv_biases)
+    engine = _onnxruntime(path, inputs)
+    emulated = _fake_quant(prepared, inputs)
+    for module in _weighted(prepared):
+        module.__dict__["_bias_source"] = None
+    float_bias = _fake_quant(prepared, inputs)
+    # measured: 4e-5 vs 9e-3 mean steps
+    assert _mean_err_steps(engine, emulated) < 0.1 * _mean_err_steps(engine, float_bias)
+
+
+def test_onnxruntime_reference_semantics_of_the_export_match_the_model(tmp_path, inputs):
+    """With graph optimizations off onnxruntime evaluates the Q/DQ graph literally, int32
+    bias DequantizeLinear included: the same function as the fake-quant model."""
+    prepared, example = _prepared("onnxruntime")
+    path = export(prepared, tmp_path / "m.onnx", example)
+    literal = _onnxruntime(path, inputs, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    model = onnx.load(str(path))
+    assert any(numpy_helper.to_array(t).dtype == np.int32 for t in model.graph.initializer)
+    metrics = verify.compare(literal, _fake_quant(prepared, inputs), None)
+    assert metrics["p999_err_steps"] <= 1.0 and metrics["top1_agreement"] == 1.0
+
+
+def test_openvino_engine_agrees_with_unrounded_fused_add_operands(tmp_path, inputs):
+    prepared, example = _prepared("openvino")
+    path = export(prepared, tmp_path / "m.onnx", example)
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    engine = np.concatenate([compiled(x[None].numpy())[0] for x in inputs])
+    emulated = _fake_quant(prepared, inputs)
+    for module in prepared.model.modules():
+        if isinstance(module, FakeQuantize):
+            module.rounding = True
+    rounding = _fake_quant(prepared, inputs)
+    # measured: 0.11 vs 0.34 mean steps (OpenVINO also reorders float requantization math)
+    assert _mean_err_steps(engine, emulated) < 0.5 * _mean_err_steps(engine, rounding)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_qat_gradients_flow_through_both_emulations(target, inputs):
+    example = torch.randn(1, 3, 16, 16)
+    prepared = prepare(residual_stack(), target, example, learnable=True)
+    calibrate(prepared, [torch.randn(16, 3, 16, 16) for _ in range(2)], progress=False)
+    prepared.model.eval()
+    prepared(inputs[:8]).square().mean().backward()
+    biases = [m.conv.bias for m in _weighted(prepared) if getattr(m, "bn", None) is not None]
+    betas = [m.bn.bias.grad for m in _weighted(prepared) if getattr(m, "bn", None) is not None]
+    assert biases == [None] * len(biases)  # bias-free convs: BN's beta is the folded bias
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in betas)
+    for q in prepared.model.modules():
+        if isinstance(q, FakeQuantize) and not q.rounding:
+            assert q.scale.grad is not None and torch.isfinite(q.scale.grad).all()
