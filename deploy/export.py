@@ -207,7 +207,9 @@ def quantize_biases(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
         scale = (x_scale * w_scale).astype(np.float32)
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
         codes = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
-        name = node.input[2]
+        # named per node: the exporter shares equal constants (zero biases of same-shaped
+        # layers), and each consumer needs its own scale
+        name = f"{node.name or node.output[0]}_bias"
         graph.initializer.extend(
             [
                 numpy_helper.from_array(codes, f"{name}_int32"),
@@ -226,7 +228,7 @@ def quantize_biases(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
             "DequantizeLinear",
             [f"{name}_int32", f"{name}_scale", f"{name}_zero_point"],
             [f"{name}_dequantized"],
-            name=f"{node.name}_bias_dq",
+            name=f"{name}_dq",
             axis=0,
         )
         graph.node.insert(list(graph.node).index(node), dq)

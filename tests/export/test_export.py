@@ -178,3 +178,19 @@ def test_export_leaves_the_prepared_model_in_training_form(tmp_path):
     export(prepared, tmp_path / "m.onnx", torch.randn(1, *IMG8))
     assert prepared.training
     assert not any(getattr(m, "export_mode", False) for m in prepared.modules())
+
+
+def test_layers_sharing_one_bias_constant_get_their_own_int32_bias(tmp_path):
+    """The exporter stores equal bias constants once for all layers that use them; each
+    onnxruntime int32 bias needs its own scale, hence its own tensor."""
+    layers = [torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)]
+    for layer in layers[::2] + layers[3:]:
+        torch.nn.init.constant_(layer.bias, 0.1)
+    _, prepared = _calibrated(lambda: torch.nn.Sequential(*layers), (8,), "onnxruntime")
+    path = export(prepared, tmp_path / "m.onnx", torch.randn(1, 8), dynamic_batch=True)
+    proto = onnx.load(path)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    bias_dqs = [producers[n.input[2]] for n in proto.graph.node if n.op_type == "Gemm"]
+    assert len({dq.input[0] for dq in bias_dqs}) == len(bias_dqs) == 3
+    got, expected, _ = compare_per_quantizer(prepared, path, torch.randn(64, 8))
+    assert np.abs(got - expected).max() <= 1e-5 + np.abs(expected).max() * 1e-4
