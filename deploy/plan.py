@@ -72,7 +72,8 @@ class QuantPlan:
                 zps = str(zmin) if zmin == zmax else f"{zmin}..{zmax}"
             else:
                 lo = hi = zps = "uncalibrated"
-            table.add_row(
-                site.module, where, site.spec.describe(), str(site.spec.bits), lo, hi, zps
-            )
+            scheme = site.spec.describe()
+            if isinstance(fq, FakeQuantize) and not fq.rounding:
+                scheme += " (clamp only: the engine rounds after the fused Add)"
+            table.add_row(site.module, where, scheme, str(site.spec.bits), lo, hi, zps)
         return table

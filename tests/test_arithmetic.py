@@ -7,6 +7,8 @@ copy of its own formula.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,6 +16,7 @@ import openvino as ov
 import pytest
 import torch
 from onnx import numpy_helper
+from rich.console import Console
 from torch import nn
 
 from deploy import verify
@@ -78,6 +81,9 @@ def test_only_onnxruntime_rounds_biases_and_only_openvino_skips_add_rounding():
         assert linked and all(x == rounds_bias for x in linked), target
         quantizers = [m for m in prepared.model.modules() if isinstance(m, FakeQuantize)]
         assert sum(not q.rounding for q in quantizers) == unrounded, target
+        console = Console(width=400, record=True, file=io.StringIO())
+        console.print(prepared.plan.table(prepared))
+        assert console.export_text().count("clamp only") == unrounded, target
 
 
 def test_onnxruntime_engine_agrees_with_the_rounded_bias_model(tmp_path, inputs):
