@@ -39,7 +39,6 @@ OBSERVERS = {
     "mse": MSEObserver,
 }
 _WEIGHTED = ("conv", "conv_transpose", "linear")
-_TRANSFORMER_MARKERS = ("layer_norm", "softmax")
 
 
 class PreparedModel(nn.Module):
@@ -73,7 +72,7 @@ def prepare(
 ) -> PreparedModel:
     """Return a fake-quantized copy of `model` laid out by `target`'s rules.
 
-    mode: "auto" (transformer rules when the graph has LayerNorm/Softmax), "cnn" or
+    mode: "auto" (transformer rules when the graph has LayerNorm or attention), "cnn" or
     "transformer". bits: 2..8 for both weights and activations (export needs 8).
     observer: activation observer, one of OBSERVERS. learnable: LSQ scales (QAT).
     """
@@ -92,9 +91,7 @@ def prepare(
         return _prepare_fallback(model, traced, inputs, rules, factory)
     _propagate_shapes(traced, inputs)
     kinds = {n: op_kind(n, dict(traced.named_modules())) for n in traced.graph.nodes}
-    transformer = mode == "transformer" or (
-        mode == "auto" and any(k in _TRANSFORMER_MARKERS for k in kinds.values())
-    )
+    transformer = mode == "transformer" or (mode == "auto" and _looks_like_transformer(kinds))
     plan = QuantPlan(
         target=rules.name,
         mode="transformer" if transformer else "cnn",
@@ -109,6 +106,13 @@ def prepare(
     traced.graph.lint()
     traced.recompile()
     return PreparedModel(traced, _prefixed(plan), rules)
+
+
+def _looks_like_transformer(kinds) -> bool:
+    """LayerNorm, or attention (a MatMul beside a Softmax). A Softmax alone is a classifier
+    head: a CNN ending in one keeps the CNN rules."""
+    present = set(kinds.values())
+    return "layer_norm" in present or {"matmul", "softmax"} <= present
 
 
 class _QuantizerFactory:

@@ -217,3 +217,18 @@ def test_conv_transpose_weights_use_axis_1():
 def test_bits_override_reaches_every_quantizer():
     plan = prepare(BasicBlock(), "onnxruntime", IMG, bits=4).plan
     assert {s.spec.bits for s in plan.sites} == {4}
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt"])
+def test_a_softmax_head_keeps_cnn_rules_and_attention_switches_to_transformer_rules(target):
+    """A Softmax alone is a classifier head: the Conv must still get its quantized input."""
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(288, 10)
+    )
+    model = torch.nn.Sequential(cnn, torch.nn.Softmax(-1)).eval()
+    head = prepare(model, target, torch.randn(1, 3, 8, 8))
+    assert head.plan.mode == "cnn"
+    conv_input = [s for s in head.plan.sites if ("input_1", "_0_0") in s.edges]
+    assert len(conv_input) == 1
+    encoder = prepare(EncoderBlock().eval(), target, torch.randn(1, 5, 16))
+    assert encoder.plan.mode == "transformer"
