@@ -4,7 +4,8 @@ onnxruntime has no separate engine format; its graph optimizer (QDQ selector/act
 decides at session creation which Q/DQ groups become int8 kernels. Saving the optimized model
 shows the outcome node by node, so that file is both the artifact and the kernel report's source.
 With ORT_ENABLE_ALL it holds layout ops for this CPU (NCHWc), so it is valid on this machine only;
-the runner therefore loads the original ONNX with the same options.
+the runner therefore loads the ONNX given to onnxruntime with the same options. That is the QDQ
+model itself, or a copy with the one fusion onnxruntime misses (matmul_bias.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
+from backends.onnxruntime.matmul_bias import fuse_matmul_bias
 from deploy.artifacts import atomic_path
 from deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision, check_build_args
 from deploy.errors import BadInputError, one_line
@@ -115,13 +117,14 @@ class OnnxruntimeAdapter(Adapter):
     def build(self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int) -> BuiltEngine:
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)
         check_build_args(onnx_path, precision, threads)
+        source, fused = _prefused(onnx_path, out_dir / f"engine.{self.name}.input.onnx")
         artifact = out_dir / f"engine.{self.name}.onnx"
         with atomic_path(artifact) as tmp:
-            create_session(onnx_path, threads, optimized_path=tmp)  # writes the artifact
+            create_session(source, threads, optimized_path=tmp)  # writes the artifact
         return BuiltEngine(
             backend=self.name,
             artifact=artifact,
-            onnx_path=onnx_path,
+            onnx_path=source,
             precision=precision,
             threads=threads,
             info={
@@ -129,11 +132,14 @@ class OnnxruntimeAdapter(Adapter):
                 "provider": "CPUExecutionProvider",
                 "graph_optimization": "ORT_ENABLE_ALL",
                 "artifact": "optimized ONNX graph; CPU-specific layouts, valid on this machine",
+                "matmul_bias_fused": str(fused),
             },
         )
 
     def runner(self, engine: BuiltEngine) -> OnnxrtRunner:
-        """Runs the original ONNX: session creation repeats the optimization the build saved."""
+        """Runs the graph the build gave onnxruntime (the QDQ model, or its copy with our
+        fusions): session creation repeats the optimization the build saved. Reloading the
+        saved optimized graph instead measured 6% slower on bert_tiny."""
         loader = functools.partial(create_session, engine.onnx_path, engine.threads)
         return OnnxrtRunner(loader, name=f"{self.name}-{engine.precision}")
 
@@ -148,6 +154,23 @@ class OnnxruntimeAdapter(Adapter):
             layers=graph_precisions(model.graph),
             source="onnxruntime optimized model graph (ORT_ENABLE_ALL, CPU EP)",
         )
+
+
+def _prefused(onnx_path: Path, fused_path: Path) -> tuple[Path, int]:
+    """The graph to hand onnxruntime: `onnx_path`, or when fuse_matmul_bias finds work, a
+    copy written atomically to `fused_path`. Models with external data are left as they are."""
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, DecodeError) as exc:
+        raise BadInputError(f"onnxruntime cannot load {onnx_path}: {one_line(exc)}") from exc
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return onnx_path, 0
+    fused = fuse_matmul_bias(model)
+    if not fused:
+        return onnx_path, 0
+    with atomic_path(fused_path) as tmp:
+        onnx.save(model, str(tmp))
+    return fused_path, fused
 
 
 def graph_precisions(graph: onnx.GraphProto) -> list[LayerPrecision]:

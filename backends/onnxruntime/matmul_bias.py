@@ -1,0 +1,132 @@
+"""A fusion onnxruntime's optimizer stops short of, done before the session is created.
+
+For DequantizeLinear(x) -> MatMul <- DequantizeLinear(w) with a float output, onnxruntime's QDQ
+MatMul action emits MatMulIntegerToFloat without a bias, so the Add of the Linear's bias that
+follows stays a separate float op (12 of them in a 2-layer BERT encoder). MatMulIntegerToFloat
+has a bias input: this pass writes the node with its bias, which onnxruntime then keeps, runs
+and fuses around like the one it would have made. Same arithmetic as the QDQ graph:
+(A - a_zp)(B - b_zp) * a_scale * b_scale + bias.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from deploy.export_passes import drop_unused_initializers
+
+_INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
+def fuse_matmul_bias(model: onnx.ModelProto) -> int:
+    """Replace every DQ -> MatMul <- DQ(int8 weight) -> Add(constant bias) by one
+    com.microsoft MatMulIntegerToFloat with that bias; returns how many."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    fused = 0
+    for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
+        x_dq = producers.get(matmul.input[0])
+        weight = _weight(producers.get(matmul.input[1]), producers, inits)
+        add = _single_add(matmul, consumers, graph)
+        if add is None or weight is None or not _is_dq(x_dq, inits, weight=False):
+            continue
+        codes, w_scale, w_zero_point = weight
+        bias = _bias(add, matmul, inits, columns=codes.shape[1])
+        if bias is None:
+            continue
+        prefix = matmul.name or matmul.output[0]
+        graph.initializer.extend(
+            numpy_helper.from_array(array, f"{prefix}_{what}")
+            for what, array in (
+                ("weight", codes),
+                ("weight_scale", w_scale),
+                ("weight_zero_point", w_zero_point),
+                ("bias", bias),
+            )
+        )
+        fused_node = helper.make_node(
+            "MatMulIntegerToFloat",
+            [x_dq.input[0], f"{prefix}_weight", x_dq.input[1], f"{prefix}_weight_scale"]
+            + [x_dq.input[2], f"{prefix}_weight_zero_point", f"{prefix}_bias"],
+            [add.output[0]],
+            name=f"{matmul.name or matmul.output[0]}_int8_bias",
+            domain="com.microsoft",
+        )
+        graph.node.insert(list(graph.node).index(matmul), fused_node)
+        graph.node.remove(matmul)
+        graph.node.remove(add)
+        fused += 1
+    if fused:
+        _drop_dead_nodes(graph)
+        drop_unused_initializers(graph)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
+def _is_dq(node, inits, weight: bool = False) -> bool:
+    """A DequantizeLinear with constant qparams: per-tensor for an activation; for a weight,
+    of a 2-D 8-bit initializer."""
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
+        return False
+    scale = inits.get(node.input[1])
+    if scale is None or node.input[2] not in inits:
+        return False
+    if not weight:
+        return int(np.prod(scale.dims)) == 1
+    data = inits.get(node.input[0])
+    return data is not None and data.data_type in _INT8 and len(data.dims) == 2
+
+
+def _weight(node, producers, inits) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes [K, N], scale, zero point: per-tensor or per-column) of the MatMul's B input:
+    DQ(int8 [K, N], axis 1), or Transpose(DQ(int8 [N, K], axis 0)) as the exporter writes a
+    Linear's weight."""
+    transposed = node is not None and node.op_type == "Transpose"
+    if transposed:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        node = producers.get(node.input[0]) if perm == [1, 0] else None
+    if not _is_dq(node, inits, weight=True):
+        return None
+    codes, scale, zero_point = (numpy_helper.to_array(inits[name]) for name in node.input[:3])
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % 2
+    if scale.size > 1 and (axis != (0 if transposed else 1) or scale.size != codes.shape[axis]):
+        return None
+    return (codes.T.copy() if transposed else codes), scale, zero_point
+
+
+def _single_add(matmul, consumers, graph) -> onnx.NodeProto | None:
+    users = consumers.get(matmul.output[0], [])
+    graph_outputs = {o.name for o in graph.output}
+    if len(users) != 1 or users[0].op_type != "Add" or matmul.output[0] in graph_outputs:
+        return None
+    return users[0]
+
+
+def _bias(add, matmul, inits, columns: int) -> np.ndarray | None:
+    """The Add's other input when it is a float constant of `columns` values on the last axis
+    ([N], [1, N], [1, 1, N], ...)."""
+    other = [name for name in add.input if name != matmul.output[0]]
+    if len(other) != 1 or other[0] not in inits:
+        return None
+    bias = numpy_helper.to_array(inits[other[0]])
+    if bias.dtype != np.float32 or bias.ndim == 0 or not bias.size == bias.shape[-1] == columns:
+        return None
+    return bias.reshape(-1)
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes (the fused DequantizeLinears) whose outputs nothing reads any more."""
+    while True:
+        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
