@@ -86,3 +86,13 @@ def test_adapter_builds_and_runs_the_fused_graph(encoder_qdq, tmp_path):
 def test_graphs_without_the_pattern_are_built_as_given(mnist_qdq, tmp_path):
     engine = ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1)
     assert engine.onnx_path == mnist_qdq and engine.info["matmul_bias_fused"] == "0"
+
+
+def test_signed_activations_are_left_to_onnxruntime(tmp_path):
+    """OpenVINO-style int8 activations: onnxruntime keeps s8 x s8 off its x86 int8 path (it
+    measured 4x slower when forced), so the pass must not force it either."""
+    torch.manual_seed(0)
+    prepared = prepare(EncoderBlock().eval(), "openvino", torch.randn(*SEQ))
+    calibrate(prepared, [torch.randn(*SEQ) for _ in range(4)], progress=False)
+    path = export(prepared, tmp_path / "enc_s8.onnx", torch.randn(*SEQ))
+    assert fuse_matmul_bias(onnx.load(str(path))) == 0
