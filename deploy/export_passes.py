@@ -15,10 +15,11 @@ graph optimizer sees the graph.
   a 1-D bias when the input is 3-D, so a [1, 1, N] bias keeps the MatMul, which becomes
   MatMulIntegerToFloat followed by the bias Add (measured faster on bert_tiny than int32 bias
   + QGemm: no reshapes).
-- quantize_before_maxpool: the front end quantizes MaxPool's output (MaxPool is
-  quantization-agnostic); OpenVINO does not move that FakeQuantize above the pool, so the
-  producing Conv writes fp32 and the pool runs in fp32 on 4x the data. A copy of the
-  quantizer above the MaxPool keeps both in u8.
+- quantize_before_pass_through: the front end quantizes the output of a MaxPool or a
+  reshape (they are quantization-agnostic); OpenVINO does not move that FakeQuantize above
+  them, so the producing Conv (ResNet's stem) or ReduceMean (global pooling before the
+  classifier's flatten) writes fp32 and the op runs in fp32. A copy of the quantizer above
+  the op keeps both in u8, as in NNCF's graphs.
 """
 
 from __future__ import annotations
@@ -142,16 +143,22 @@ def matmul_bias_3d(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def quantize_before_maxpool(model: onnx.ModelProto) -> int:
-    """MaxPool -> Q -> DQ becomes Q -> DQ -> MaxPool -> Q -> DQ with the same scale and zero
-    point. Exact: quantization is monotonic, so max and quantize commute, and the second pair
-    is an identity on values already on the grid. The runtime then sees a quantized MaxPool
-    input and keeps the pooling (and the producer's output) in 8 bits. Only where the MaxPool
-    is the producer's one consumer: otherwise the float output is computed anyway."""
+#: Ops that commute with per-tensor quantization of their data input (input 0).
+_QUANTIZATION_AGNOSTIC = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def quantize_before_pass_through(model: onnx.ModelProto) -> int:
+    """op -> Q -> DQ becomes Q -> DQ -> op -> Q -> DQ with the same scale and zero point, for
+    MaxPool and reshapes. Exact: per-tensor quantization is elementwise and monotonic, so it
+    commutes with max and with moving elements, and the second pair is an identity on values
+    already on the grid. The runtime then sees a quantized input and keeps the op and its
+    producer (a Conv, a ReduceMean) in 8 bits. Only where the op is the producer's one
+    consumer: otherwise the float output is computed anyway."""
     g = _Graph(model)
     rewritten = 0
-    for node in list(g.graph.node):
-        if node.op_type != "MaxPool" or len(node.output) != 1:
+    # consumers first, so MaxPool -> Flatten -> Q moves up through both ops
+    for node in reversed(list(g.graph.node)):
+        if node.op_type not in _QUANTIZATION_AGNOSTIC or len(node.output) != 1:
             continue
         users = g.consumers.get(node.output[0], [])
         if not users or any(u.op_type != "QuantizeLinear" for u in users):
@@ -181,7 +188,7 @@ def quantize_before_maxpool(model: onnx.ModelProto) -> int:
 PASSES: dict[str, Callable[[onnx.ModelProto], int]] = {
     "global_average_pool": global_average_pool,
     "matmul_bias_3d": matmul_bias_3d,
-    "quantize_before_maxpool": quantize_before_maxpool,
+    "quantize_before_pass_through": quantize_before_pass_through,
 }
 
 

@@ -100,3 +100,34 @@ def test_corrupt_blob_and_bad_onnx_are_bad_input(mnist_qdq, tmp_path):
     with pytest.raises(BadInputError, match="bad.onnx"):
         ADAPTER.build(bad, tmp_path / "none", precision="int8", threads=1)
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+
+
+def test_pooled_features_stay_u8_into_the_classifier(tmp_path):
+    """Global pooling -> flatten -> Linear: the classifier's input quantizer is copied above
+    the flatten (export pass quantize_before_pass_through), so OpenVINO fuses it into the
+    pooling and no float layer is left between the convolution and the classifier."""
+    import torch
+
+    from deploy.calibrate import calibrate
+    from deploy.export import export
+    from deploy.prepare import prepare
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
+    ).eval()
+    prepared = prepare(model, "openvino", torch.randn(1, 3, 16, 16))
+    calibrate(prepared, [torch.randn(8, 3, 16, 16) for _ in range(4)], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", torch.randn(1, 3, 16, 16))
+    report = ADAPTER.kernel_report(ADAPTER.build(path, tmp_path, precision="int8", threads=1))
+    float_layers = [
+        (layer.layer_type, layer.name)
+        for layer in report.layers
+        if layer.precision == "float" and layer.layer_type != "Reshape"  # views, no compute
+    ]
+    # only the input quantizer itself (a float snippet reading the fp32 input) stays float
+    assert len(float_layers) == 1 and float_layers[0][0] == "Subgraph", float_layers
