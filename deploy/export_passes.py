@@ -145,6 +145,11 @@ def matmul_bias_3d(model: onnx.ModelProto) -> int:
 
 #: Ops that commute with per-tensor quantization of their data input (input 0).
 _QUANTIZATION_AGNOSTIC = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+#: Producers a reshape's quantizer moves up to: the pooling and Conv outputs of a CNN tail.
+#: Not transformer head reshapes, whose quantizers belong to the MatMul that reads them.
+_RESHAPED_PRODUCERS = frozenset(
+    {"MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Conv", "Relu", "Clip"}
+)
 
 
 def quantize_before_pass_through(model: onnx.ModelProto) -> int:
@@ -167,6 +172,8 @@ def quantize_before_pass_through(model: onnx.ModelProto) -> int:
         producer = g.producer.get(node.input[0])
         if len(params) != 1 or producer is None or producer.op_type == "DequantizeLinear":
             continue
+        if node.op_type != "MaxPool" and producer.op_type not in _RESHAPED_PRODUCERS:
+            continue
         if len(g.consumers[node.input[0]]) != 1:  # the producer's float output is needed too
             continue
         (qparams,) = params
@@ -180,6 +187,8 @@ def quantize_before_pass_through(model: onnx.ModelProto) -> int:
         g.graph.node.insert(at, dq)
         g.graph.node.insert(at, q)
         g.producer[quantized], g.producer[dequantized] = q, dq
+        g.consumers[node.input[0]] = [q]  # the op was its producer's one consumer
+        g.consumers[quantized], g.consumers[dequantized] = [dq], [node]
         node.input[0] = dequantized
         rewritten += 1
     return rewritten

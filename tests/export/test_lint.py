@@ -639,3 +639,24 @@ def test_truncated_file_is_bad_input(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(errors.BadInputError, match="truncated.onnx"):
         lint(path, "tensorrt")
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
+@pytest.mark.parametrize("name", ["mnist_cnn", "bert_tiny"])
+def test_our_zoo_exports_are_lint_clean(name, target, tmp_path):
+    """Export passes included: a quantizer hoisted above a reshape must still be the one its
+    consumer's rule asks for."""
+    import torch
+
+    from deploy.calibrate import calibrate
+    from deploy.data import default_dataset
+    from deploy.export import export
+    from deploy.prepare import prepare
+    from models import load_model
+
+    model, spec = load_model(name)
+    data = torch.from_numpy(default_dataset(spec, 16, split="calib").inputs)
+    prepared = prepare(model, target, data[:1])
+    calibrate(prepared, data.split(8), progress=False)
+    path = export(prepared, tmp_path / "m.onnx", data[:1])
+    assert lint(path, target) == []
