@@ -28,7 +28,7 @@ from torch import nn
 
 from deploy.artifacts import write_atomic
 from deploy.errors import BadInputError, one_line
-from deploy.export_passes import drop_unused_initializers, run_passes
+from deploy.export_passes import GraphIndex, drop_unused_initializers, run_passes
 from deploy.prepare import PreparedModel
 
 DEFAULT_OPSET = 18
@@ -192,49 +192,34 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
 def quantize_biases(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
     """Give ops in `op_types` an int32 bias behind a DequantizeLinear whose scale is input
     scale x weight scale, as backends that fuse only all-quantized inputs require."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
+    g = GraphIndex(model)
     done = 0
-    for node in graph.node:
-        if node.op_type not in op_types or len(node.input) < 3 or node.input[2] not in inits:
+    for node in g.graph.node:
+        if node.op_type not in op_types or len(node.input) < 3 or node.input[2] not in g.inits:
             continue
-        x_dq, w_dq = producers.get(node.input[0]), producers.get(node.input[1])
+        x_dq, w_dq = g.producer.get(node.input[0]), g.producer.get(node.input[1])
         if not all(dq is not None and dq.op_type == "DequantizeLinear" for dq in (x_dq, w_dq)):
             continue
-        x_scale = numpy_helper.to_array(inits[x_dq.input[1]]).astype(np.float32)
-        w_scale = numpy_helper.to_array(inits[w_dq.input[1]]).astype(np.float32)
+        x_scale, w_scale = (g.const(dq.input[1]).astype(np.float32) for dq in (x_dq, w_dq))
         scale = (x_scale * w_scale).astype(np.float32)
-        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        bias = g.const(node.input[2]).astype(np.float32)
         codes = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
-        # named per node: the exporter shares equal constants (zero biases of same-shaped
-        # layers), and each consumer needs its own scale
+        # named per node (fresh names): the exporter shares equal constants between layers,
+        # and each consumer needs its own scale
         name = f"{node.name or node.output[0]}_bias"
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(codes, f"{name}_int32"),
-                numpy_helper.from_array(
-                    scale.reshape(-1) if scale.size > 1 else scale.reshape(()), f"{name}_scale"
-                ),
-                numpy_helper.from_array(
-                    np.zeros(scale.shape, np.int32).reshape(-1)
-                    if scale.size > 1
-                    else np.zeros((), np.int32),
-                    f"{name}_zero_point",
-                ),
-            ]
-        )
-        dq = onnx.helper.make_node(
-            "DequantizeLinear",
-            [f"{name}_int32", f"{name}_scale", f"{name}_zero_point"],
-            [f"{name}_dequantized"],
-            name=f"{name}_dq",
-            axis=0,
-        )
-        graph.node.insert(list(graph.node).index(node), dq)
-        node.input[2] = f"{name}_dequantized"
+        shape = (-1,) if scale.size > 1 else ()
+        inputs = [
+            g.add_init(f"{name}_int32", codes),
+            g.add_init(f"{name}_scale", scale.reshape(shape)),
+            g.add_init(f"{name}_zero_point", np.zeros(scale.shape, np.int32).reshape(shape)),
+        ]
+        dequantized = g.fresh(f"{name}_dequantized")
+        dq = onnx.helper.make_node("DequantizeLinear", inputs, [dequantized], f"{name}_dq", axis=0)
+        g.graph.node.insert(list(g.graph.node).index(node), dq)
+        g.producer[dequantized] = dq
+        node.input[2] = dequantized
         done += 1
-    drop_unused_initializers(graph)
+    g.drop_unused_inits()
     return done
 
 

@@ -31,8 +31,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-class _Graph:
-    """Lookups over an ONNX graph that passes need (rebuilt after each pass)."""
+class GraphIndex:
+    """Lookups over an ONNX graph that graph rewrites need (rebuilt after each rewrite), and
+    initializers added under fresh names."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.graph = model.graph
@@ -95,7 +96,7 @@ def _rank(model: onnx.ModelProto, name: str) -> int | None:
 
 def global_average_pool(model: onnx.ModelProto) -> int:
     """ReduceMean over the spatial axes of a 4-D tensor, keepdims=1 -> GlobalAveragePool."""
-    g = _Graph(model)
+    g = GraphIndex(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     rewritten = 0
     for i, node in enumerate(list(g.graph.node)):
@@ -118,7 +119,7 @@ def global_average_pool(model: onnx.ModelProto) -> int:
 def matmul_bias_3d(model: onnx.ModelProto) -> int:
     """Add(MatMul(DQ x, DQ w), bias of shape [N]) with a 3-D x: the bias becomes [1, 1, N]
     (the same broadcast, so the same values)."""
-    g = _Graph(model)
+    g = GraphIndex(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     rewritten = 0
     for node in list(g.graph.node):
@@ -159,7 +160,7 @@ def quantize_before_pass_through(model: onnx.ModelProto) -> int:
     already on the grid. The runtime then sees a quantized input and keeps the op and its
     producer (a Conv, a ReduceMean) in 8 bits. Only where the op is the producer's one
     consumer: otherwise the float output is computed anyway."""
-    g = _Graph(model)
+    g = GraphIndex(model)
     rewritten = 0
     # consumers first, so MaxPool -> Flatten -> Q moves up through both ops
     for node in reversed(list(g.graph.node)):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from deploy.export_passes import drop_unused_initializers
+from deploy.export_passes import GraphIndex
 
 _INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 
@@ -22,27 +22,22 @@ _INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 def fuse_matmul_bias(model: onnx.ModelProto) -> int:
     """Replace every DQ -> MatMul <- DQ(int8 weight) -> Add(constant bias) by one
     com.microsoft MatMulIntegerToFloat with that bias; returns how many."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    g = GraphIndex(model)
+    graph = g.graph
     fused = 0
     for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
-        x_dq = producers.get(matmul.input[0])
-        weight = _weight(producers.get(matmul.input[1]), producers, inits)
-        add = _single_add(matmul, consumers, graph)
-        if add is None or weight is None or not _is_dq(x_dq, inits, weight=False):
+        x_dq = g.producer.get(matmul.input[0])
+        weight = _weight(g.producer.get(matmul.input[1]), g)
+        add = _single_add(matmul, g)
+        if add is None or weight is None or not _is_dq(x_dq, g.inits, weight=False):
             continue
         codes, w_scale, w_zero_point = weight
-        bias = _bias(add, matmul, inits, columns=codes.shape[1])
+        bias = _bias(add, matmul, g, columns=codes.shape[1])
         if bias is None:
             continue
         prefix = matmul.name or matmul.output[0]
-        graph.initializer.extend(
-            numpy_helper.from_array(array, f"{prefix}_{what}")
+        w, w_s, w_zp, b = (
+            g.add_init(f"{prefix}_{what}", array)
             for what, array in (
                 ("weight", codes),
                 ("weight_scale", w_scale),
@@ -52,10 +47,9 @@ def fuse_matmul_bias(model: onnx.ModelProto) -> int:
         )
         fused_node = helper.make_node(
             "MatMulIntegerToFloat",
-            [x_dq.input[0], f"{prefix}_weight", x_dq.input[1], f"{prefix}_weight_scale"]
-            + [x_dq.input[2], f"{prefix}_weight_zero_point", f"{prefix}_bias"],
+            [x_dq.input[0], w, x_dq.input[1], w_s, x_dq.input[2], w_zp, b],
             [add.output[0]],
-            name=f"{matmul.name or matmul.output[0]}_int8_bias",
+            name=f"{prefix}_int8_bias",
             domain="com.microsoft",
         )
         graph.node.insert(list(graph.node).index(matmul), fused_node)
@@ -64,7 +58,7 @@ def fuse_matmul_bias(model: onnx.ModelProto) -> int:
         fused += 1
     if fused:
         _drop_dead_nodes(graph)
-        drop_unused_initializers(graph)
+        g.drop_unused_inits()
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return fused
@@ -85,39 +79,39 @@ def _is_dq(node, inits, weight: bool = False) -> bool:
     return data is not None and data.data_type in _INT8 and len(data.dims) == 2
 
 
-def _weight(node, producers, inits) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _weight(node, g: GraphIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(codes [K, N], scale, zero point: per-tensor or per-column) of the MatMul's B input:
     DQ(int8 [K, N], axis 1), or Transpose(DQ(int8 [N, K], axis 0)) as the exporter writes a
     Linear's weight."""
     transposed = node is not None and node.op_type == "Transpose"
     if transposed:
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-        node = producers.get(node.input[0]) if perm == [1, 0] else None
-    if not _is_dq(node, inits, weight=True):
+        node = g.producer.get(node.input[0]) if perm == [1, 0] else None
+    if not _is_dq(node, g.inits, weight=True):
         return None
-    codes, scale, zero_point = (numpy_helper.to_array(inits[name]) for name in node.input[:3])
+    codes, scale, zero_point = (g.const(name) for name in node.input[:3])
     axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % 2
     if scale.size > 1 and (axis != (0 if transposed else 1) or scale.size != codes.shape[axis]):
         return None
     return (codes.T.copy() if transposed else codes), scale, zero_point
 
 
-def _single_add(matmul, consumers, graph) -> onnx.NodeProto | None:
-    users = consumers.get(matmul.output[0], [])
-    graph_outputs = {o.name for o in graph.output}
+def _single_add(matmul, g: GraphIndex) -> onnx.NodeProto | None:
+    users = g.consumers.get(matmul.output[0], [])
+    graph_outputs = {o.name for o in g.graph.output}
     if len(users) != 1 or users[0].op_type != "Add" or matmul.output[0] in graph_outputs:
         return None
     return users[0]
 
 
-def _bias(add, matmul, inits, columns: int) -> np.ndarray | None:
+def _bias(add, matmul, g: GraphIndex, columns: int) -> np.ndarray | None:
     """The Add's other input when it is a float constant of `columns` values on the last axis
     ([N], [1, N], [1, 1, N], ...)."""
     other = [name for name in add.input if name != matmul.output[0]]
-    if len(other) != 1 or other[0] not in inits:
+    bias = g.const(other[0]) if len(other) == 1 else None
+    if bias is None or bias.dtype != np.float32 or bias.ndim == 0:
         return None
-    bias = numpy_helper.to_array(inits[other[0]])
-    if bias.dtype != np.float32 or bias.ndim == 0 or not bias.size == bias.shape[-1] == columns:
+    if not bias.size == bias.shape[-1] == columns:
         return None
     return bias.reshape(-1)
 
