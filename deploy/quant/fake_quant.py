@@ -14,7 +14,12 @@ import torch
 from torch import nn
 
 from deploy.errors import BadInputError
-from deploy.quant.functional import fake_quantize, fake_quantize_lsq, lsq_grad_scale
+from deploy.quant.functional import (
+    clamp_to_range,
+    fake_quantize,
+    fake_quantize_lsq,
+    lsq_grad_scale,
+)
 from deploy.quant.observers import MIN_SCALE, MinMaxObserver, Observer
 from deploy.quant.spec import QuantSpec
 
@@ -90,24 +95,14 @@ class FakeQuantize(nn.Module):
         if not bool(self.fake_quant_enabled):
             return x
         if not self.rounding:
-            return self._clamp(x)
+            scale = self.scale.abs().clamp_min(MIN_SCALE)
+            return clamp_to_range(x, scale, self.zero_point, self.spec)
         if self.learnable:
             scale = self.scale.abs().clamp_min(MIN_SCALE)
             per_scale = x.numel() // max(scale.numel(), 1)
             g = lsq_grad_scale(per_scale, self.spec)
             return fake_quantize_lsq(x, scale, self.zero_point, self.spec, g)
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
-
-    def _clamp(self, x: torch.Tensor) -> torch.Tensor:
-        """The quantized range as a clamp (gradient 1 inside, as with the STE)."""
-        scale = self.scale.abs().clamp_min(MIN_SCALE)
-        zero_point = torch.round(self.zero_point.detach()).clamp(self.spec.qmin, self.spec.qmax)
-        if self.spec.per_channel:
-            shape = [1] * x.dim()
-            shape[self.spec.axis % x.dim()] = -1
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        low, high = (self.spec.qmin - zero_point) * scale, (self.spec.qmax - zero_point) * scale
-        return torch.clamp(x, low.to(x.dtype), high.to(x.dtype))
 
     def _observe(self, x: torch.Tensor) -> None:
         self.observer(x)

@@ -67,6 +67,18 @@ def fake_quantize(
     return _FakeQuantSTE.apply(x, scale.to(torch.float32), zero_point, spec)
 
 
+def clamp_to_range(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """The quantized range [(qmin - z) s, (qmax - z) s] as a clamp, without rounding: what an
+    engine applies where it fuses this quantizer into a later one. Gradient 1 inside, as with
+    the STE; a learnable scale gets the bounds' gradient."""
+    s = _broadcast(scale, x, spec.axis)
+    zp = torch.clamp(torch.round(zero_point.detach()), spec.qmin, spec.qmax)
+    z = _broadcast(zp, x, spec.axis)
+    return torch.clamp(x, ((spec.qmin - z) * s).to(x.dtype), ((spec.qmax - z) * s).to(x.dtype))
+
+
 def lsq_grad_scale(numel_per_scale: int, spec: QuantSpec) -> float:
     """LSQ's step-size gradient scale g = 1 / sqrt(N * Q_P) (Esser et al. 2019, sec. 2.2)."""
     return 1.0 / math.sqrt(numel_per_scale * max(spec.qmax, 1))
