@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,6 +117,14 @@ def _check_options(o: BuildOptions) -> None:
             raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer")
     if o.qat_epochs < 0:
         raise BadInputError("--qat-epochs must be >= 0")
+    t = o.thresholds
+    for flag, value, low, high in (
+        ("--min-agreement", t.min_top1_agreement, 0.0, 1.0),
+        ("--min-cosine", t.min_cosine, -1.0, 1.0),
+        ("--max-err-steps", t.max_p999_err_steps, 0.0, math.inf),
+    ):
+        if value is not None and not low <= value <= high:
+            raise BadInputError(f"{flag} {value:g} is outside [{low:g}, {high:g}]")
 
 
 def _stage(report: Report, progress: Progress, name: str) -> None:

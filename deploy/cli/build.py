@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -31,18 +30,6 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 Opt = typer.Option
 DEFAULT = DEFAULT_THRESHOLDS["int8_vs_fakequant"]
-
-
-def thresholds(min_agreement: float, min_cosine: float, max_err_steps: float) -> Thresholds:
-    """Accuracy-check bounds from the command line, each checked for a sensible range."""
-    for name, value, low, high in (
-        ("--min-agreement", min_agreement, 0.0, 1.0),
-        ("--min-cosine", min_cosine, -1.0, 1.0),
-        ("--max-err-steps", max_err_steps, 0.0, math.inf),
-    ):
-        if not low <= value <= high:
-            raise errors.BadInputError(f"{name} {value:g} is outside [{low:g}, {high:g}]")
-    return Thresholds(min_agreement, min_cosine, max_err_steps)
 
 
 @app.command("build")
@@ -83,7 +70,7 @@ def build_command(
         threads=threads,
         eval_samples=eval_samples,
         sm=sm,
-        thresholds=thresholds(min_agreement, min_cosine, max_err_steps),
+        thresholds=Thresholds(min_agreement, min_cosine, max_err_steps),
     )
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
