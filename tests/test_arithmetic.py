@@ -26,6 +26,7 @@ from deploy.prepare import prepare
 from deploy.quant.fake_quant import FakeQuantize
 from deploy.quant_modules import BIASED_KINDS
 from tests.frontend.blocks import InvertedResidual, conv_bn, randomize_bn
+from tests.ort_outputs import ort_outputs
 
 BLOCKS = 4
 
@@ -62,14 +63,6 @@ def _mean_err_steps(engine: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(np.abs(engine - reference)) / verify.range_step(reference))
 
 
-def _onnxruntime(path, inputs, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[None].numpy()})[0] for x in inputs])
-
-
 def test_only_onnxruntime_rounds_biases_and_only_openvino_skips_add_rounding():
     for target, rounds_bias, unrounded in (
         ("onnxruntime", True, 0),
@@ -89,10 +82,11 @@ def test_only_onnxruntime_rounds_biases_and_only_openvino_skips_add_rounding():
 def test_onnxruntime_engine_agrees_with_the_rounded_bias_model(tmp_path, inputs):
     prepared, example = _prepared("onnxruntime")
     path = export(prepared, tmp_path / "m.onnx", example)
-    conv_biases = [n.input[2] for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
-    producers = {o: n for n in onnx.load(str(path)).graph.node for o in n.output}
+    graph = onnx.load(str(path)).graph
+    conv_biases = [n.input[2] for n in graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in graph.node for o in n.output}
     assert conv_biases and all(producers[b].op_type == "DequantizeLinear" for b in conv_biases)
-    engine = _onnxruntime(path, inputs)
+    engine = ort_outputs(path, inputs.numpy())
     emulated = _fake_quant(prepared, inputs)
     for module in _weighted(prepared):
         module.__dict__["_bias_source"] = None
@@ -106,7 +100,7 @@ def test_onnxruntime_reference_semantics_of_the_export_match_the_model(tmp_path,
     bias DequantizeLinear included: the same function as the fake-quant model."""
     prepared, example = _prepared("onnxruntime")
     path = export(prepared, tmp_path / "m.onnx", example)
-    literal = _onnxruntime(path, inputs, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    literal = ort_outputs(path, inputs.numpy(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     model = onnx.load(str(path))
     assert any(numpy_helper.to_array(t).dtype == np.int32 for t in model.graph.initializer)
     metrics = verify.compare(literal, _fake_quant(prepared, inputs), None)

@@ -12,6 +12,7 @@ from backends.onnxruntime.adapter import ADAPTER, graph_precisions
 from deploy import verify
 from deploy.engine import get_adapter
 from deploy.errors import BadInputError, CheckFailedError
+from tests.ort_outputs import ort_outputs
 
 
 def kinds(report) -> list[str]:
@@ -110,22 +111,14 @@ def test_wrong_activation_scales_fail_the_agreement_check(
     bad = ADAPTER.build(mnist_qdq_wrong_scales, tmp_path / "bad", precision="int8", threads=1)
     assert ADAPTER.kernel_report(bad).int8_fraction == 1.0  # still int8: only accuracy shows it
     good_out = infer_all(ADAPTER.runner(good), digits_x)
-    fake_quant = _unoptimized_outputs(mnist_qdq, digits_x)
+    # the QDQ graph run op by op (no fusion): float Conv between Q/DQ, i.e. fake quantization
+    fake_quant = ort_outputs(mnist_qdq, digits_x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     step = step_of(mnist_qdq)
     thresholds = verify.DEFAULT_THRESHOLDS["int8_vs_fakequant"]
     verify.check(verify.compare(good_out, fake_quant, step), thresholds, "int8_vs_fakequant")
     bad_out = infer_all(ADAPTER.runner(bad), digits_x)
     with pytest.raises(CheckFailedError, match="top1_agreement"):
         verify.check(verify.compare(bad_out, good_out, step), thresholds, "int8_vs_fakequant")
-
-
-def _unoptimized_outputs(qdq_path, inputs: np.ndarray) -> np.ndarray:
-    """The QDQ graph run op by op (no fusion): float Conv between Q/DQ, i.e. fake quantization."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(qdq_path), options, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[None]})[0] for x in inputs])
 
 
 def _node(op: str, inputs: list[str], output: str) -> onnx.NodeProto:

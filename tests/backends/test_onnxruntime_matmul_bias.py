@@ -18,6 +18,7 @@ from deploy.calibrate import calibrate
 from deploy.export import export
 from deploy.prepare import prepare
 from tests.frontend.blocks import EncoderBlock
+from tests.ort_outputs import ort_outputs
 
 LINEARS = 6  # q, k, v, out, fc1, fc2
 SEQ = (1, 5, 16)
@@ -29,14 +30,6 @@ def encoder_qdq(tmp_path_factory) -> str:
     prepared = prepare(EncoderBlock().eval(), "onnxruntime", torch.randn(*SEQ))
     calibrate(prepared, [torch.randn(*SEQ) for _ in range(8)], progress=False)
     return str(export(prepared, tmp_path_factory.mktemp("enc") / "enc.onnx", torch.randn(*SEQ)))
-
-
-def _run(model, level, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    data = model if isinstance(model, str) else model.SerializeToString()
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def _optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
@@ -60,8 +53,8 @@ def test_fused_graph_computes_what_the_qdq_graph_states(encoder_qdq):
     fused = onnx.load(encoder_qdq)
     fuse_matmul_bias(fused)
     x = np.random.default_rng(0).standard_normal(SEQ).astype(np.float32)
-    literal = _run(encoder_qdq, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x)
-    got = _run(fused, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, x)
+    literal = ort_outputs(encoder_qdq, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    got = ort_outputs(fused, x)
     np.testing.assert_allclose(got, literal, rtol=1e-5, atol=1e-5)
 
 
@@ -79,7 +72,7 @@ def test_adapter_builds_and_runs_the_fused_graph(encoder_qdq, tmp_path):
     with ADAPTER.runner(engine) as runner:
         name = next(iter(runner.get_input_metadata()))
         got = next(iter(runner.infer({name: x}).values()))
-    literal = _run(encoder_qdq, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, x)
+    literal = ort_outputs(encoder_qdq, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     np.testing.assert_allclose(got, literal, rtol=1e-5, atol=1e-5)
 
 

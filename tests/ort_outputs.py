@@ -1,0 +1,24 @@
+"""One way for tests to run a model on onnxruntime's CPU EP at a chosen optimization level:
+ORT_DISABLE_ALL is the literal Q/DQ semantics, ORT_ENABLE_ALL the fused int8 engine."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def ort_outputs(
+    model: str | os.PathLike | onnx.ModelProto,
+    inputs: np.ndarray,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+) -> np.ndarray:
+    """First output for each sample of `inputs` (batch first), run one sample at a time."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[None]})[0] for x in inputs])
