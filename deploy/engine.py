@@ -18,9 +18,6 @@ from deploy.rules import get_rules
 
 PRECISIONS = ("int8", "fp32")
 
-#: Layer kinds the int8 claim is about: a model "runs int8" when these do.
-COMPUTE_KINDS = ("conv", "conv_transpose", "gemm", "matmul")
-
 
 @dataclass(frozen=True)
 class LayerPrecision:
@@ -29,7 +26,7 @@ class LayerPrecision:
     name: str
     layer_type: str  # the backend's own name: QLinearConv, Convolution, CaskConvolution, ...
     precision: str  # "int8" or "float" (fp32/fp16/bf16 are all "float" here)
-    compute_kind: str | None = None  # one of COMPUTE_KINDS, else None
+    compute_kind: str | None = None  # one of deploy.ops.COMPUTE_KINDS, else None
 
 
 @dataclass

@@ -47,6 +47,16 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def has_int8_dot_product() -> bool:
+    """Whether this x86 CPU multiplies int8 with VNNI (or AMX). Without it, int8 kernels use
+    AVX2/AVX-512BW vpmaddubsw, which adds pairs of u8 x s8 products in saturating int16.
+    Non-x86 CPUs are taken to have it (their int8 dot products accumulate in int32)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    _, flags = _cpuinfo()
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def environment(threads: int | None = None) -> dict:
     """CPU model and ISA from /proc/cpuinfo, versions from package metadata: cheap to call."""
     model, flags = _cpuinfo()

@@ -13,6 +13,7 @@ ReduceMean for global pooling that it cannot convert down.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -29,7 +30,8 @@ from torch import nn
 from deploy.artifacts import write_atomic
 from deploy.errors import BadInputError, one_line
 from deploy.export_passes import GraphIndex, drop_unused_initializers, run_passes
-from deploy.prepare import PreparedModel
+from deploy.ops import ATEN_KINDS, KIND_KEY, MODE_KEY, OP_KEY
+from deploy.prepare import PreparedModel, split_inputs
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13
@@ -70,10 +72,12 @@ def export(
     """Write `model` as QDQ ONNX to `path` (atomically) and return the path."""
     with export_mode(model):
         proto = _torch_export(model, example_inputs, opset, dynamic_batch)
+    tag_op_kinds(proto)
     fold_weight_quantizers(proto)
     quantize_biases(proto, frozenset(_BIAS_OP_TYPES[k] for k in model.rules.int32_bias))
     run_passes(proto, model.rules.export_passes)
     strip_debug_info(proto)
+    onnx.helper.set_model_props(proto, {MODE_KEY: model.plan.mode})
     return save_checked(proto, path)
 
 
@@ -107,21 +111,28 @@ def export_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _input_names(n: int) -> list[str]:
-    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+def input_names(example_inputs) -> list[str]:
+    """ONNX graph input names: the keywords of keyword inputs, else "input" / "input_<i>"."""
+    args, kwargs = split_inputs(example_inputs)
+    if kwargs:
+        return list(kwargs)
+    return ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
 
 
 def _torch_export(model, example_inputs, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     if opset < MIN_OPSET:
         raise BadInputError(f"opset {opset} is too old: per-channel Q/DQ needs >= {MIN_OPSET}")
-    inputs = (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
-    names = _input_names(len(inputs))
+    inputs, kwargs = split_inputs(example_inputs)
+    names = input_names(example_inputs)
     dynamic = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
-        dynamic = tuple({0: batch} for _ in inputs)
-        if _takes_varargs(model):  # forward(*args): one entry holding all inputs
-            dynamic = (dynamic,)
+        if kwargs:
+            dynamic = {name: {0: batch} for name in kwargs}
+        else:
+            dynamic = tuple({0: batch} for _ in inputs)
+            if _takes_varargs(model):  # forward(*args): one entry holding all inputs
+                dynamic = (dynamic,)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # chatter about torchvision ops
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -130,6 +141,7 @@ def _torch_export(model, example_inputs, opset: int, dynamic_batch: bool) -> onn
                 model,
                 inputs,
                 None,
+                kwargs=kwargs or None,
                 dynamo=True,
                 opset_version=opset,
                 verbose=False,
@@ -223,11 +235,36 @@ def quantize_biases(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
     return done
 
 
+def tag_op_kinds(model: onnx.ModelProto) -> int:
+    """Write each node's op kind (deploy.ops) and the torch op it came from into its metadata,
+    from the exporter's record of the ATen op behind it. lint() then sees the kinds prepare()
+    saw: a SiLU exported as Sigmoid + Mul is one "silu", not a Sigmoid and a Mul."""
+    tagged = 0
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        scope = props.get("namespace", "")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or ": aten." not in scope:
+            continue
+        op = scope.rsplit(": aten.", 1)[1]  # e.g. "silu.default"
+        kind = ATEN_KINDS.get(op.split(".")[0], "")
+        entry = node.metadata_props.add()
+        entry.key, entry.value = KIND_KEY, kind
+        entry = node.metadata_props.add()
+        entry.key, entry.value = OP_KEY, hashlib.sha1(scope.encode()).hexdigest()[:12]
+        tagged += 1
+    return tagged
+
+
 def strip_debug_info(model: onnx.ModelProto) -> None:
     """Drop the exporter's per-node stack traces and fx dumps: they embed absolute paths and
-    per-process counters, which would make identical models differ byte for byte."""
+    per-process counters, which would make identical models differ byte for byte. Our own
+    op tags (tag_op_kinds) stay."""
     for node in model.graph.node:
+        ours = [(p.key, p.value) for p in node.metadata_props if p.key in (KIND_KEY, OP_KEY)]
         del node.metadata_props[:]
+        for key, value in ours:
+            entry = node.metadata_props.add()
+            entry.key, entry.value = key, value
         node.doc_string = ""
     del model.graph.metadata_props[:]
     del model.metadata_props[:]

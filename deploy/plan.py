@@ -30,12 +30,13 @@ class QuantizerSite:
 @dataclass
 class QuantPlan:
     target: str
-    mode: str  # "cnn", "transformer" or "fallback"
+    mode: str  # "cnn" or "transformer"
     sites: list[QuantizerSite] = field(default_factory=list)
     fused: list[tuple[str, ...]] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
-    fallback_reason: str | None = None
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: the captured graph's inputs, in the order of input_shapes (forward() parameter names)
+    input_names: list[str] = field(default_factory=list)
 
     @property
     def activation_edges(self) -> set[tuple[str, str]]:

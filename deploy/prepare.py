@@ -1,16 +1,16 @@
 """prepare(): the one generic pass that turns a float model into a fake-quantized one by a
 backend's rules (deploy.rules / backends/<name>/rules.py).
 
-Steps: trace with torch.fx -> fold Conv+BN and give Conv/Linear quantized weights -> put an
-activation quantizer on every input edge the rules select -> record the plan. Where tracing
-fails, fall back to quantizing Conv/Linear inputs and weights, and say why.
+Steps: capture with torch.export (deploy.capture) -> lower the ATen graph (deploy.lowering:
+weighted ops, BN and dropout as modules, attention written out) -> fold Conv+BN and give
+Conv/Linear quantized weights -> put an activation quantizer on every input edge the rules
+select (deploy.rules.selected_inputs, the interpreter lint() uses too) -> record the plan.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -18,8 +18,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from deploy import arithmetic
-from deploy.capture import TraceFailure, module_kind, op_kind, trace
+from deploy.capture import capture, flat_inputs
+from deploy.environment import has_int8_dot_product
 from deploy.errors import BadInputError, one_line
+from deploy.lowering import lower, node_kind
+from deploy.ops import WEIGHTED_KINDS, is_transformer
 from deploy.plan import QuantizerSite, QuantPlan
 from deploy.quant.fake_quant import FakeQuantize
 from deploy.quant.histogram_observers import MSEObserver, PercentileObserver
@@ -30,7 +33,7 @@ from deploy.quant.observers import (
 )
 from deploy.quant.spec import QuantSpec
 from deploy.quant_modules import QuantConv, QuantConvBn, QuantLinear
-from deploy.rules import BackendRules, Inputs, OpRule, get_rules
+from deploy.rules import BackendRules, InputFacts, Inputs, OpRule, get_rules, selected_inputs
 
 OBSERVERS = {
     "minmax": MinMaxObserver,
@@ -38,7 +41,6 @@ OBSERVERS = {
     "percentile": PercentileObserver,
     "mse": MSEObserver,
 }
-_WEIGHTED = ("conv", "conv_transpose", "linear")
 
 
 class PreparedModel(nn.Module):
@@ -63,63 +65,89 @@ class PreparedModel(nn.Module):
 def prepare(
     model: nn.Module,
     target: str,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    example_inputs: ExampleInputs,
     *,
     mode: str = "auto",
     bits: int = 8,
     observer: str = "minmax",
     learnable: bool = False,
+    reduce_range: bool | None = None,
 ) -> PreparedModel:
     """Return a fake-quantized copy of `model` laid out by `target`'s rules.
 
-    mode: "auto" (transformer rules when the graph has LayerNorm or attention), "cnn" or
-    "transformer". bits: 2..8 for both weights and activations (export needs 8).
-    observer: activation observer, one of OBSERVERS. learnable: LSQ scales (QAT).
+    example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
+    (e.g. {"input_ids": ..., "attention_mask": ...}). mode: "auto" (transformer rules when the
+    graph has LayerNorm or attention, deploy.ops.is_transformer), "cnn" or "transformer".
+    bits: 2..8 for both weights and activations (export needs 8). observer: activation
+    observer, one of OBSERVERS. learnable: LSQ scales (QAT). reduce_range: 7-bit weights
+    for engines that saturate int16 pair sums (BackendRules.int16_pair_sums_without_vnni);
+    None decides from this machine's CPU, where the engine is built and checked.
     """
     rules = get_rules(target)
     if mode not in ("auto", "cnn", "transformer"):
         raise BadInputError(f"unknown mode '{mode}'; use auto, cnn or transformer")
     if observer not in OBSERVERS:
         raise BadInputError(f"unknown observer '{observer}'; known: {', '.join(OBSERVERS)}")
-    inputs = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    )
+    args, kwargs = split_inputs(example_inputs)
     model = copy.deepcopy(model).eval()
-    factory = _QuantizerFactory(rules, bits, OBSERVERS[observer], learnable)
-    traced = trace(model)
-    if isinstance(traced, TraceFailure):
-        return _prepare_fallback(model, traced, inputs, rules, factory)
-    _propagate_shapes(traced, inputs)
-    kinds = {n: op_kind(n, dict(traced.named_modules())) for n in traced.graph.nodes}
-    transformer = mode == "transformer" or (mode == "auto" and _looks_like_transformer(kinds))
+    if reduce_range is None:
+        reduce_range = not has_int8_dot_product()
+    weight_bits = min(bits, 7) if reduce_range and rules.int16_pair_sums_without_vnni else bits
+    factory = _QuantizerFactory(rules, bits, OBSERVERS[observer], learnable, weight_bits)
+    traced = capture(model, args, kwargs)
+    lower(traced, rules.decompose)
+    flat = flat_inputs(traced, args, kwargs)
+    _propagate_shapes(traced, flat)
+    kinds = _kinds(traced)
+    transformer = mode == "transformer" or (mode == "auto" and is_transformer(kinds.values()))
     plan = QuantPlan(
         target=rules.name,
         mode="transformer" if transformer else "cnn",
-        input_shapes=[tuple(x.shape) for x in inputs],
+        input_shapes=[tuple(x.shape) for x in flat],
+        input_names=[n.name for n in traced.graph.nodes if n.op == "placeholder"],
     )
-    folded_bn = _quantize_weights(traced, kinds, factory, plan)
-    kinds = {n: op_kind(n, dict(traced.named_modules())) for n in traced.graph.nodes}
-    _place_activation_quantizers(traced, kinds, rules.op_rules(transformer), factory, plan)
+    op_rules = rules.op_rules(transformer)
+    folded_bn = _quantize_weights(traced, kinds, op_rules, factory, plan)
+    kinds = _kinds(traced)
+    _place_activation_quantizers(traced, kinds, op_rules, factory, plan)
     arithmetic.link(traced, kinds, rules)
     plan.fused = _find_fusions(traced, kinds, folded_bn, rules.fusions)
     plan.float_ops = _float_ops(traced, kinds, rules, transformer, plan)
     traced.graph.lint()
     traced.recompile()
+    if not plan.weight_layers and not plan.activation_edges:
+        raise BadInputError(
+            f"{type(model).__name__} has no op that {rules.name} runs in int8 (no Conv, "
+            "Linear or MatMul with a weight tensor was found in its torch.export graph)"
+        )
     return PreparedModel(traced, _prefixed(plan), rules)
 
 
-def _looks_like_transformer(kinds) -> bool:
-    """LayerNorm, or attention (a MatMul beside a Softmax). A Softmax alone is a classifier
-    head: a CNN ending in one keeps the CNN rules."""
-    present = set(kinds.values())
-    return "layer_norm" in present or {"matmul", "softmax"} <= present
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    """(positional, keyword) model inputs from any of the three accepted forms."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
+
+
+def _kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
+    modules = dict(gm.named_modules())
+    return {n: node_kind(n, modules) for n in gm.graph.nodes}
 
 
 class _QuantizerFactory:
     """Builds FakeQuantize modules with the backend's specs and the user's choices."""
 
-    def __init__(self, rules: BackendRules, bits: int, observer, learnable: bool) -> None:
+    def __init__(
+        self, rules: BackendRules, bits: int, observer, learnable: bool, weight_bits: int
+    ) -> None:
         self.rules, self.bits, self.observer, self.learnable = rules, bits, observer, learnable
+        self.weight_bits = weight_bits
 
     def activation(self, spec: QuantSpec | None, location: str) -> FakeQuantize:
         spec = (spec or self.rules.activation).with_bits(self.bits)
@@ -129,7 +157,7 @@ class _QuantizerFactory:
 
     def weight(self, module: nn.Module, kind: str, location: str) -> FakeQuantize:
         axis = self.rules.weight_axis.get(kind, self.rules.weight.axis)
-        spec = replace(self.rules.weight, axis=axis).with_bits(self.bits)
+        spec = replace(self.rules.weight, axis=axis).with_bits(self.weight_bits)
         fq = FakeQuantize(
             spec,
             CurrentMinMaxObserver,
@@ -140,7 +168,7 @@ class _QuantizerFactory:
         return fq
 
 
-def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+def _propagate_shapes(gm: fx.GraphModule, inputs: list[torch.Tensor]) -> None:
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
@@ -165,15 +193,16 @@ def _set_module(gm: fx.GraphModule, path: str, module: nn.Module | None) -> None
 
 
 def _quantize_weights(
-    gm: fx.GraphModule, kinds, factory: _QuantizerFactory, plan: QuantPlan
+    gm: fx.GraphModule, kinds, op_rules, factory: _QuantizerFactory, plan: QuantPlan
 ) -> dict[str, str]:
-    """Swap Conv(+BN) and Linear for modules with fake-quantized (BN-folded) weights;
-    returns conv node name -> name of the BN node folded into it."""
+    """Swap Conv(+BN) and Linear for modules with fake-quantized (BN-folded) weights, where
+    the rules run that kind in int8; returns conv node name -> name of the BN node folded
+    into it."""
     modules = dict(gm.named_modules())
     folded_bn = {}
     for node in list(gm.graph.nodes):
         kind = kinds.get(node)
-        if node.op != "call_module" or kind not in _WEIGHTED:
+        if node.op != "call_module" or kind not in WEIGHTED_KINDS or kind not in op_rules:
             continue
         layer = modules[node.target]
         fq = factory.weight(layer, kind, f"{node.target}.weight")
@@ -203,7 +232,7 @@ def _find_fusions(gm, kinds, folded_bn: dict[str, str], patterns) -> list[tuple[
     wins; a folded Conv+BN counts as the two tokens "conv", "bn"."""
     chains = []
     for node in gm.graph.nodes:
-        if kinds.get(node) not in _WEIGHTED:
+        if kinds.get(node) not in WEIGHTED_KINDS:
             continue
         tokens = [(kinds[node], node.name)]
         if node.name in folded_bn:
@@ -238,20 +267,19 @@ def _float_ops(gm, kinds, rules: BackendRules, transformer: bool, plan: QuantPla
 
 
 def _selected_inputs(node: fx.Node, rule: OpRule, kinds) -> list[fx.Node]:
-    """The input edges of `node` that its rule says to quantize."""
+    """The input edges of `node` that its rule says to quantize (deploy.rules interprets)."""
     tensors = [a for a in node.all_input_nodes if _is_tensor(a)]
-    if rule.inputs is Inputs.ACTIVATION:
+    if rule.inputs is Inputs.ACTIVATION:  # the data input is the first argument
         first = node.args[0] if node.args else None
-        return [first] if _is_tensor(first) else []
-    if kinds.get(node) in ("add", "mul") and len(tensors) < 2:
-        return []  # x + constant: nothing to requantize
-    if rule.inputs is Inputs.SKIP_BRANCH:
-        fusible = [
-            a for a in tensors if kinds.get(a) in ("conv", "conv_transpose") and len(a.users) == 1
-        ]
-        if fusible:  # TensorRT fuses the first Conv(+BN) into the Add; quantize the rest
-            return [a for a in tensors if a is not fusible[0]]
-    return tensors
+        tensors = [first, *(a for a in tensors if a is not first)] if _is_tensor(first) else []
+    facts = [
+        InputFacts(
+            constant=a.op == "get_attr",
+            fusible_conv=kinds.get(a) in ("conv", "conv_transpose") and len(a.users) == 1,
+        )
+        for a in tensors
+    ]
+    return [tensors[i] for i in selected_inputs(kinds.get(node), rule, facts)]
 
 
 def _place_activation_quantizers(gm, kinds, op_rules, factory, plan: QuantPlan) -> None:
@@ -297,48 +325,3 @@ def _prefixed(plan: QuantPlan) -> QuantPlan:
     """Module paths as seen from the PreparedModel (its graph module lives under `model`)."""
     plan.sites = [replace(s, module=f"model.{s.module}") for s in plan.sites]
     return plan
-
-
-class _InputQuantized(nn.Module):
-    """Fallback wrapper: quantize the input of a weighted layer whose graph we could not see."""
-
-    def __init__(self, input_quant: FakeQuantize, layer: nn.Module) -> None:
-        super().__init__()
-        self.input_quant = input_quant
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(self.input_quant(x))
-
-
-def _prepare_fallback(model, failure: TraceFailure, inputs, rules, factory) -> PreparedModel:
-    plan = QuantPlan(
-        target=rules.name,
-        mode="fallback",
-        fallback_reason=str(failure),
-        input_shapes=[tuple(x.shape) for x in inputs],
-    )
-    for path, layer in list(model.named_modules()):
-        kind = module_kind(layer)
-        if kind not in _WEIGHTED:
-            continue
-        wq = factory.weight(layer, kind, f"{path}.weight")
-        weighted = QuantLinear(layer, wq) if kind == "linear" else QuantConv(layer, wq, kind)
-        aq = factory.activation(None, f"{path} input")
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, _InputQuantized(aq, weighted))
-        plan.sites.append(
-            QuantizerSite(f"model.{path}.layer.weight_quant", "weight", wq.spec, path)
-        )
-        plan.sites.append(
-            QuantizerSite(
-                f"model.{path}.input_quant", "activation", aq.spec, path, ((f"{path}.input", path),)
-            )
-        )
-    warnings.warn(
-        f"{failure}; fell back to quantizing the inputs and weights of "
-        f"{len(plan.weight_layers)} Conv/Linear layers (no BN folding, no backend fusion rules)",
-        stacklevel=3,
-    )
-    return PreparedModel(model, plan, rules)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -41,7 +41,7 @@ class BackendRules:
     name: str
     activation: QuantSpec
     weight: QuantSpec
-    #: op kind (see deploy.graph.op_kinds) -> how its inputs are quantized, CNN mode.
+    #: op kind (see deploy.ops) -> how its inputs are quantized, CNN mode.
     ops: Mapping[str, OpRule]
     #: op kinds whose input and output share quantization (no quantizer of their own).
     pass_through: frozenset[str]
@@ -60,6 +60,13 @@ class BackendRules:
     #: The engine fuses a residual Add into the Conv producing its first Conv operand and
     #: applies that operand's quantizer as a clamp, without rounding.
     unrounded_fused_add: bool = False
+    #: The engine's u8 x s8 kernels add product pairs in saturating int16 on x86 CPUs without
+    #: VNNI (255 * 127 * 2 > 32767): prepare() then quantizes weights to 7 bits, which keeps
+    #: every pair sum exact (onnxruntime's reduce_range, NNCF's overflow_fix).
+    int16_pair_sums_without_vnni: bool = False
+    #: Composite ops written out as their parts before placement, where the parts have int8
+    #: kernels and the whole has none (deploy.lowering.DECOMPOSITIONS).
+    decompose: frozenset[str] = frozenset()
     #: ONNX post-passes (names in deploy/export_passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()
     notes: str = ""
@@ -91,3 +98,40 @@ WEIGHTED_OPS: Mapping[str, OpRule] = {
     "linear": OpRule(Inputs.ACTIVATION),
     "matmul": OpRule(Inputs.ALL),
 }
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    """What the rule interpreter needs to know about one tensor input of an op, whichever
+    graph it comes from (a captured torch graph in prepare, an ONNX graph in lint)."""
+
+    constant: bool  # known before run time (a weight, a folded constant)
+    #: produced by a Conv(+BN) that has no other reader, so a backend can fuse it into this op
+    fusible_conv: bool = False
+
+
+def selected_inputs(kind: str | None, rule: OpRule, inputs: Sequence[InputFacts]) -> list[int]:
+    """Indices of the run-time inputs of an op that its rule quantizes. The one interpreter of
+    a backend's op rules: prepare() places quantizers where it says, lint() checks the same.
+    A weighted op's weight is not among them (it has its own per-channel quantizer)."""
+    runtime = [i for i, facts in enumerate(inputs) if not facts.constant]
+    if rule.inputs is Inputs.ACTIVATION:
+        return [0] if 0 in runtime else []
+    if kind in ("add", "mul") and len(runtime) < 2:
+        return []  # x + constant: nothing to requantize
+    if rule.inputs is Inputs.SKIP_BRANCH:
+        fusible = [i for i in runtime if inputs[i].fusible_conv]
+        if fusible:  # the backend fuses the first Conv(+BN) into the Add; quantize the rest
+            return [i for i in runtime if i != fusible[0]]
+    return runtime
+
+
+#: Producer chains every backend fuses into its Conv / Linear kernel.
+CONV_FUSIONS: tuple[tuple[str, ...], ...] = (
+    ("conv", "bn"),
+    ("conv", "bn", "relu"),
+    ("conv", "bn", "relu6"),
+    ("conv", "relu"),
+    ("conv", "relu6"),
+    ("linear", "relu"),
+)

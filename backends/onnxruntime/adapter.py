@@ -29,7 +29,7 @@ COMPUTE_KIND = {
     **dict.fromkeys(("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv"), "conv"),
     **dict.fromkeys(("QLinearConv", "ConvInteger"), "conv"),
     **dict.fromkeys(("ConvTranspose", "QLinearConvTranspose"), "conv_transpose"),
-    **dict.fromkeys(("Gemm", "FusedGemm", "QGemm"), "gemm"),
+    **dict.fromkeys(("Gemm", "FusedGemm", "QGemm"), "linear"),
     **dict.fromkeys(("MatMul", "FusedMatMul", "TransposeMatMul", "Attention"), "matmul"),
     **dict.fromkeys(
         (

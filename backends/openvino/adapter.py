@@ -27,7 +27,7 @@ COMPUTE_KIND = {
     "Convolution": "conv",
     "GroupConvolution": "conv",
     "Deconvolution": "conv_transpose",
-    "FullyConnected": "gemm",
+    "FullyConnected": "linear",
     "MatMul": "matmul",
     "ScaledDotProductAttention": "matmul",
 }

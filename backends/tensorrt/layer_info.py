@@ -26,7 +26,7 @@ from deploy.engine import LayerPrecision
 ONNX_COMPUTE_OPS = {
     "Conv": "conv",
     "ConvTranspose": "conv_transpose",
-    "Gemm": "gemm",
+    "Gemm": "linear",
     "MatMul": "matmul",
 }
 
@@ -101,7 +101,7 @@ def kind_of_layer_type(layer_type: str) -> str | None:
     if "conv" in t or t == "correlation":
         return "conv"
     if "gemm" in t or "fullyconnected" in t:
-        return "gemm"
+        return "linear"
     if "matrixmultiply" in t or "matmul" in t:
         return "matmul"
     return None

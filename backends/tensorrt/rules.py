@@ -11,7 +11,7 @@ recommendations"; NVIDIA/TensorRT#1992, #2592, #2774; ModelOpt concat handling).
 """
 
 from deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT
-from deploy.rules import WEIGHTED_OPS, BackendRules, Inputs, OpRule
+from deploy.rules import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
 
 RULES = BackendRules(
     name="tensorrt",
@@ -26,15 +26,10 @@ RULES = BackendRules(
     pass_through=frozenset(
         {"maxpool", "reshape", "transpose", "pad", "identity", "concat", "getitem"}
     ),
-    fusions=(
-        ("conv", "bn"),
-        ("conv", "bn", "relu"),
-        ("conv", "bn", "relu6"),
-        ("conv", "bn", "add", "relu"),
-        ("linear", "relu"),
-    ),
-    # transformers (ModelOpt's BERT recipe): quantize Linear/MatMul inputs, keep Softmax,
-    # LayerNorm, GELU and residual Adds in float.
+    # TensorRT also fuses the residual Add (and the ReLU after it) into the Conv
+    fusions=(*CONV_FUSIONS, ("conv", "bn", "add", "relu")),
+    # transformers (ModelOpt's BERT recipe): quantize Conv/Linear/MatMul inputs (the patch
+    # embedding of a ViT is a Conv), keep Softmax, LayerNorm, GELU and residual Adds in float.
     transformer_ops=dict(WEIGHTED_OPS),
     weight_axis={"conv_transpose": 1},
 )

@@ -10,10 +10,8 @@ from functools import cached_property
 from onnx import NodeProto
 
 from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
+from deploy.ops import is_transformer
 from deploy.rules import BackendRules, OpRule
-
-#: Op kinds that mark a transformer (the same markers deploy.prepare uses in "auto" mode).
-TRANSFORMER_MARKERS = frozenset({"layer_norm", "softmax"})
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,10 @@ class Context:
 
     @cached_property
     def transformer(self) -> bool:
-        return any(self.graph.kind(n) in TRANSFORMER_MARKERS for n in self.graph.nodes)
+        """The mode prepare() chose, where the file says; else the same guess prepare makes."""
+        if self.graph.mode is not None:
+            return self.graph.mode == "transformer"
+        return is_transformer(self.graph.kind(n) for n in self.graph.nodes)
 
     @property
     def op_rules(self) -> Mapping[str, OpRule]:

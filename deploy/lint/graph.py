@@ -1,6 +1,7 @@
 """An index over one ONNX graph: who produces and consumes each tensor, which tensors are
-constant, and each node's op kind in the rules' vocabulary (deploy.capture names the same kinds
-for torch.fx nodes), so that backend rules written once apply to any exporter's graph."""
+constant, and each node's op kind in the rules' vocabulary (deploy.ops), so that backend rules
+written once apply to any exporter's graph. Our own exports name each node's kind and the torch
+op it came from in its metadata (deploy.export.tag_op_kinds); other graphs are read by op type."""
 
 from __future__ import annotations
 
@@ -11,43 +12,19 @@ import numpy as np
 import onnx
 from onnx import NodeProto, helper, numpy_helper
 
-#: ONNX op type -> op kind of deploy.rules. MatMul with a constant right side is "linear".
-ONNX_KINDS: Mapping[str, str] = {
-    "Conv": "conv",
-    "ConvTranspose": "conv_transpose",
-    "Gemm": "linear",
-    "MatMul": "matmul",
-    "BatchNormalization": "bn",
-    "Relu": "relu",
-    "Add": "add",
-    "Mul": "mul",
-    "Concat": "concat",
-    "MaxPool": "maxpool",
-    "AveragePool": "avgpool",
-    "GlobalAveragePool": "global_avgpool",
-    "ReduceMean": "reduce_mean",
-    "Resize": "interpolate",
-    "Upsample": "interpolate",
-    "Sigmoid": "sigmoid",
-    "Softmax": "softmax",
-    "LeakyRelu": "leaky_relu",
-    "LayerNormalization": "layer_norm",
-    "Gelu": "gelu",
-    "Reshape": "reshape",
-    "Flatten": "reshape",
-    "Squeeze": "reshape",
-    "Unsqueeze": "reshape",
-    "Transpose": "transpose",
-    "Pad": "pad",
-    "Identity": "identity",
-    "Dropout": "identity",
-    "Slice": "getitem",
-    "Gather": "getitem",
-    "Split": "getitem",
-}
+from deploy.ops import KIND_KEY, MODE_KEY, ONNX_KINDS, OP_KEY
+
 #: Ops whose every input carries data; the others carry data on input 0 only (the rest are
 #: shapes, axes, pads or resize scales).
 _ALL_DATA_INPUTS = frozenset({"Add", "Mul", "MatMul", "Concat"})
+#: The ONNX ops that compute a weighted / compute kind; the other nodes a torch op of that
+#: kind exports to only move or add to its data.
+_ANCHORS: Mapping[str, frozenset[str]] = {
+    "conv": frozenset({"Conv"}),
+    "conv_transpose": frozenset({"ConvTranspose"}),
+    "linear": frozenset({"Gemm", "MatMul"}),
+    "matmul": frozenset({"MatMul"}),
+}
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
 
@@ -66,10 +43,15 @@ class Graph:
                 if name:
                     self.consumers[name].append((node, index))
         self._constants = self._find_constants()
-        self._types = {
-            v.name: v.type.tensor_type.elem_type
-            for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)
+        values = (*model.graph.value_info, *model.graph.input, *model.graph.output)
+        self._types = {v.name: v.type.tensor_type.elem_type for v in values}
+        self._ranks = {
+            v.name: len(v.type.tensor_type.shape.dim)
+            for v in values
+            if v.type.tensor_type.HasField("shape")
         }
+        self._tags = {id(n): _tags(n) for n in self.nodes}
+        self.mode = next((p.value for p in model.metadata_props if p.key == MODE_KEY), None)
 
     def _find_constants(self) -> set[str]:
         """Tensors known before run time: initializers, Constant outputs and anything computed
@@ -88,14 +70,43 @@ class Graph:
         return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def kind(self, node: NodeProto) -> str | None:
-        kind = ONNX_KINDS.get(node.op_type)
+        kind, _ = self._tags[id(node)]
+        if kind is None or node.op_type in ("GlobalAveragePool", "AveragePool"):
+            kind = ONNX_KINDS.get(node.op_type)  # pooling: the op says which pooling it is
+        elif kind in _ANCHORS and node.op_type not in _ANCHORS[kind]:
+            # the weight Transpose or bias Add a weighted op exports beside its Conv / MatMul
+            moves = ONNX_KINDS.get(node.op_type) in ("reshape", "transpose", "identity")
+            kind = ONNX_KINDS[node.op_type] if moves else None
         if kind == "matmul" and len(node.input) > 1 and self.is_constant(node.input[1]):
             return "linear"
-        return kind
+        if kind == "reduce_mean" and self._spatial_mean(node):
+            return "global_avgpool"
+        return kind or None
+
+    def _spatial_mean(self, node: NodeProto) -> bool:
+        """ReduceMean over H and W of an NCHW tensor, keeping them: global average pooling."""
+        axes = attribute(node, "axes", None)
+        if axes is None and len(node.input) > 1:
+            found = self.value(node.input[1])
+            axes = None if found is None else found.tolist()
+        if attribute(node, "keepdims", 1) != 1 or self._ranks.get(node.input[0]) != 4:
+            return False
+        return sorted(a % 4 for a in axes or []) == [2, 3]
+
+    def same_op(self, a: NodeProto, b: NodeProto) -> bool:
+        """Whether two ONNX nodes were exported from one torch op (a SiLU's Sigmoid and Mul)."""
+        op = self._tags[id(a)][1]
+        return op is not None and op == self._tags[id(b)][1]
 
     def data_inputs(self, node: NodeProto) -> list[str]:
+        """Inputs carrying data into the torch op `node` belongs to: not shapes or axes, and
+        not the values the op computes inside itself."""
         names = list(node.input) if node.op_type in _ALL_DATA_INPUTS else list(node.input[:1])
-        return [n for n in names if n]
+        return [
+            n
+            for n in names
+            if n and not ((p := self.producer.get(n)) is not None and self.same_op(p, node))
+        ]
 
     def runtime_inputs(self, node: NodeProto) -> list[str]:
         return [n for n in self.data_inputs(node) if not self.is_constant(n)]
@@ -134,6 +145,13 @@ class Graph:
     def label(node: NodeProto) -> str:
         """A node's name, or (names are optional in ONNX) its op type and first output."""
         return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
+def _tags(node: NodeProto) -> tuple[str | None, str | None]:
+    """(kind, op id) from our export's node metadata; (None, None) for untagged nodes. A tagged
+    node of a torch op without a kind has kind "" (it is known to compute nothing quantizable)."""
+    props = {p.key: p.value for p in node.metadata_props}
+    return props.get(KIND_KEY), props.get(OP_KEY)
 
 
 def attribute(node: NodeProto, name: str, default=None):

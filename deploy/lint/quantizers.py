@@ -16,7 +16,7 @@ from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph, attribute
 from deploy.quant.spec import QuantSpec
 
 #: Which input of an ONNX op holds its weight, and which its bias.
-_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 _BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 
 
@@ -72,7 +72,7 @@ def _describe(ctx: Context, node: NodeProto) -> Quantizer:
 def _role(ctx: Context, node: NodeProto, uses: tuple[Use, ...]) -> Role:
     if not ctx.graph.is_constant(node.input[0]):
         return Role.ACTIVATION
-    if any(_WEIGHT_INPUT.get(u.node.op_type) == u.index for u in uses):
+    if any(WEIGHT_INPUT.get(u.node.op_type) == u.index for u in uses):
         return Role.WEIGHT
     if any(_BIAS_INPUT.get(u.node.op_type) == u.index for u in uses):
         return Role.BIAS
@@ -171,7 +171,7 @@ def _expected_axis(ctx: Context, use: Use, rank: int) -> int | None:
     (TensorRT-RTX 1.7 builds that into one int8 gemm layer; another axis gets a Cast/Mul weight
     dequantization at run time). A Transpose between the quantizer and the op moves the axis;
     a reshape loses it."""
-    if _WEIGHT_INPUT.get(use.node.op_type) != use.index:
+    if WEIGHT_INPUT.get(use.node.op_type) != use.index:
         return None
     torch_axis = ctx.rules.weight_axis.get(ctx.graph.kind(use.node), ctx.rules.weight.axis)
     if torch_axis is None:

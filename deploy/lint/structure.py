@@ -9,7 +9,8 @@ from onnx import NodeProto
 
 from deploy.lint.base import Context, Violation
 from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
-from deploy.rules import BackendRules, Inputs, OpRule
+from deploy.lint.quantizers import WEIGHT_INPUT as _WEIGHT_INPUT
+from deploy.rules import BackendRules, InputFacts, Inputs, OpRule, selected_inputs
 
 #: onnxruntime's QOperator format: integer ops with the quantization folded in, no Q/DQ.
 _QOPERATORS = frozenset(
@@ -64,16 +65,24 @@ def check_unquantized_inputs(ctx: Context) -> Iterator[Violation]:
 def _selected_inputs(
     ctx: Context, node: NodeProto, kind: str, rule: OpRule
 ) -> list[tuple[str, str]]:
-    """Mirrors deploy.prepare: the data input and weight of a weighted op; every run-time
-    input otherwise, except Add/Mul with a constant operand (nothing to requantize)."""
+    """The inputs deploy.rules.selected_inputs picks (what prepare() quantized), plus the
+    weight of a weighted op. Of a weighted op exported as several nodes (MatMul + Add),
+    only the node with the weight is checked."""
     graph = ctx.graph
     if rule.inputs is Inputs.ACTIVATION:
-        selected = [] if graph.is_constant(node.input[0]) else [(node.input[0], "input")]
-        return selected + [(node.input[1], "weight")] if len(node.input) > 1 else selected
-    runtime = graph.runtime_inputs(node)
-    if kind in ("add", "mul") and len(runtime) < 2:
-        return []
-    return [(name, "input") for name in runtime]
+        if _WEIGHT_INPUT.get(node.op_type) is None:
+            return []
+        names = [node.input[0]]
+    else:
+        names = graph.data_inputs(node)
+    facts = [
+        InputFacts(graph.is_constant(n), fusible_conv=_fusible_conv(ctx, n) is not None)
+        for n in names
+    ]
+    selected = [(names[i], "input") for i in selected_inputs(kind, rule, facts)]
+    if rule.inputs is Inputs.ACTIVATION and len(node.input) > 1:
+        selected.append((node.input[_WEIGHT_INPUT[node.op_type]], "weight"))
+    return selected
 
 
 def check_concat_scales(ctx: Context) -> Iterator[Violation]:

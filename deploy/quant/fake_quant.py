@@ -127,9 +127,13 @@ class FakeQuantize(nn.Module):
         self._export = (bool(self.fake_quant_enabled), scale.clone(), zp.clone())
 
     def export_range(self) -> tuple[int, int]:
-        """Integer range for ONNX; narrow int8 is exported as [-128, 127] with a scale that
-        never reaches -128 (ONNX has no narrow-range flag)."""
-        qmin = -128 if (self.spec.narrow_range and self.spec.bits == 8) else self.spec.qmin
+        """Integer range for ONNX. Narrow-range (weight) quantizers of 8 bits, and of 7 bits
+        (reduced-range weights for engines without VNNI), are exported as int8 [-128, 127]:
+        their scale keeps every code of an observed weight inside their own range, and ONNX
+        has no narrow-range flag."""
+        if self.spec.narrow_range and self.spec.bits in (7, 8):
+            return -128, 127
+        qmin = self.spec.qmin
         if (qmin, self.spec.qmax) not in _EXPORTABLE_RANGES:
             raise BadInputError(
                 f"{self.location}: {self.spec.describe()} cannot be expressed in ONNX "

@@ -27,7 +27,7 @@ def test_registered_under_its_target_and_always_available():
 
 def test_qdq_mnist_runs_both_convs_and_the_fc_as_int8_kernels(mnist_qdq, tmp_path):
     report = ADAPTER.kernel_report(ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1))
-    assert kinds(report) == ["conv", "conv", "gemm"]
+    assert kinds(report) == ["conv", "conv", "linear"]
     assert report.fallback_layers == []
     assert len(report.int8_compute) == 3 and report.int8_fraction == 1.0
     assert {layer.layer_type for layer in report.compute_layers} == {"QLinearConv", "QGemm"}
@@ -35,7 +35,7 @@ def test_qdq_mnist_runs_both_convs_and_the_fc_as_int8_kernels(mnist_qdq, tmp_pat
 
 def test_fp32_mnist_reports_every_layer_float(mnist_fp32, tmp_path):
     report = ADAPTER.kernel_report(ADAPTER.build(mnist_fp32, tmp_path, precision="fp32", threads=1))
-    assert kinds(report) == ["conv", "conv", "gemm"]
+    assert kinds(report) == ["conv", "conv", "linear"]
     assert report.int8_compute == [] and report.int8_fraction == 0.0
     assert report.layers and {layer.precision for layer in report.layers} == {"float"}
 
@@ -146,7 +146,7 @@ def test_precision_follows_8bit_tensors_through_the_graph():
     assert got == {
         ("q", "float", None),
         ("t", "int8", None),
-        ("g", "int8", "gemm"),
+        ("g", "int8", "linear"),
         ("r", "float", None),
         ("m", "int8", "matmul"),
         ("y", "float", "matmul"),

@@ -22,7 +22,11 @@ def test_registered_under_its_target_and_available_on_this_cpu():
 def test_qdq_mnist_convolutions_and_fc_run_int8(mnist_qdq, tmp_path):
     report = ADAPTER.kernel_report(ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1))
     by_type = sorted((layer.layer_type, layer.compute_kind) for layer in report.compute_layers)
-    assert by_type == [("Convolution", "conv"), ("Convolution", "conv"), ("FullyConnected", "gemm")]
+    assert by_type == [
+        ("Convolution", "conv"),
+        ("Convolution", "conv"),
+        ("FullyConnected", "linear"),
+    ]
     assert report.fallback_layers == [] and report.int8_fraction == 1.0
 
 

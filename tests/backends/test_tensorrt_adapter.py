@@ -258,14 +258,14 @@ def test_rtx_log_layers_and_a_gemm_hidden_in_a_generated_kernel():
         ("correlation", ("Int8",)),
         ("kgen", ("Float",)),
     ]
-    report = layer_precisions(layers, {"conv1": "conv", "node_linear": "gemm"})
+    report = layer_precisions(layers, {"conv1": "conv", "node_linear": "linear"})
     kinds = [(lp.name, lp.compute_kind, lp.precision) for lp in report]
     # conv1 is claimed by the correlation layer, so the quantizing kgen is not a compute layer;
     # the fc lowered into a kgen kernel is reported as a float gemm, not forgotten
     assert kinds == [
         ("q_myl0_0", None, "float"),
         ("conv1_myl0_1", "conv", "int8"),
-        ("__myl_ReshMulSumAdd_myl0_2", "gemm", "float"),
+        ("__myl_ReshMulSumAdd_myl0_2", "linear", "float"),
     ]
 
 

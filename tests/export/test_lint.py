@@ -372,11 +372,16 @@ def test_matmul_of_two_activations_needs_both_quantized(target):
 
 
 def two_conv_add(target: str, marker: str) -> onnx.ModelProto:
-    """Add of two float Conv outputs, then `marker` (Softmax flips to transformer rules)."""
+    """Add of two float Conv outputs, then `marker` (LayerNormalization flips to transformer
+    rules; a Softmax alone is a classifier head and keeps CNN rules, as in prepare)."""
     net = Net(target)
     x = net.qdq("x", "q_in")
     add = net.op("Add", [net.conv(x, "conv_a"), net.conv(x, "conv_b")], "add")
-    net.op(marker, [add], "out")
+    if marker == "LayerNormalization":
+        scale = net.const("ln_scale", np.ones(C, np.float32))
+        net.op(marker, [add, scale], "out", axis=1)
+    else:
+        net.op(marker, [add], "out")
     return net.model("out")
 
 
@@ -386,15 +391,17 @@ def test_transformer_rules_leave_residual_add_float(target):
     Identity is pass-through, so the Add is the only op the CNN rules select."""
     cnn = found(two_conv_add(target, "Identity"), target)
     assert cnn == [("unquantized-input", "add"), ("unquantized-input", "add")]
-    assert found(two_conv_add(target, "Softmax"), target) == []
+    assert found(two_conv_add(target, "LayerNormalization"), target) == []
+    head = found(two_conv_add(target, "Softmax"), target)
+    assert head.count(("unquantized-input", "add")) == 2  # a Softmax head is no transformer
 
 
 def int8_transformer_matmul(target: str) -> onnx.ModelProto:
-    """A MatMul with int8 symmetric input activations in a graph with Softmax."""
+    """A MatMul with int8 symmetric input activations in a graph with LayerNormalization."""
     net = Net(target)
     flat = net.op("Flatten", [net.qdq("x", "q_in", dtype=np.int8, zero_point=0)], "flat")
     matmul = net.op("MatMul", [flat, net.weight("w", (C * 64, 3), axis=1)], "mm")
-    net.op("Softmax", [matmul], "out")
+    net.op("LayerNormalization", [matmul, net.const("ln_scale", np.ones(3, np.float32))], "out")
     return net.model("out")
 
 

@@ -1,9 +1,11 @@
-"""Graph capture: untraceable models fall back, naming the module that stopped the tracer."""
+"""Graph capture through torch.export: functional code, keyword inputs, attention and
+train/eval switching of the captured graph; and one-line errors for what cannot be captured."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deploy.errors import BadInputError
@@ -12,7 +14,7 @@ from deploy.prepare import prepare
 
 class DataDependentGate(nn.Module):
     def forward(self, x):
-        if x.sum() > 0:  # Python control flow on a tensor: fx cannot trace this
+        if x.sum() > 0:  # Python control flow on a tensor value: no graph can hold this
             return x
         return -x
 
@@ -28,15 +30,54 @@ class Untraceable(nn.Module):
         return self.fc(torch.flatten(self.gate(self.conv(x)), 1))
 
 
-def test_untraceable_model_falls_back_and_names_the_module():
-    x = torch.randn(2, 3, 8, 8)
-    with pytest.warns(UserWarning, match=r"module 'gate'.*fell back.*2 Conv/Linear"):
-        prepared = prepare(Untraceable(), "onnxruntime", x)
-    plan = prepared.plan
-    assert plan.mode == "fallback" and "gate" in plan.fallback_reason
-    assert plan.weight_layers == {"conv", "fc"}
-    assert {s.producer for s in plan.sites if s.role == "activation"} == {"conv", "fc"}
-    assert prepared(x).shape == (2, 5)
+class Functional(nn.Module):
+    """The layers of a Conv -> ReLU -> Linear net as bare parameters and functional calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(6) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(5, 6 * 6 * 6) * 0.05)
+        self.proj = nn.Parameter(torch.randn(5, 4) * 0.3)  # used as x @ proj
+
+    def forward(self, x):
+        y = F.relu(F.conv2d(x, self.w1, self.b1))
+        return F.linear(torch.flatten(y, 1), self.w2) @ self.proj
+
+
+class Attention(nn.Module):
+    """Token ids and a padding mask as keyword inputs, SDPA in the middle."""
+
+    def __init__(self, vocab=50, d=16, heads=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.heads = heads
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = attention_mask[:, None, None, :].bool()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+def _fake_quant_off(prepared):
+    for fq in prepared.quantizers():
+        fq.enable_fake_quant(False).enable_observer(False)
+    return prepared
+
+
+def test_data_dependent_control_flow_fails_in_one_line_naming_construct_place_and_fix():
+    with pytest.raises(BadInputError) as caught:
+        prepare(Untraceable(), "onnxruntime", torch.randn(2, 3, 8, 8))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "data-dependent Python control flow" in message
+    assert "test_capture.py:" in message and "if x.sum() > 0" in message
+    assert "torch.cond" in message
 
 
 def test_unknown_target_and_bad_example_input():
@@ -44,6 +85,94 @@ def test_unknown_target_and_bad_example_input():
         prepare(nn.Linear(4, 2), "tensorrtx", torch.randn(1, 4))
     with pytest.raises(BadInputError, match=r"example input of shape \(1, 5\) does not fit"):
         prepare(nn.Linear(4, 2), "openvino", torch.randn(1, 5))
+
+
+def test_a_model_without_weighted_ops_is_refused_with_the_reason():
+    with pytest.raises(BadInputError, match="no op that onnxruntime runs in int8"):
+        prepare(nn.Sequential(nn.ReLU(), nn.Flatten()), "onnxruntime", torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
+def test_functional_weights_get_per_channel_quantizers_like_modules(target):
+    model = Functional().eval()
+    x = torch.randn(2, 3, 8, 8)
+    prepared = prepare(model, target, x)
+    weights = {s.producer: s.spec for s in prepared.plan.sites if s.role == "weight"}
+    assert len(weights) == 3  # conv, linear, and the matmul with a constant side
+    assert all(spec.per_channel and spec.axis == 0 for spec in weights.values())
+    inputs = {consumer for s in prepared.plan.sites for _, consumer in s.edges}
+    assert inputs >= set(weights)  # every weighted op reads a quantized input
+    with torch.no_grad():  # quantizers off: exactly the user's function
+        torch.testing.assert_close(_fake_quant_off(prepared)(x), model(x))
+
+
+def test_keyword_inputs_and_attention_matmuls_are_quantized_by_transformer_rules():
+    model = Attention().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    example = {"input_ids": ids, "attention_mask": mask}
+    prepared = prepare(model, "openvino", example)
+    plan = prepared.plan
+    assert plan.mode == "transformer"
+    assert plan.input_names == ["input_ids", "attention_mask"]
+    matmuls = {c for s in plan.sites for _, c in s.edges if c.startswith("matmul")}
+    assert len(matmuls) == 2  # Q K^T and P V, both inputs quantized
+    assert sum(1 for s in plan.sites for _, c in s.edges if c in matmuls) == 4
+    with torch.no_grad():
+        reference = model(**example)
+        torch.testing.assert_close(_fake_quant_off(prepared)(**example), reference)
+        # another batch size and sequence length run through the same graph
+        assert prepared(input_ids=ids[:1], attention_mask=mask[:1]).shape == (1, 7, 16)
+
+
+def test_sdpa_decomposition_matches_torch_with_float_and_boolean_masks():
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    bool_mask = torch.rand(2, 1, 5, 5) > 0.3
+    bool_mask[..., 0] = True  # no fully masked row
+
+    class Sdpa(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(self.proj(q), k, v, attn_mask=mask)
+
+    for mask in (bool_mask, torch.randn(2, 1, 5, 5)):
+        model = Sdpa().eval()
+        prepared = _fake_quant_off(prepare(model, "tensorrt", (q, k, v, mask)))
+        softmax = [n for n in prepared.model.graph.nodes if "softmax" in str(n.target)]
+        assert len(softmax) == 1
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(q, k, v, mask), model(q, k, v, mask))
+
+
+def test_train_and_eval_switch_dropout_and_batch_norm_of_the_captured_graph():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(4 * 6 * 6, 3),
+    ).eval()
+    x = torch.randn(8, 3, 8, 8)
+    prepared = _fake_quant_off(prepare(model, "openvino", x))
+    bn = next(m for m in prepared.modules() if isinstance(m, nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    prepared.train()
+    with torch.no_grad():
+        a, b = prepared(x), prepared(x)
+    assert not torch.equal(a, b)  # dropout is active in training mode
+    assert not torch.equal(bn.running_mean, before)  # BN updates its running statistics
+    prepared.eval()
+    model.train()
+    with torch.no_grad():
+        model[2].running_mean.copy_(bn.running_mean)
+        model[2].running_var.copy_(bn.running_var)
+        model.eval()
+        torch.testing.assert_close(prepared(x), model(x))
 
 
 def test_prepare_leaves_the_users_model_untouched():

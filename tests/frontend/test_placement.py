@@ -117,7 +117,7 @@ TARGETS = list(ACTIVATION)
 @pytest.mark.parametrize("block", list(BLOCKS))
 def test_cnn_block_placement(block, target):
     cls, weighted = BLOCKS[block]
-    prepared = prepare(randomize_bn(cls()), target, IMG)
+    prepared = prepare(randomize_bn(cls()), target, IMG, reduce_range=False)
     plan = prepared.plan
     expected = EXPECTED[block]["tensorrt" if target == "tensorrt" else "cpu"]
     assert plan.mode == "cnn"
@@ -219,6 +219,16 @@ def test_bits_override_reaches_every_quantizer():
     assert {s.spec.bits for s in plan.sites} == {4}
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_reduced_range_gives_7_bit_weights_only_where_the_engine_saturates(target):
+    """onnxruntime's u8 x s8 kernels add product pairs in int16 on x86 without VNNI: 7-bit
+    weights keep 255 * 63 * 2 below 32767. The other engines keep 8-bit weights."""
+    plan = prepare(BasicBlock(), target, IMG, reduce_range=True).plan
+    weights = {s.spec.bits for s in plan.sites if s.role == "weight"}
+    assert weights == ({7} if target == "onnxruntime" else {8})
+    assert {s.spec.bits for s in plan.sites if s.role == "activation"} == {8}
+
+
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt"])
 def test_a_softmax_head_keeps_cnn_rules_and_attention_switches_to_transformer_rules(target):
     """A Softmax alone is a classifier head: the Conv must still get its quantized input."""
@@ -232,3 +242,63 @@ def test_a_softmax_head_keeps_cnn_rules_and_attention_switches_to_transformer_ru
     assert len(conv_input) == 1
     encoder = prepare(EncoderBlock().eval(), target, torch.randn(1, 5, 16))
     assert encoder.plan.mode == "transformer"
+
+
+class MobileBlock(torch.nn.Module):
+    """What EfficientNet / MobileNetV3 blocks contain: SiLU, a depthwise Conv, HardSwish, a
+    squeeze-excite gate with HardSigmoid, and a ConvTranspose decoder layer."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1, self.act1 = (
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.SiLU(),
+        )
+        self.conv2, self.act2 = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Hardswish()
+        self.pool, self.fc1, self.relu = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 4, 1), nn.ReLU()
+        self.fc2, self.gate = nn.Conv2d(4, c, 1), nn.Hardsigmoid()
+        self.conv3, self.up = nn.Conv2d(c, c, 1), nn.ConvTranspose2d(c, c, 2, stride=2)
+
+    def forward(self, x):
+        y = self.act2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        g = self.gate(self.fc2(self.relu(self.fc1(self.pool(y)))))
+        return self.up(self.conv3(y * g))
+
+
+# Written by hand from backends/<name>/rules.py: every backend quantizes Conv inputs, the
+# pooling input and the SE gate's Mul (CPU backends). onnxruntime writes SiLU out as
+# Sigmoid x Mul and quantizes both (QLinearSigmoid + QLinearMul) and the inputs of HardSwish
+# and HardSigmoid (so the Conv before them becomes a QLinearConv); OpenVINO keeps all three
+# activations float with only Conv inputs quantized; the CPU backends keep ConvTranspose float.
+MOBILE_COMMON = {("x", "conv1"), ("act2", "pool"), ("pool", "fc1"), ("relu", "fc2")}
+MOBILE = {
+    "onnxruntime": MOBILE_COMMON
+    | {
+        ("conv1", "sigmoid_default"),
+        ("conv1", "mul_tensor"),
+        ("sigmoid_default", "mul_tensor"),
+        ("mul_tensor", "conv2"),
+        ("conv2", "act2"),
+        ("fc2", "gate"),
+        ("act2", "mul"),
+        ("gate", "mul"),
+        ("mul", "conv3"),
+    },
+    "openvino": MOBILE_COMMON
+    | {("act1", "conv2"), ("act2", "mul"), ("gate", "mul"), ("mul", "conv3")},
+    "tensorrt": MOBILE_COMMON | {("act1", "conv2"), ("mul", "conv3"), ("conv3", "up")},
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_mobile_block_placement_follows_each_backends_kernels(target):
+    plan = prepare(MobileBlock().eval(), target, torch.randn(1, 8, 8, 8)).plan
+    assert plan.mode == "cnn"
+    assert plan.activation_edges == MOBILE[target]
+    weighted = {"conv1", "conv2", "conv3", "fc1", "fc2"}
+    assert plan.weight_layers == (weighted | {"up"} if target == "tensorrt" else weighted)
+    assert ("fc1", "relu") in plan.fused  # Conv + ReLU without BN fuses too
+    if target != "tensorrt":
+        assert "up" in plan.float_ops
