@@ -22,6 +22,7 @@ from onnxruntime.quantization import (
 )
 
 from deploy.data import digits_split
+from deploy.environment import has_int8_dot_product
 from models.registry import load_model
 
 EVAL_SAMPLES = 120
@@ -59,6 +60,9 @@ def quantize_qdq(fp32_path: Path, out_path: Path) -> Path:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        # 7-bit weights where onnxruntime's u8s8 kernels would saturate int16 pair sums (x86
+        # without VNNI): the tool's own option for exactly that
+        reduce_range=not has_int8_dot_product(),
     )
     return out_path
 

@@ -221,11 +221,11 @@ def test_bits_override_reaches_every_quantizer():
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_reduced_range_gives_7_bit_weights_only_where_the_engine_saturates(target):
-    """onnxruntime's u8 x s8 kernels add product pairs in int16 on x86 without VNNI: 7-bit
-    weights keep 255 * 63 * 2 below 32767. The other engines keep 8-bit weights."""
+    """onnxruntime's and OpenVINO's u8 x s8 kernels add product pairs in int16 on x86 without
+    VNNI: 7-bit weights keep 255 * 63 * 2 below 32767. TensorRT keeps 8-bit weights."""
     plan = prepare(BasicBlock(), target, IMG, reduce_range=True).plan
     weights = {s.spec.bits for s in plan.sites if s.role == "weight"}
-    assert weights == ({7} if target == "onnxruntime" else {8})
+    assert weights == ({8} if target == "tensorrt" else {7})
     assert {s.spec.bits for s in plan.sites if s.role == "activation"} == {8}
 
 
