@@ -9,7 +9,7 @@ because NaN, Inf, all-zero or mis-shaped calibration data silently produces usel
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from deploy.errors import BadInputError, one_line
+from models.inputs import DTYPES, INTEGER_DTYPES, InputSpec
 
 if TYPE_CHECKING:
     from models.registry import ModelSpec
@@ -34,14 +35,34 @@ DIGITS_SPLIT_SEED = 0  # fixed so calibration (train) never overlaps evaluation 
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Model inputs (batch first), optional int64 labels, and where they came from."""
+    """Model inputs (batch first), optional int64 labels, and where they came from.
 
-    inputs: np.ndarray
+    inputs is one array for single-input models and a dict input name -> array (forward()
+    order) for models with several inputs."""
+
+    inputs: np.ndarray | dict[str, np.ndarray]
     labels: np.ndarray | None
     source: str
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs
+        return len(first)
+
+    def arrays(self, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+        """The inputs as name -> array, a single array named after the model's one input."""
+        if isinstance(self.inputs, dict):
+            return dict(self.inputs)
+        return {specs[0].label: self.inputs}
+
+    def rows(self, start: int, stop: int | None, source: str) -> Dataset:
+        """Samples start:stop of every input and of the labels."""
+        cut = slice(start, stop)
+        inputs = (
+            {k: v[cut] for k, v in self.inputs.items()}
+            if isinstance(self.inputs, dict)
+            else self.inputs[cut]
+        )
+        return Dataset(inputs, None if self.labels is None else self.labels[cut], source)
 
 
 class DigitsSplit(NamedTuple):
@@ -141,16 +162,41 @@ def _digits_dataset(spec: ModelSpec, n: int, seed: int, split: str) -> Dataset:
 
 def _synthetic_dataset(spec: ModelSpec, n: int, seed: int, split: str) -> Dataset:
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    shape = (n, *spec.input_shape[1:])
-    if spec.input_dtype == "int64":
-        if spec.vocab_size is None:
-            raise BadInputError(f"model '{spec.name}' takes int64 token ids but has no vocab_size")
-        inputs = rng.integers(0, spec.vocab_size, size=shape, dtype=np.int64)
-        kind = f"random token ids in [0, {spec.vocab_size})"
-    else:
-        inputs = rng.standard_normal(shape, dtype=np.float32)
-        kind = "random normal"
-    return Dataset(inputs, None, f"synthetic ({kind}, seed {seed}, {split})")
+    arrays, kinds = {}, []
+    for item in spec.inputs:
+        arrays[item.label], kind = _synthetic_array(spec.name, item, n, rng)
+        kinds.append(kind if len(spec.inputs) == 1 else f"{item.label}: {kind}")
+    inputs = next(iter(arrays.values())) if len(spec.inputs) == 1 else arrays
+    return Dataset(inputs, None, f"synthetic ({'; '.join(kinds)}, seed {seed}, {split})")
+
+
+def _synthetic_array(
+    model: str, item: InputSpec, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
+    """Realistic stand-ins: a mask keeps a random-length prefix of ones and pads with zeros,
+    token ids are uniform in their range, floats are standard normal."""
+    shape = (n, *item.shape[1:])
+    if item.is_mask:
+        length = shape[-1] if len(shape) > 1 else 1
+        keep = rng.integers(1, length + 1, size=(n,) + (1,) * (len(shape) - 1))
+        positions = np.arange(length) if len(shape) > 1 else np.zeros(1)
+        mask = np.broadcast_to(positions < keep, shape)
+        return mask.astype(_NUMPY[item.dtype]), "padding masks, ones then zeros"
+    if item.dtype == "bool":
+        return rng.integers(0, 2, size=shape).astype(bool), "random booleans"
+    if item.dtype in INTEGER_DTYPES:
+        if item.range is None:
+            raise BadInputError(
+                f"model '{model}' input '{item.label}' takes {item.dtype} token ids but has no "
+                'vocab_size or value range; give "range" in --input-spec or pass --data'
+            )
+        low, high = item.range
+        ids = rng.integers(low, high, size=shape, dtype=np.int64).astype(_NUMPY[item.dtype])
+        return ids, f"random token ids in [{low}, {high})"
+    return rng.standard_normal(shape, dtype=np.float32), "random normal"
+
+
+_NUMPY = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
 _BUILTIN: dict[str, Callable[[ModelSpec, int, int, str], Dataset]] = {
@@ -160,40 +206,111 @@ _BUILTIN: dict[str, Callable[[ModelSpec, int, int, str], Dataset]] = {
 
 
 def load_calibration_data(
-    path: str | Path, input_shape: tuple[int, ...], input_dtype: str = "float32"
+    path: str | Path,
+    input_shape: tuple[int, ...] | None = None,
+    input_dtype: str = "float32",
+    *,
+    inputs: Sequence[InputSpec] | None = None,
 ) -> Dataset:
-    """Read and validate user data for a model taking input_shape (batch dim free).
+    """Read and validate user data for a model taking input_shape (batch dim free), or the
+    named `inputs` (which win over input_shape/input_dtype).
 
-    Accepts an .npz (array "x"/"inputs", else the first non-label array; labels from
-    "y"/"labels"), an .npy, or a folder of .npy files (one sample or a batch each) and
-    PNG/JPEG images. Images are resized to the model's H x W, converted to 1 or 3 channels
+    Accepts an .npz (array "x"/"inputs"/the input's name, else the first non-label array;
+    labels from "y"/"labels"), an .npy, or a folder of .npy files (one sample or a batch each)
+    and PNG/JPEG images. Images are resized to the model's H x W, converted to 1 or 3 channels
     and scaled to [0, 1] with no mean/std normalization: save preprocessed arrays when the
-    model expects normalized inputs.
+    model expects normalized inputs. A model with several inputs takes an .npz holding one
+    array per input name.
     """
-    if input_dtype not in ("float32", "int64"):
-        raise BadInputError(f"bad input dtype '{input_dtype}'; expected float32 or int64")
+    if inputs is None:
+        if input_dtype not in DTYPES:
+            raise BadInputError(
+                f"bad input dtype '{input_dtype}'; expected one of {', '.join(DTYPES)}"
+            )
+        inputs = (InputSpec(None, tuple(input_shape or ()), input_dtype),)
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"calibration data not found: {path}")
+    if len(inputs) > 1:
+        return _validated_named(*_read_named(path, inputs), tuple(inputs), path)
+    item = inputs[0]
     if path.is_dir():
-        inputs, labels = _read_folder(path, input_shape), None
+        arrays, labels = _read_folder(path, item.shape), None
     elif path.suffix.lower() in (".npz", ".npy"):
-        inputs, labels = _read_numpy(path)
+        arrays, labels = _read_numpy(path, item.name)
     else:
         raise BadInputError(
             f"unsupported calibration data {path}: expected .npz, .npy or a "
             "folder of .npy/.png/.jpg files"
         )
-    return _validated(inputs, labels, tuple(input_shape), input_dtype, path)
+    where = f"calibration data {path}"
+    x = _validated_array(arrays, item, where)
+    return Dataset(x, _validated_labels(labels, len(x), where), str(path))
 
 
-def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_named(
+    path: Path, specs: Sequence[InputSpec]
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    names = [s.label for s in specs]
+    if path.is_dir() or path.suffix.lower() != ".npz":
+        raise BadInputError(
+            f"calibration data {path}: the model takes {len(names)} inputs "
+            f"({', '.join(names)}); pass an .npz with one array per input name"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.files)
+            missing = [n for n in names if n not in keys]
+            if missing:
+                raise BadInputError(
+                    f"calibration data {path} has no array for input '{missing[0]}' "
+                    f"(has: {', '.join(keys) or 'nothing'}; the model takes {', '.join(names)})"
+                )
+            arrays = {n: npz[n] for n in names}
+            label_key = next((k for k in LABEL_KEYS if k in keys), None)
+            labels = npz[label_key] if label_key is not None else None
+    except BadInputError:
+        raise
+    except (AttributeError, OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise BadInputError(
+            f"cannot read calibration data {path}: corrupt or not an .npz archive ({one_line(exc)})"
+        ) from exc
+    members = [*arrays.values(), *([] if labels is None else [labels])]
+    if not all(isinstance(a, np.ndarray) for a in members):
+        raise BadInputError(
+            f"cannot read calibration data {path}: corrupt or not a NumPy file "
+            "(a member is not an .npy array)"
+        )
+    return arrays, labels
+
+
+def _validated_named(
+    arrays: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    specs: tuple[InputSpec, ...],
+    path: Path,
+) -> Dataset:
+    checked = {
+        s.label: _validated_array(arrays[s.label], s, f"calibration data {path}, input '{s.label}'")
+        for s in specs
+    }
+    counts = {name: len(a) for name, a in checked.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{k} {v}" for k, v in counts.items())
+        raise BadInputError(
+            f"calibration data {path}: inputs have different sample counts ({listed})"
+        )
+    n = next(iter(counts.values()))
+    return Dataset(checked, _validated_labels(labels, n, f"calibration data {path}"), str(path))
+
+
+def _read_numpy(path: Path, name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return loaded, None
         with loaded:
-            return _pick_arrays(loaded, path)
+            return _pick_arrays(loaded, path, name)
     except BadInputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -202,9 +319,12 @@ def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         ) from exc
 
 
-def _pick_arrays(npz: np.lib.npyio.NpzFile, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _pick_arrays(
+    npz: np.lib.npyio.NpzFile, path: Path, name: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     keys = list(npz.files)
-    input_key = next((k for k in INPUT_KEYS if k in keys), None) or next(
+    preferred = (name, *INPUT_KEYS) if name else INPUT_KEYS
+    input_key = next((k for k in preferred if k in keys), None) or next(
         (k for k in keys if k not in LABEL_KEYS), None
     )
     if input_key is None:
@@ -270,40 +390,50 @@ def _read_image(file: Path, input_shape: tuple[int, ...]) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def _validated(
-    inputs: np.ndarray,
-    labels: np.ndarray | None,
-    input_shape: tuple[int, ...],
-    input_dtype: str,
-    path: Path,
-) -> Dataset:
-    where = f"calibration data {path}"
-    if inputs.dtype.kind not in "biuf":
-        raise BadInputError(f"{where}: non-numeric dtype {inputs.dtype}")
-    if inputs.ndim == 0 or inputs.size == 0:
-        raise BadInputError(f"{where} is empty: shape {_fmt(inputs.shape)}")
-    if inputs.shape[1:] != input_shape[1:]:
+def _validated_array(x: np.ndarray, item: InputSpec, where: str) -> np.ndarray:
+    """One input's samples, cast to its dtype; float inputs must be finite and not all zero
+    (useless scales), integer inputs whole and in range (zeros are fine: masks, padding)."""
+    if x.dtype.kind not in "biuf":
+        raise BadInputError(f"{where}: non-numeric dtype {x.dtype}")
+    if x.ndim == 0 or x.size == 0:
+        raise BadInputError(f"{where} is empty: shape {_fmt(x.shape)}")
+    if x.shape[1:] != item.shape[1:]:
         raise BadInputError(
-            f"{where}: shape {_fmt(inputs.shape)} does not match model input "
-            f"{_fmt(input_shape)} (batch dim free)"
+            f"{where}: shape {_fmt(x.shape)} does not match model input "
+            f"{_fmt(item.shape)} (batch dim free)"
         )
-    if input_dtype == "float32":
-        inputs = inputs.astype(np.float32)  # before the Inf check: float64 may overflow
-    if inputs.dtype.kind == "f":
-        nan, inf = int(np.isnan(inputs).sum()), int(np.isinf(inputs).sum())
+    if item.dtype == "float32":
+        x = x.astype(np.float32)  # before the Inf check: float64 may overflow
+    if x.dtype.kind == "f":
+        nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
         if nan:
             raise BadInputError(f"{where}: contains {nan} NaN values")
         if inf:
             raise BadInputError(f"{where}: contains {inf} Inf values")
-    if not inputs.any():
-        raise BadInputError(f"{where}: all values are zero")
-    if input_dtype == "int64":
-        if inputs.dtype.kind == "f" and not np.array_equal(inputs, np.round(inputs)):
-            raise BadInputError(f"{where}: model takes int64 token ids but data has fractions")
-        if inputs.min() < 0:
-            raise BadInputError(f"{where}: negative token ids")
-        inputs = inputs.astype(np.int64)
-    return Dataset(inputs, _validated_labels(labels, len(inputs), where), str(path))
+    if item.dtype == "float32":
+        if not x.any():
+            raise BadInputError(f"{where}: all values are zero")
+        return x
+    what = "values" if item.is_mask or item.dtype == "bool" else "token ids"
+    if x.dtype.kind == "f" and not np.array_equal(x, np.round(x)):
+        raise BadInputError(f"{where}: model takes {item.dtype} {what} but data has fractions")
+    if item.dtype == "bool":
+        if not np.isin(x, (0, 1)).all():
+            raise BadInputError(f"{where}: bool input needs 0/1 values")
+        return x.astype(bool)
+    low, high = item.range or (0 if what == "token ids" else None, None)
+    if low is not None and x.min() < low:
+        raise BadInputError(
+            f"{where}: negative token ids"
+            if item.range is None
+            else f"{where}: value {x.min()} is outside the range [{low}, {high})"
+        )
+    if high is not None and x.max() >= high:
+        raise BadInputError(f"{where}: value {x.max()} is outside the range [{low}, {high})")
+    info = np.iinfo(_NUMPY[item.dtype])
+    if x.min() < info.min or x.max() > info.max:
+        raise BadInputError(f"{where}: values do not fit {item.dtype}")
+    return x.astype(_NUMPY[item.dtype])
 
 
 def _validated_labels(labels: np.ndarray | None, n: int, where: str) -> np.ndarray | None:

@@ -3,6 +3,10 @@ kernel check -> accuracy check -> latency -> report.json.
 
 Every stage writes atomically; the report is written on every exit path, saying how far the run
 got and why it stopped, so CI can read it even when the build fails.
+
+Models may take several named inputs (ModelSpec.inputs): every stage feeds all of them, the
+model as model(**{name: tensor}) and engines by their input names (by position when the names
+differ). Models returning a tuple, dict or ModelOutput are checked on their first tensor.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import torch
 
 from deploy import verify
 from deploy.artifacts import write_atomic
-from deploy.calibrate import calibrate
+from deploy.calibrate import calibrate, call_model, first_tensor
 from deploy.data import Dataset, default_dataset, load_calibration_data
 from deploy.engine import BuiltEngine, get_adapter
 from deploy.environment import environment
@@ -32,7 +36,8 @@ from deploy.prepare import PreparedModel, prepare
 from deploy.qat import train_qat
 from deploy.rules import get_rules
 from deploy.timing import TimingConfig, runner_call, summarize, time_interleaved
-from models import load_model
+from models import ModelSpec, load_model
+from models.inputs import InputSpec
 
 DEFAULT_MODEL = "mnist_cnn"
 STAGES = (
@@ -53,6 +58,7 @@ class BuildOptions:
     target: str
     model: str | None = None  # registry name or package.module:factory; None = embedded default
     input_shape: tuple[int, ...] | None = None
+    inputs: tuple[InputSpec, ...] | None = None  # named input specs; win over input_shape
     data: Path | None = None  # .npz file or image folder; None = the model's default data
     calib_batches: int = 8
     batch_size: int = 16  # calibration / QAT batch size
@@ -134,12 +140,11 @@ def _stage(report: Report, progress: Progress, name: str) -> None:
 
 def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None:
     torch.manual_seed(0)
-    model, spec = load_model(o.model or DEFAULT_MODEL, input_shape=o.input_shape, pretrained=True)
-    calib, evaluation = _datasets(o, spec)
-    report.set(
-        "model",
-        {"name": spec.name, "input_shape": list(spec.input_shape), "input_dtype": spec.input_dtype},
+    model, spec = load_model(
+        o.model or DEFAULT_MODEL, input_shape=o.input_shape, inputs=o.inputs, pretrained=True
     )
+    calib, evaluation = _datasets(o, spec)
+    report.set("model", _model_report(spec))
     report.set(
         "data",
         {
@@ -149,15 +154,16 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
         },
     )
     report.set("environment", environment(o.threads))
-    example = torch.from_numpy(calib.inputs[: spec.input_shape[0]])
+    arrays = calib.arrays(spec.inputs)
+    example = _tensors(spec, arrays, 0, spec.input_shape[0])
 
     prepared = prepare(model, o.target, example)
     _stage(report, progress, "prepare")
-    batches = [torch.from_numpy(b) for b in _chunks(calib.inputs, o.batch_size)][: o.calib_batches]
-    calibrate(prepared, batches, progress=False)
+    batches = [_tensors(spec, arrays, i, i + o.batch_size) for i in _starts(calib, o.batch_size)]
+    calibrate(prepared, batches[: o.calib_batches], progress=False)
     _stage(report, progress, "calibrate")
     if o.qat_epochs:
-        _qat(prepared, calib, o)
+        _qat(prepared, calib, spec, o)
         _stage(report, progress, "qat")
     report.set("quantizers", len(prepared.quantizers()))
     report.set("placement_mode", prepared.plan.mode)
@@ -209,46 +215,53 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
             runner.deactivate()
 
 
-def _datasets(o: BuildOptions, spec) -> tuple[Dataset, Dataset]:
+def _model_report(spec: ModelSpec) -> dict:
+    """Name and inputs; single-input models keep the input_shape/input_dtype keys too."""
+    out: dict = {"name": spec.name}
+    if len(spec.inputs) == 1:
+        out.update(input_shape=list(spec.input_shape), input_dtype=spec.input_dtype)
+    out["inputs"] = [item.to_dict() for item in spec.inputs]
+    return out
+
+
+def _datasets(o: BuildOptions, spec: ModelSpec) -> tuple[Dataset, Dataset]:
     needed = o.calib_batches * o.batch_size
     if o.data is None:
         return (
             default_dataset(spec, needed, split="calib"),
             default_dataset(spec, o.eval_samples, split="eval"),
         )
-    data = load_calibration_data(o.data, spec.input_shape, spec.input_dtype)
+    data = load_calibration_data(o.data, inputs=spec.inputs)
     if len(data) < 2:
         raise BadInputError(f"{o.data}: need at least 2 samples (calibration and evaluation)")
     # calibrate on the head, evaluate on what calibration never saw
     split = min(needed, len(data) // 2)
     n_eval = min(o.eval_samples, len(data) - split)
-    labels = data.labels
     return (
-        Dataset(
-            data.inputs[:split],
-            None if labels is None else labels[:split],
-            f"{data.source} (first {split} samples)",
-        ),
-        Dataset(
-            data.inputs[split:],
-            None if labels is None else labels[split:],
-            f"{data.source} (last {n_eval} samples, held out of calibration)",
-        ),
+        data.rows(0, split, f"{data.source} (first {split} samples)"),
+        data.rows(split, None, f"{data.source} (last {n_eval} samples, held out of calibration)"),
     )
 
 
-def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
-    return [array[i : i + size] for i in range(0, len(array), size)]
+def _starts(data: Dataset, size: int) -> range:
+    return range(0, len(data), size)
 
 
-def _qat(prepared: PreparedModel, calib: Dataset, o: BuildOptions) -> None:
+def _tensors(
+    spec: ModelSpec, arrays: Mapping[str, np.ndarray], start: int, stop: int
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Samples start:stop as the model takes them: one tensor, or keyword tensors by name."""
+    tensors = {name: torch.from_numpy(a[start:stop]) for name, a in arrays.items()}
+    return tensors if spec.by_keyword else next(iter(tensors.values()))
+
+
+def _qat(prepared: PreparedModel, calib: Dataset, spec: ModelSpec, o: BuildOptions) -> None:
     if calib.labels is None:
         raise BadInputError("--qat-epochs needs labelled data (an .npz with 'y' or 'labels')")
+    arrays, size = calib.arrays(spec.inputs), o.batch_size
     pairs = [
-        (torch.from_numpy(x), torch.from_numpy(y))
-        for x, y in zip(
-            _chunks(calib.inputs, o.batch_size), _chunks(calib.labels, o.batch_size), strict=True
-        )
+        (_tensors(spec, arrays, i, i + size), torch.from_numpy(calib.labels[i : i + size]))
+        for i in _starts(calib, size)
     ]
     train_qat(prepared, pairs, epochs=o.qat_epochs, lr=1e-4, progress=False)
 
@@ -264,28 +277,51 @@ def _runners(adapter, int8: BuiltEngine, fp32: BuiltEngine) -> dict | str:
     return runners
 
 
-def _feed_name(runner) -> str:
-    return next(iter(runner.get_input_metadata().keys()))
+def _feed_pairs(runner, arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
+    """(engine input, model input) pairs: matched by name, by position when the names differ
+    (a single input exported as "input"), model inputs the engine dropped left out."""
+    engine = list(runner.get_input_metadata().keys())
+    if set(engine) <= set(arrays):
+        return [(name, name) for name in engine]
+    if len(engine) == len(arrays):
+        return list(zip(engine, arrays, strict=True))
+    raise CheckFailedError(
+        f"the engine takes inputs {', '.join(engine)}; the model's are {', '.join(arrays)}"
+    )
 
 
-def _run_engine(runner, inputs: np.ndarray, batch: int) -> np.ndarray:
-    name = _feed_name(runner)
-    outputs = [
-        next(iter(runner.infer({name: inputs[i : i + batch]}, check_inputs=False).values()))
-        for i in range(0, len(inputs) - batch + 1, batch)
-    ]
+def _feed(runner, arrays: Mapping[str, np.ndarray], start: int, stop: int) -> dict:
+    """Rows start:stop keyed by the engine's input names."""
+    return {e: arrays[a][start:stop] for e, a in _feed_pairs(runner, arrays)}
+
+
+def _run_engine(runner, arrays: Mapping[str, np.ndarray], batch: int) -> np.ndarray:
+    pairs, n = _feed_pairs(runner, arrays), len(next(iter(arrays.values())))
+    outputs = []
+    for i in range(0, n - batch + 1, batch):
+        feed = {e: arrays[a][i : i + batch] for e, a in pairs}
+        outputs.append(next(iter(runner.infer(feed, check_inputs=False).values())))
     return np.concatenate(outputs)
 
 
-def _outputs(model: torch.nn.Module, x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """`model` on `x` in chunks, floating inputs cast to `dtype` (token ids stay integers)."""
+def _outputs(
+    model: torch.nn.Module, spec: ModelSpec, arrays: Mapping[str, np.ndarray], dtype: torch.dtype
+) -> np.ndarray:
+    """The model's first output on all samples in chunks, floating inputs cast to `dtype`
+    (token ids and masks stay integers)."""
 
-    def cast(chunk: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(chunk)
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
+    outputs = []
     with torch.no_grad():
-        return torch.cat([model(cast(c)) for c in _chunks(x, 64)]).to(torch.float32).numpy()
+        for i in range(0, len(next(iter(arrays.values()))), 64):
+            batch = _tensors(spec, arrays, i, i + 64)
+            batch = (
+                {k: cast(v) for k, v in batch.items()} if isinstance(batch, dict) else cast(batch)
+            )
+            outputs.append(first_tensor(call_model(model, batch)))
+    return torch.cat(outputs).to(torch.float32).numpy()
 
 
 def _accuracy(
@@ -295,17 +331,17 @@ def _accuracy(
     n = (len(evaluation) // batch) * batch
     if n == 0:
         raise BadInputError(f"evaluation data has fewer samples than the batch size {batch}")
-    x = evaluation.inputs[:n]
+    x = {name: a[:n] for name, a in evaluation.arrays(spec.inputs).items()}
     engine_out = _run_engine(runner, x, batch)
-    fake_quant = _outputs(prepared, x, torch.float32)
-    float_out = _outputs(model, x, torch.float32)
+    fake_quant = _outputs(prepared, spec, x, torch.float32)
+    float_out = _outputs(model, spec, x, torch.float32)
     step = verify.range_step(fake_quant)
     results = {
         "int8_vs_fakequant": verify.compare(engine_out, fake_quant, step),
         "int8_vs_fp32": verify.compare(engine_out, float_out, verify.range_step(float_out)),
         # how far the same fake-quant model drifts from itself in float64: the noise floor
         "reference_floor": verify.compare(
-            _outputs(copy.deepcopy(prepared).double(), x, torch.float64), fake_quant, step
+            _outputs(copy.deepcopy(prepared).double(), spec, x, torch.float64), fake_quant, step
         ),
     }
     thresholds = {
@@ -327,8 +363,8 @@ def _accuracy(
 
 
 def _latency(report, progress, runners: dict, spec, calib: Dataset, o: BuildOptions) -> None:
-    sample = calib.inputs[: spec.input_shape[0]]
-    calls = {name: runner_call(r, {_feed_name(r): sample}) for name, r in runners.items()}
+    arrays, batch = calib.arrays(spec.inputs), spec.input_shape[0]
+    calls = {name: runner_call(r, _feed(r, arrays, 0, batch)) for name, r in runners.items()}
     latencies = time_interleaved(calls, TimingConfig(min_time_s=o.min_time_s))
     summary = {name: summarize(values).to_dict() for name, values in latencies.items()}
     report.set("latency_ms", summary)

@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from deploy.calibrate import as_inputs
+from deploy.calibrate import call_model, first_tensor
 from deploy.errors import BadInputError
 from deploy.prepare import PreparedModel
 from deploy.quant_modules import QuantConvBn
@@ -47,7 +47,8 @@ def train_qat(
 ) -> list[float]:
     """Fine-tune with fake quantization on; returns the mean loss of each epoch.
 
-    `batches` is re-iterated every epoch (a DataLoader or a list of (inputs, labels)).
+    `batches` is re-iterated every epoch (a DataLoader or a list of (inputs, labels)); inputs
+    may be a dict of keyword tensors, and the loss is on the model's first tensor output.
     Defaults: Adam over all prepared parameters, cross-entropy loss.
     """
     if epochs < 1:
@@ -77,7 +78,7 @@ def train_qat(
                         fq.enable_observer(False)
                 inputs, labels = batch
                 optimizer.zero_grad()
-                loss = loss_fn(model(*as_inputs(inputs)), labels)
+                loss = loss_fn(first_tensor(call_model(model, inputs)), labels)
                 if not torch.isfinite(loss):
                     raise BadInputError(f"QAT loss became {loss.item()} at step {step}; lower lr")
                 loss.backward()
@@ -87,5 +88,15 @@ def train_qat(
                 raise BadInputError("no training batches: the QAT data is empty")
             history.append(total / count)
             bar.advance(task)
-    model.eval()
+    _freeze_ranges(model, activation_quantizers, inputs)
     return history
+
+
+def _freeze_ranges(model: PreparedModel, activation_quantizers, inputs) -> None:
+    """End as calibrate() ends: activation ranges fixed, so evaluating or exporting the model
+    does not move them; weight ranges observed once more on the weights the last step left."""
+    model.eval()
+    for fq in activation_quantizers:
+        fq.enable_observer(False)
+    with torch.no_grad():
+        call_model(model, inputs)

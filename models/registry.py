@@ -1,19 +1,20 @@
 """Model lookup by name or by ``package.module:factory`` reference.
 
 Built-in names map to the models in this package. A user reference names a zero-argument
-factory that returns either an ``nn.Module`` or a ``(nn.Module, input_shape)`` tuple; when the
-factory returns a bare module the caller must supply ``input_shape``. A caller-supplied
-``input_shape`` always wins over the factory's. Every failure to resolve a model is the user's
-to fix, so it is raised as a one-line ``BadInputError``.
+factory that returns an ``nn.Module``, an ``(nn.Module, input_shape)`` tuple, or an
+``(nn.Module, {name: {"shape": ..., "dtype": ..., "range": ...}})`` tuple for several inputs;
+when the factory returns a bare module the caller must supply the input shape or specs.
+Caller-supplied inputs always win over the factory's. load_model names every input after its
+forward() parameter and checks the names (models.inputs). Every failure to resolve a model is
+the user's to fix, so it is raised as a one-line ``BadInputError``.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import numbers
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,27 +22,53 @@ from torch import nn
 
 from deploy.errors import BadInputError, one_line
 from models.bert_tiny import BertConfig, bert_tiny
+from models.inputs import (
+    DTYPES,
+    InputSpec,
+    bind_to_forward,
+    check_dtype,
+    check_shape,
+    specs_from_mapping,
+    with_vocab_ranges,
+)
 from models.mnist_cnn import mnist_cnn
 from models.mobilenet_v2 import mobilenet_v2
 from models.resnet import resnet18, resnet50
 
-INPUT_DTYPES = ("float32", "int64")
+INPUT_DTYPES = DTYPES
 _WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the pipeline needs to know about a model besides its weights."""
+    """What the pipeline needs to know about a model besides its weights.
+
+    Single-input models give input_shape/input_dtype; multi-input models give `inputs` (then
+    input_shape/input_dtype are the first input's). `inputs` is always filled afterwards."""
 
     name: str
     factory: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] = ()
     input_dtype: str = "float32"  # one of INPUT_DTYPES
     default_data: str = "synthetic"  # a data set name known to deploy.data
     task: str = "classification"
     description: str = ""
     vocab_size: int | None = None  # int64 token-id inputs are drawn from [0, vocab_size)
     weights: str | None = None  # trained state_dict shipped in models/weights/
+    inputs: tuple[InputSpec, ...] = field(default=())  # in forward() order
+    by_keyword: bool = False  # call model(**inputs) rather than model(x)
+
+    def __post_init__(self) -> None:
+        if self.inputs:
+            object.__setattr__(self, "inputs", tuple(self.inputs))
+            object.__setattr__(self, "input_shape", self.inputs[0].shape)
+            object.__setattr__(self, "input_dtype", self.inputs[0].dtype)
+            return
+        if not self.input_shape:
+            raise BadInputError(f"model '{self.name}' has neither input_shape nor inputs")
+        vocab = (0, self.vocab_size) if self.vocab_size and self.input_dtype != "float32" else None
+        single = InputSpec(None, tuple(self.input_shape), self.input_dtype, vocab)
+        object.__setattr__(self, "inputs", (single,))
 
 
 _IMAGENET = (1, 3, 224, 224)
@@ -95,15 +122,21 @@ def list_models() -> list[str]:
 
 
 def get_model_spec(
-    name_or_ref: str, input_shape: tuple[int, ...] | None = None, input_dtype: str | None = None
+    name_or_ref: str,
+    input_shape: tuple[int, ...] | None = None,
+    input_dtype: str | None = None,
+    inputs: Sequence[InputSpec] | None = None,
 ) -> ModelSpec:
     """Spec of a built-in name or a user reference.
 
     A user reference's factory is called once, because it may be what declares the shape.
+    Built-in specs are not bound to forward(): a single input keeps name None ("input").
     """
     if ":" in name_or_ref:
-        return load_model(name_or_ref, input_shape=input_shape, input_dtype=input_dtype)[1]
-    return _override(_builtin(name_or_ref), input_shape, input_dtype)
+        return load_model(
+            name_or_ref, input_shape=input_shape, input_dtype=input_dtype, inputs=inputs
+        )[1]
+    return _override(_builtin(name_or_ref), input_shape, input_dtype, inputs)
 
 
 def load_model(
@@ -112,27 +145,23 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     input_dtype: str | None = None,
     pretrained: bool = False,
+    inputs: Sequence[InputSpec] | None = None,
 ) -> tuple[nn.Module, ModelSpec]:
     """Build the model in eval mode with weights seeded by ``seed``; global RNG untouched.
-    pretrained=True loads the shipped trained weights where the model has them."""
+    pretrained=True loads the shipped trained weights where the model has them. ``inputs``
+    (named specs) wins over ``input_shape``/``input_dtype``; the returned spec's inputs are
+    named and ordered by the model's forward()."""
     if ":" in ref:
         factory = _import_factory(ref)
-        module, factory_shape = _call_user_factory(ref, factory, seed)
-        shape = input_shape if input_shape is not None else factory_shape
-        if shape is None:
-            raise BadInputError(
-                f"model '{ref}' returned no input shape; pass an input shape "
-                "(e.g. 1x3x224x224) or return (module, shape) from the factory"
-            )
+        module, declared = _call_user_factory(ref, factory, seed)
         spec = ModelSpec(
             ref,
             _module_only(factory),
-            _check_shape(ref, shape),
-            _check_dtype(ref, input_dtype or "float32"),
+            inputs=_user_inputs(ref, inputs, input_shape, input_dtype, declared),
             description=f"user model {ref}",
         )
-        return module.eval(), spec
-    spec = _override(_builtin(ref), input_shape, input_dtype)
+        return module.eval(), _bound(spec, module)
+    spec = _override(_builtin(ref), input_shape, input_dtype, inputs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = spec.factory()
@@ -141,7 +170,33 @@ def load_model(
     if pretrained and spec.weights is not None:
         state = torch.load(_WEIGHTS_DIR / spec.weights, map_location="cpu", weights_only=True)
         module.load_state_dict(state)
-    return module.eval(), spec
+    return module.eval(), _bound(spec, module)
+
+
+def _user_inputs(
+    ref: str,
+    inputs: Sequence[InputSpec] | None,
+    input_shape: tuple[int, ...] | None,
+    input_dtype: str | None,
+    declared: object,
+) -> tuple[InputSpec, ...]:
+    if inputs:
+        return tuple(inputs)
+    if input_shape is None and isinstance(declared, dict):
+        return specs_from_mapping(declared, f"model factory '{ref}'")
+    shape = input_shape if input_shape is not None else declared
+    if shape is None:
+        raise BadInputError(
+            f"model '{ref}' returned no input shape; pass an input shape "
+            "(e.g. 1x3x224x224) or return (module, shape) from the factory"
+        )
+    return (InputSpec(None, _check_shape(ref, shape), _check_dtype(ref, input_dtype or "float32")),)
+
+
+def _bound(spec: ModelSpec, module: nn.Module) -> ModelSpec:
+    """The spec with its inputs named, checked and ordered by the module's forward()."""
+    specs, by_keyword = bind_to_forward(module, spec.inputs, spec.name)
+    return replace(spec, inputs=with_vocab_ranges(module, specs), by_keyword=by_keyword)
 
 
 def _estimate_bn_statistics(module: nn.Module, input_shape: tuple[int, ...]) -> None:
@@ -175,14 +230,19 @@ def _builtin(name: str) -> ModelSpec:
 
 
 def _override(
-    spec: ModelSpec, input_shape: tuple[int, ...] | None, input_dtype: str | None
+    spec: ModelSpec,
+    input_shape: tuple[int, ...] | None,
+    input_dtype: str | None,
+    inputs: Sequence[InputSpec] | None = None,
 ) -> ModelSpec:
-    changes: dict[str, object] = {}
+    if inputs:
+        return replace(spec, inputs=tuple(inputs))
+    changes: dict[str, object] = {"inputs": ()}  # re-derived from the new shape/dtype
     if input_shape is not None:
         changes["input_shape"] = _check_shape(spec.name, input_shape)
     if input_dtype is not None:
         changes["input_dtype"] = _check_dtype(spec.name, input_dtype)
-    return replace(spec, **changes) if changes else spec
+    return replace(spec, **changes) if len(changes) > 1 else spec
 
 
 def _import_factory(ref: str) -> Callable[[], object]:
@@ -205,20 +265,20 @@ def _import_factory(ref: str) -> Callable[[], object]:
 
 def _call_user_factory(
     ref: str, factory: Callable[[], object], seed: int
-) -> tuple[nn.Module, tuple[int, ...] | None]:
+) -> tuple[nn.Module, object]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             result = factory()
         except Exception as exc:  # user code
             raise BadInputError(f"model factory '{ref}' raised {one_line(exc)}") from exc
-    shape = None
+    shape = None  # a shape, or a dict of named input specs
     if isinstance(result, tuple) and len(result) == 2:
         result, shape = result
     if not isinstance(result, nn.Module):
         raise BadInputError(
             f"model factory '{ref}' returned {type(result).__name__}; expected "
-            "an nn.Module or an (nn.Module, input_shape) tuple"
+            "an nn.Module, an (nn.Module, input_shape) or an (nn.Module, {name: spec}) tuple"
         )
     return result, shape
 
@@ -234,24 +294,8 @@ def _module_only(factory: Callable[[], object]) -> Callable[[], nn.Module]:
 
 
 def _check_shape(name: str, shape: object) -> tuple[int, ...]:
-    if (
-        isinstance(shape, (tuple, list))
-        and shape
-        and all(
-            isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape
-        )
-    ):
-        return tuple(int(d) for d in shape)
-    raise BadInputError(
-        f"bad input shape {shape!r} for model '{name}'; "
-        "expected positive integers such as (1, 3, 224, 224)"
-    )
+    return check_shape(f"model '{name}'", shape)
 
 
 def _check_dtype(name: str, dtype: str) -> str:
-    if dtype not in INPUT_DTYPES:
-        raise BadInputError(
-            f"bad input dtype '{dtype}' for model '{name}'; "
-            f"expected one of {', '.join(INPUT_DTYPES)}"
-        )
-    return dtype
+    return check_dtype(f"model '{name}'", dtype)

@@ -39,6 +39,14 @@ BAD_BUILDS = {
         ["--target", "onnxruntime", "--input-shape", "1x3x8x8"],
         "takes 1x3x8x8",
     ),
+    "named dtype": (
+        ["--target", "onnxruntime", "--input-shape", "x:1x1x16x16:float16"],
+        "bad input dtype 'float16'",
+    ),
+    "named not a parameter": (
+        ["--target", "onnxruntime", "--input-shape", "img:1x1x16x16"],
+        "input 'img' is not a parameter of",
+    ),
     "missing data": (["--target", "openvino", "--data", "/nonexistent/x.npz"], "not found"),
     "zero batches": (["--target", "onnxruntime", "--calib-batches", "0"], "--calib-batches"),
     "zero threads": (["--target", "onnxruntime", "--threads", "0"], "--threads"),

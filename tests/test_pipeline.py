@@ -19,6 +19,11 @@ def test_default_build_writes_artifacts_and_a_complete_report(target, tmp_path):
     assert {"model.fp32.onnx", "model.qdq.onnx", "report.json"} <= names
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["status"] == "ok" and on_disk["target"] == target
+    # single-input models keep input_shape/input_dtype and name their input after forward(x)
+    assert on_disk["model"]["input_shape"] == [1, 1, 16, 16]
+    assert on_disk["model"]["inputs"] == [
+        {"name": "x", "shape": [1, 1, 16, 16], "dtype": "float32"}
+    ]
     for precision in ("fp32", "int8"):
         assert set(on_disk["latency_ms"][precision]) >= {"p50", "p90", "p99", "mean", "runs"}
     assert on_disk["speedup_p50"] > 0

@@ -13,6 +13,7 @@ from deploy import errors
 from deploy.cli.app import app, console
 from deploy.pipeline import STAGES, BuildOptions, build
 from deploy.verify import DEFAULT_THRESHOLDS, Thresholds
+from models.inputs import InputSpec, check_batch, check_dtype, load_spec_file
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -28,6 +29,44 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def parse_inputs(
+    shapes: list[str] | None, spec_file: Path | None
+) -> tuple[tuple[int, ...] | None, tuple[InputSpec, ...] | None]:
+    """--input-shape (repeatable) and --input-spec as (unnamed shape, named input specs).
+
+    '1x3x224x224' is the single-input form; 'NAME:1x128:int64' (dtype default float32) names
+    one input of a multi-input model. Names are checked against forward() in load_model."""
+    shapes = shapes or []
+    if spec_file is not None:
+        if shapes:
+            raise errors.BadInputError("give --input-shape or --input-spec, not both")
+        return None, load_spec_file(spec_file)
+    if not any(":" in text for text in shapes):
+        if len(shapes) > 1:
+            raise errors.BadInputError(
+                "several --input-shape values need names, e.g. --input-shape input_ids:1x128:int64"
+            )
+        return parse_shape(shapes[0] if shapes else None), None
+    return None, check_batch(tuple(_named(text) for text in shapes), "--input-shape")
+
+
+def _named(text: str) -> InputSpec:
+    name, _, rest = text.partition(":")
+    dims, _, dtype = rest.partition(":")
+    if not name.isidentifier():
+        raise errors.BadInputError(
+            f"bad --input-shape '{text}'; expected NAME:SHAPE[:DTYPE], e.g. input_ids:1x128:int64"
+        )
+    where = f"--input-shape '{text}'"
+    try:
+        shape = parse_shape(dims)
+    except errors.BadInputError:
+        raise errors.BadInputError(
+            f"bad dims in {where}; expected e.g. input_ids:1x128:int64"
+        ) from None
+    return InputSpec(name, shape, check_dtype(where, dtype or "float32"))
+
+
 Opt = typer.Option
 DEFAULT = DEFAULT_THRESHOLDS["int8_vs_fakequant"]
 
@@ -38,7 +77,13 @@ def build_command(
     model: Annotated[
         str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")
     ] = None,
-    input_shape: Annotated[str | None, Opt(help="Model input shape, e.g. 1x3x224x224.")] = None,
+    input_shape: Annotated[
+        list[str] | None,
+        Opt(help="Input shape (1x3x224x224), or per input NAME:SHAPE:DTYPE; repeatable."),
+    ] = None,
+    input_spec: Annotated[
+        Path | None, Opt(help="JSON: {name: {shape, dtype, range}} for each model input.")
+    ] = None,
     data: Annotated[Path | None, Opt(help="Calibration data: .npz file or image folder.")] = None,
     calib_batches: Annotated[int, Opt(help="Calibration batches.")] = 8,
     qat_epochs: Annotated[int, Opt(help="QAT fine-tuning epochs (needs labels).")] = 0,
@@ -58,10 +103,12 @@ def build_command(
     ] = DEFAULT.max_p999_err_steps,
 ) -> None:
     """Prepare, calibrate, (QAT), export, lint, build, verify kernels, check accuracy, time."""
+    shape, inputs = parse_inputs(input_shape, input_spec)
     options = BuildOptions(
         target=target,
         model=model,
-        input_shape=parse_shape(input_shape),
+        input_shape=shape,
+        inputs=inputs,
         data=data,
         calib_batches=calib_batches,
         qat_epochs=qat_epochs,

@@ -147,6 +147,12 @@ class FakeQuantize(nn.Module):
         if not enabled:
             return x
         qmin, qmax = self.export_range()
+        if (qmin, qmax) != (self.spec.qmin, self.spec.qmax):  # a 7-bit weight in int8 codes
+            # the weight may have moved past its observed range (a QAT step after the last
+            # observation): clamp it to the spec's own codes; exporters fold this constant
+            shape = [-1 if d == self.spec.axis % x.dim() else 1 for d in range(x.dim())]
+            bound = scale.reshape(shape) if self.spec.per_channel else scale
+            x = torch.maximum(torch.minimum(x, bound * self.spec.qmax), bound * self.spec.qmin)
         if self.spec.per_channel:
             return torch.fake_quantize_per_channel_affine(
                 x, scale, zp, self.spec.axis % x.dim(), qmin, qmax

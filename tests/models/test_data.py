@@ -207,3 +207,15 @@ def test_token_ids_must_be_whole_and_non_negative(tmp_path):
         load_calibration_data(tmp_path / "frac.npz", (1, 128), input_dtype="int64")
     with pytest.raises(BadInputError, match="negative token ids"):
         load_calibration_data(tmp_path / "neg.npz", (1, 128), input_dtype="int64")
+
+
+def test_token_ids_are_checked_against_the_vocab_but_may_be_zero(tmp_path):
+    from models import load_model
+
+    (ids,) = load_model("bert_tiny")[1].inputs  # vocab 1000 (models/bert_tiny.py)
+    np.savez(tmp_path / "big.npz", x=np.full((2, 128), 1000))
+    np.savez(tmp_path / "pad.npz", x=np.zeros((2, 128), np.int32))
+    with pytest.raises(BadInputError, match=r"value 1000 is outside the range \[0, 1000\)"):
+        load_calibration_data(tmp_path / "big.npz", inputs=(ids,))
+    padding = load_calibration_data(tmp_path / "pad.npz", inputs=(ids,))
+    assert padding.inputs.dtype == np.int64 and not padding.inputs.any()
