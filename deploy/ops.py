@@ -117,16 +117,13 @@ ONNX_KINDS: Mapping[str, str] = {
     "Split": "getitem",
 }
 
-#: Kinds only transformers contain: LayerNorm, attention. A Softmax alone is a classifier head
-#: (a CNN ending in one keeps CNN rules); a MatMul of two activations beside a Softmax is
-#: attention written out by hand.
-_TRANSFORMER_KINDS = frozenset({"layer_norm", "attention"})
-
-
+#: Attention is what makes a transformer: scaled_dot_product_attention, or a MatMul of two
+#: activations beside a Softmax (attention written out). LayerNorm alone does not (ConvNeXt and
+#: MLP-Mixer are CNNs with LayerNorm), nor does a Softmax alone (a classifier head).
 def is_transformer(kinds: Iterable[str | None]) -> bool:
     """Whether a graph with these op kinds gets its backend's transformer rules."""
     present = set(kinds)
-    return bool(present & _TRANSFORMER_KINDS) or {"matmul", "softmax"} <= present
+    return "attention" in present or {"matmul", "softmax"} <= present
 
 
 def aten_kind(target) -> str | None:

@@ -77,7 +77,7 @@ def prepare(
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
     (e.g. {"input_ids": ..., "attention_mask": ...}). mode: "auto" (transformer rules when the
-    graph has LayerNorm or attention, deploy.ops.is_transformer), "cnn" or "transformer".
+    graph has attention, deploy.ops.is_transformer), "cnn" or "transformer".
     bits: 2..8 for both weights and activations (export needs 8). observer: activation
     observer, one of OBSERVERS. learnable: LSQ scales (QAT). reduce_range: 7-bit weights
     for engines that saturate int16 pair sums (BackendRules.int16_pair_sums_without_vnni);

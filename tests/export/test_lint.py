@@ -371,15 +371,27 @@ def test_matmul_of_two_activations_needs_both_quantized(target):
     assert found(net.model("mm"), target) == [("unquantized-input", "mm")]
 
 
+def attention_tail(net: Net, x: str) -> str:
+    """softmax(x x^T) x on the flattened x: attention, which makes a graph a transformer."""
+    flat = net.op("Flatten", [x], "flat")
+    q = net.qdq(flat, "q_attn", dtype=np.int8, zero_point=0)
+    kt = net.op("Transpose", [q], "kt", perm=[1, 0])
+    probs = net.op("Softmax", [net.op("MatMul", [q, kt], "scores")], "probs")
+    return net.op("MatMul", [net.qdq(probs, "q_probs", dtype=np.int8, zero_point=0), q], "ctx")
+
+
 def two_conv_add(target: str, marker: str) -> onnx.ModelProto:
-    """Add of two float Conv outputs, then `marker` (LayerNormalization flips to transformer
-    rules; a Softmax alone is a classifier head and keeps CNN rules, as in prepare)."""
+    """Add of two float Conv outputs, then `marker`: attention flips to transformer rules; a
+    Softmax alone (a classifier head) or a LayerNorm (ConvNeXt) keeps CNN rules, as in
+    prepare (deploy.ops.is_transformer)."""
     net = Net(target)
     x = net.qdq("x", "q_in")
     add = net.op("Add", [net.conv(x, "conv_a"), net.conv(x, "conv_b")], "add")
+    if marker == "attention":
+        return net.model(attention_tail(net, add))
     if marker == "LayerNormalization":
-        scale = net.const("ln_scale", np.ones(C, np.float32))
-        net.op(marker, [add, scale], "out", axis=1)
+        scale = net.const("ln_scale", np.ones(8, np.float32))
+        net.op(marker, [add, scale], "out", axis=-1)
     else:
         net.op(marker, [add], "out")
     return net.model("out")
@@ -391,25 +403,26 @@ def test_transformer_rules_leave_residual_add_float(target):
     Identity is pass-through, so the Add is the only op the CNN rules select."""
     cnn = found(two_conv_add(target, "Identity"), target)
     assert cnn == [("unquantized-input", "add"), ("unquantized-input", "add")]
-    assert found(two_conv_add(target, "LayerNormalization"), target) == []
-    head = found(two_conv_add(target, "Softmax"), target)
-    assert head.count(("unquantized-input", "add")) == 2  # a Softmax head is no transformer
+    transformer = found(two_conv_add(target, "attention"), target)
+    assert ("unquantized-input", "add") not in transformer
+    for marker in ("Softmax", "LayerNormalization"):  # a classifier head, ConvNeXt's norm
+        assert found(two_conv_add(target, marker), target).count(("unquantized-input", "add")) == 2
 
 
 def int8_transformer_matmul(target: str) -> onnx.ModelProto:
-    """A MatMul with int8 symmetric input activations in a graph with LayerNormalization."""
+    """A MatMul with int8 symmetric input activations in a graph with attention."""
     net = Net(target)
-    flat = net.op("Flatten", [net.qdq("x", "q_in", dtype=np.int8, zero_point=0)], "flat")
+    flat = net.op("Flatten", [net.qdq("x", "q_in", dtype=np.int8, zero_point=0)], "flat0")
     matmul = net.op("MatMul", [flat, net.weight("w", (C * 64, 3), axis=1)], "mm")
-    net.op("LayerNormalization", [matmul, net.const("ln_scale", np.ones(3, np.float32))], "out")
-    return net.model("out")
+    return net.model(attention_tail(net, matmul))
 
 
 def test_op_rule_can_override_the_activation_spec():
     """OpenVINO's transformer rules quantize MatMul inputs int8 symmetric (NNCF TRANSFORMER);
     onnxruntime's keep the backend's uint8."""
     assert found(int8_transformer_matmul("openvino"), "openvino") == []
-    assert found(int8_transformer_matmul("onnxruntime"), "onnxruntime") == [("dtype", "q_in")]
+    ort_found = found(int8_transformer_matmul("onnxruntime"), "onnxruntime")
+    assert [v for v in ort_found if v[1] == "q_in"] == [("dtype", "q_in")]
 
 
 def test_rules_from_data_drive_the_linter():

@@ -3,6 +3,8 @@ train/eval switching of the captured graph; and one-line errors for what cannot 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,5 +195,7 @@ def test_summary_lists_every_quantizer_with_its_scales():
     console = Console(record=True, width=200)
     console.print(prepared.summary())
     text = console.export_text()
-    assert "int8 sym narrow per-channel(axis=0)" in text and "uint8 affine per-tensor" in text
+    # 7-bit weights where OpenVINO runs without VNNI (reduced range)
+    assert re.search(r"int[78] sym narrow per-channel\(axis=0\)", text)
+    assert "uint8 affine per-tensor" in text
     assert "uncalibrated" not in text
