@@ -57,6 +57,13 @@ class _EngineBias(nn.Module):
 
     weight_quant: FakeQuantize
     _bias_source: FakeQuantize | None = None
+    #: the weight export writes, fixed when export mode is switched on (see set_export_mode)
+    _export_weight: torch.Tensor | None = None
+
+    def _weight_for_export(self, enabled: bool, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            fixed = self.weight_quant.within_range(weight.detach()).clone() if enabled else None
+        self.__dict__["_export_weight"] = fixed
 
     def round_bias_with(self, source: FakeQuantize) -> None:
         self.__dict__["_bias_source"] = source  # a reference, not a second owner in state_dict
@@ -86,8 +93,12 @@ class QuantConv(_EngineBias):
         self.weight_quant = weight_quant
         self.op_kind = kind
 
+    def set_export_mode(self, enabled: bool) -> None:
+        self._weight_for_export(enabled, self.conv.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_quant(self.conv.weight)
+        weight = self.conv.weight if self._export_weight is None else self._export_weight
+        weight = self.weight_quant(weight)
         return _conv(self.conv, x, weight, self.engine_bias(self.conv.bias))
 
 
@@ -101,8 +112,12 @@ class QuantLinear(_EngineBias):
         self.linear = linear
         self.weight_quant = weight_quant
 
+    def set_export_mode(self, enabled: bool) -> None:
+        self._weight_for_export(enabled, self.linear.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_quant(self.linear.weight)
+        weight = self.linear.weight if self._export_weight is None else self._export_weight
+        weight = self.weight_quant(weight)
         return F.linear(x, weight, self.engine_bias(self.linear.bias))
 
 
@@ -134,6 +149,7 @@ class QuantConvBn(_EngineBias):
             return
         with torch.no_grad():
             weight, bias = self.folded_weight_and_bias()
+        weight = self.weight_quant.within_range(weight)
         self._export = (weight.detach().clone(), bias.detach().clone())
 
     def freeze_bn(self, frozen: bool = True) -> None:

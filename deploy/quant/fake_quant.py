@@ -141,18 +141,26 @@ class FakeQuantize(nn.Module):
             )
         return qmin, self.spec.qmax
 
+    def within_range(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` clamped to this quantizer's own codes, where export writes it on a wider
+        range (7-bit weights as int8): a QAT step after the last observation can move a
+        weight past its observed range, and int8 codes would not clip it as fake-quant does.
+        Layers apply it to the constant weight they export."""
+        if self.export_range() == (self.spec.qmin, self.spec.qmax):
+            return weight
+        scale, zp = self.effective_qparams()
+        if self.spec.per_channel:
+            shape = [-1 if d == self.spec.axis % weight.dim() else 1 for d in range(weight.dim())]
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        low, high = (self.spec.qmin - zp) * scale, (self.spec.qmax - zp) * scale
+        return torch.maximum(torch.minimum(weight, high), low)
+
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         """torch's fake-quant ops, which the ONNX exporter turns into Q/DQ pairs."""
         enabled, scale, zp = self._export
         if not enabled:
             return x
         qmin, qmax = self.export_range()
-        if (qmin, qmax) != (self.spec.qmin, self.spec.qmax):  # a 7-bit weight in int8 codes
-            # the weight may have moved past its observed range (a QAT step after the last
-            # observation): clamp it to the spec's own codes; exporters fold this constant
-            shape = [-1 if d == self.spec.axis % x.dim() else 1 for d in range(x.dim())]
-            bound = scale.reshape(shape) if self.spec.per_channel else scale
-            x = torch.maximum(torch.minimum(x, bound * self.spec.qmax), bound * self.spec.qmin)
         if self.spec.per_channel:
             return torch.fake_quantize_per_channel_affine(
                 x, scale, zp, self.spec.axis % x.dim(), qmin, qmax
