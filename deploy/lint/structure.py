@@ -176,5 +176,7 @@ def _conv_behind_qdq(ctx: Context, name: str) -> tuple[NodeProto, NodeProto] | N
     quantize = ctx.graph.producer.get(dequantize.input[0])
     if quantize is None or quantize.op_type != QUANTIZE:
         return None
+    if len(ctx.graph.consumers.get(name, ())) != 1:
+        return None  # the quantized value feeds other ops too: the Conv cannot fuse anyway
     conv = _fusible_conv(ctx, quantize.input[0])
     return (quantize, conv) if conv is not None else None

@@ -290,6 +290,17 @@ def test_qdq_between_conv_and_residual_add_breaks_tensorrt_fusion():
     assert found(model, "tensorrt") == [("qdq-breaks-fusion", "q_conv2")]
 
 
+def test_a_quantized_conv_output_that_other_ops_read_is_no_broken_fusion():
+    """ConvNeXt's downsampling Conv feeds the next block's Conv and that block's residual Add
+    through one Q/DQ: the Conv has two readers, so TensorRT could not fuse it into the Add."""
+    net = Net("tensorrt")
+    conv = net.conv(net.qdq("x", "q_in"), "down")
+    shared = net.qdq(conv, "q_down")
+    branch = net.op("Relu", [net.conv(shared, "dw")], "relu")
+    net.op("Add", [net.qdq(branch, "q_branch"), shared], "add")
+    assert found(net.model("add"), "tensorrt") == []
+
+
 def test_unquantized_skip_branch_is_flagged_for_tensorrt():
     model = residual("tensorrt", conv_qdq=False, skip_quantized=False)
     assert found(model, "tensorrt") == [("unquantized-skip", "add")]
