@@ -117,6 +117,7 @@ ONNX_KINDS: Mapping[str, str] = {
     "Split": "getitem",
 }
 
+
 #: Attention is what makes a transformer: scaled_dot_product_attention, or a MatMul of two
 #: activations beside a Softmax (attention written out). LayerNorm alone does not (ConvNeXt and
 #: MLP-Mixer are CNNs with LayerNorm), nor does a Softmax alone (a classifier head).
