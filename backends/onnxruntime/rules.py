@@ -12,9 +12,10 @@
 - Real CNNs (measured with QDQ probes on this project's machines, ORT 1.32; int8/fp32 time):
   SiLU runs int8 written out as QLinearSigmoid + QLinearMul (0.65; with the SiLU float
   between a quantized Conv output and the next Conv: 0.86), so SiLU is decomposed; HardSwish,
-  HardSigmoid, GroupNorm and (in CNNs such as ConvNeXt) LayerNorm have no int8 kernel, but
-  quantizing their input makes the Conv before them a QLinearConv (0.82 / 0.51 / 0.64 vs a
-  float Conv with a dequantized input at 1.0-1.15), so their inputs are quantized.
+  HardSigmoid, GroupNorm and (in CNNs such as ConvNeXt) LayerNorm and GELU have no int8
+  kernel, but quantizing their input makes the Conv before them a QLinearConv (0.82 / 0.51 /
+  0.64 vs a float Conv with a dequantized input at 1.0-1.15), so their inputs are quantized
+  (ConvNeXt-Atto: 29 -> 41 of 41 convs int8 with LayerNorm and GELU inputs quantized).
   ConvTranspose has no int8 kernel (a QDQ ConvTranspose runs 1.07-1.25x the fp32 time): it
   stays float, weights included.
 - Transformer mode: quantize Linear inputs only; Softmax, LayerNorm, GELU and residual Adds stay
@@ -46,6 +47,7 @@ RULES = BackendRules(
         "hardsigmoid": OpRule(Inputs.ALL),
         "group_norm": OpRule(Inputs.ALL),
         "layer_norm": OpRule(Inputs.ALL),  # ConvNeXt: its depthwise Conv needs an output Q
+        "gelu": OpRule(Inputs.ALL),  # ConvNeXt's 1x1-Conv MLP, the same way
     },
     decompose=frozenset({"silu"}),
     pass_through=frozenset(
