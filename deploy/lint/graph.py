@@ -25,6 +25,9 @@ _ANCHORS: Mapping[str, frozenset[str]] = {
     "linear": frozenset({"Gemm", "MatMul"}),
     "matmul": frozenset({"MatMul"}),
 }
+#: Ops whose type says more than the torch op they came from: which pooling, and whether a
+#: convolution is transposed (a ConvTranspose2d module exports through aten.convolution).
+_OP_TYPE_DECIDES = frozenset({"GlobalAveragePool", "AveragePool", "Conv", "ConvTranspose"})
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
 
@@ -71,8 +74,8 @@ class Graph:
 
     def kind(self, node: NodeProto) -> str | None:
         kind, _ = self._tags[id(node)]
-        if kind is None or node.op_type in ("GlobalAveragePool", "AveragePool"):
-            kind = ONNX_KINDS.get(node.op_type)  # pooling: the op says which pooling it is
+        if kind is None or node.op_type in _OP_TYPE_DECIDES:
+            kind = ONNX_KINDS.get(node.op_type)
         elif kind in _ANCHORS and node.op_type not in _ANCHORS[kind]:
             # the weight Transpose or bias Add a weighted op exports beside its Conv / MatMul
             moves = ONNX_KINDS.get(node.op_type) in ("reshape", "transpose", "identity")

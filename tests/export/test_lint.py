@@ -672,6 +672,24 @@ def test_truncated_file_is_bad_input(tmp_path):
         lint(path, "tensorrt")
 
 
+def test_our_tensorrt_conv_transpose_export_is_lint_clean(tmp_path):
+    """A ConvTranspose2d exports through aten.convolution: its weight axis (1) must be read
+    from the ONNX op, not from the torch op's kind."""
+    import torch
+
+    from deploy.calibrate import calibrate
+    from deploy.export import export
+    from deploy.prepare import prepare
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+    ).eval()
+    prepared = prepare(model, "tensorrt", torch.randn(1, 3, 8, 8))
+    calibrate(prepared, [torch.randn(4, 3, 8, 8)], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    assert lint(path, "tensorrt") == []
+
+
 @pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
 @pytest.mark.parametrize("name", ["mnist_cnn", "bert_tiny"])
 def test_our_zoo_exports_are_lint_clean(name, target, tmp_path):
