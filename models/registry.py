@@ -166,7 +166,7 @@ def load_model(
         torch.manual_seed(seed)
         module = spec.factory()
         if spec.default_data == "synthetic" and spec.input_dtype == "float32":
-            _estimate_bn_statistics(module, spec.input_shape)
+            estimate_bn_statistics(module, spec.input_shape)
     if pretrained and spec.weights is not None:
         state = torch.load(_WEIGHTS_DIR / spec.weights, map_location="cpu", weights_only=True)
         module.load_state_dict(state)
@@ -199,7 +199,9 @@ def _bound(spec: ModelSpec, module: nn.Module) -> ModelSpec:
     return replace(spec, inputs=with_vocab_ranges(module, specs), by_keyword=by_keyword)
 
 
-def _estimate_bn_statistics(module: nn.Module, input_shape: tuple[int, ...]) -> None:
+def estimate_bn_statistics(
+    module: nn.Module, input_shape: tuple[int, ...], batches: int = 4
+) -> None:
     """Random-weight zoo models stand in for trained ones. With BN's initial statistics their
     activations shrink or blow up layer by layer (MobileNetV2 logits ~1e-9), which makes
     calibration and accuracy checks meaningless; statistics measured on random images give
@@ -212,7 +214,7 @@ def _estimate_bn_statistics(module: nn.Module, input_shape: tuple[int, ...]) -> 
         bn.momentum = None  # cumulative average over the batches below
     module.train()
     with torch.no_grad():
-        for _ in range(4):
+        for _ in range(batches):
             module(torch.randn(4, *input_shape[1:]))
     for bn in bns:
         bn.momentum = 0.1

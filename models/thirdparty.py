@@ -39,6 +39,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from models.registry import estimate_bn_statistics
+
 IMAGE = (1, 3, 224, 224)
 InputDecl = tuple[int, ...] | dict[str, dict]
 Factory = Callable[[], tuple[nn.Module, InputDecl]]
@@ -101,26 +103,8 @@ def _timm(name: str, **kwargs) -> nn.Module:
 
 def _image_model(module: nn.Module, size: int) -> tuple[nn.Module, tuple[int, ...]]:
     shape = (1, 3, size, size)
-    _estimate_bn_statistics(module, shape)
+    estimate_bn_statistics(module, shape, batches=2)
     return module.eval(), shape
-
-
-def _estimate_bn_statistics(module: nn.Module, shape: tuple[int, ...], batches: int = 2) -> None:
-    """Why: random weights with BN's initial statistics shrink or blow up activations layer
-    by layer, which makes calibration and the int8-vs-fp32 cosine meaningless."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches below
-    module.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            module(torch.randn(4, *shape[1:]))
-    for bn in bns:
-        bn.momentum = 0.1
-    module.eval()
 
 
 # --- SiLU + squeeze-excite -------------------------------------------------------------------
