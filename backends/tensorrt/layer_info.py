@@ -5,11 +5,13 @@ DETAILED build ("Name: conv1_myl0_1, LayerType: correlation, Inputs: [ { ..., Da
 ... }], ..., Metadata: [ONNX Layer: conv1]...") and the engine inspector's JSON (datacenter
 TensorRT: "LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": "... Int8 ..."}]).
 
-A compute layer runs int8 when all its activation inputs are Int8 (weights are constants, listed
-apart). Compute layers are found by type (conv/gemm kernels) and, because TensorRT may lower a
-small Gemm/MatMul into a generated kernel ("kgen", "runtime_fusion"), also by the ONNX nodes each
-layer's metadata names: an ONNX Conv/Gemm/MatMul that no conv/gemm-type layer claims is reported
-on the first layer that names it, so a float fallback cannot hide inside a fused kernel.
+A compute layer runs int8 when all its data inputs are Int8 (weights are constants, listed
+apart; a Bool attention mask or an integer index input is no data input: TensorRT-RTX's fused
+int8 attention of a masked encoder reads Bool/Int8/Int8/Int8). Compute layers are found by
+type (conv/gemm kernels) and, because TensorRT may lower a small Gemm/MatMul into a generated
+kernel ("kgen", "runtime_fusion"), also by the ONNX nodes each layer's metadata names: an ONNX
+Conv/Gemm/MatMul that no conv/gemm-type layer claims is reported on the first layer that names
+it, so a float fallback cannot hide inside a fused kernel.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ _TEXT_LAYER = re.compile(
 _DATATYPE = re.compile(r"Datatype: (\w+)")
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
 _INT8 = re.compile(r"\bint8\b", re.IGNORECASE)  # "UInt8" does not match
+#: Input types that carry masks or indices, not the values a layer computes on.
+_NOT_DATA = re.compile(r"\b(bool|int32|int64)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,8 @@ class EngineLayer:
 
     @property
     def precision(self) -> str:
-        int8 = bool(self.input_types) and all(_INT8.search(t) for t in self.input_types)
-        return "int8" if int8 else "float"
+        data = [t for t in self.input_types if not _NOT_DATA.search(t)]
+        return "int8" if data and all(_INT8.search(t) for t in data) else "float"
 
 
 def layers_from_text(text: str) -> list[EngineLayer]:

@@ -304,6 +304,10 @@ def test_inspector_json_layers():
         (("Int8", "Float"), "float"),
         (("UInt8",), "float"),
         ((), "float"),
+        (("Bool", "Int8", "Int8", "Int8"), "int8"),  # masked fused attention (TensorRT-RTX)
+        (("Bool", "Float", "Int8", "Int8"), "float"),
+        (("Int32", "Int8"), "int8"),
+        (("Bool",), "float"),
     ],
 )
 def test_int8_needs_every_activation_input_int8(types, precision):
