@@ -12,6 +12,8 @@ where the graph must state plain Q/DQ semantics and the engine applies its own a
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import fx
 
 from deploy.quant.fake_quant import FakeQuantize
@@ -24,6 +26,7 @@ _CONVS = ("conv", "conv_transpose")
 def link(gm: fx.GraphModule, kinds, rules: BackendRules) -> None:
     """Wire the engine arithmetic `rules` declares into the prepared graph module."""
     modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in gm.graph.nodes:
         kind = kinds.get(node)
         if kind in rules.int32_bias and kind in BIASED_KINDS:
@@ -31,7 +34,7 @@ def link(gm: fx.GraphModule, kinds, rules: BackendRules) -> None:
             if source is not None and (kind != "linear" or _rank(node.args[0]) == 2):
                 modules[node.target].round_bias_with(source)  # 2-D Linear exports as Gemm
         if kind == "add" and rules.unrounded_fused_add:
-            operand = _fused_conv_operand(node, kinds, modules)
+            operand = _fused_conv_operand(node, kinds, modules, calls)
             if operand is not None:
                 operand.rounding = False
 
@@ -55,12 +58,13 @@ def _rank(node) -> int | None:
     return len(meta.shape) if meta is not None else None
 
 
-def _fused_conv_operand(add: fx.Node, kinds, modules) -> FakeQuantize | None:
+def _fused_conv_operand(add: fx.Node, kinds, modules, calls: Counter) -> FakeQuantize | None:
     """The quantizer between an Add and the first operand the engine can fuse into it: a
-    Conv whose output feeds only that quantizer, which feeds only this Add."""
+    Conv whose output feeds only that quantizer, which feeds only this Add and quantizes
+    nothing else (a quantizer shared with other values keeps rounding them)."""
     for arg in add.args:
         quantizer = _quantizer(arg, modules)
-        if quantizer is None:
+        if quantizer is None or calls[arg.target] != 1:
             continue
         producer = arg.args[0]
         if kinds.get(producer) in _CONVS and len(producer.users) == 1 and set(arg.users) == {add}:

@@ -8,7 +8,8 @@ graph optimizer sees the graph.
 - global_average_pool: the dynamo exporter writes adaptive average pooling to 1x1 as
   ReduceMean(axes=[2, 3], keepdims=1); GlobalAveragePool is the same op under the name
   onnxruntime's QDQ fusion knows (DQ -> GlobalAveragePool -> Q becomes
-  QLinearGlobalAveragePool).
+  QLinearGlobalAveragePool). x.mean([2, 3]) (keepdims=0, ShuffleNetV2) becomes
+  GlobalAveragePool -> Squeeze: onnxruntime moves the Q after the Squeeze up to the pool.
 - matmul_bias_3d: Linear layers on 3-D inputs export as MatMul + Add(bias [N]). onnxruntime's
   MatMulAddFusion turns that into Reshape -> Gemm(float bias) -> Reshape, a Gemm its QDQ
   selector leaves in float (it needs an int32 bias), and the reshapes cost time. It only fuses
@@ -95,12 +96,13 @@ def _rank(model: onnx.ModelProto, name: str) -> int | None:
 
 
 def global_average_pool(model: onnx.ModelProto) -> int:
-    """ReduceMean over the spatial axes of a 4-D tensor, keepdims=1 -> GlobalAveragePool."""
+    """ReduceMean over the spatial axes of a 4-D tensor -> GlobalAveragePool (-> Squeeze of
+    those axes when keepdims=0)."""
     g = GraphIndex(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     rewritten = 0
-    for i, node in enumerate(list(g.graph.node)):
-        if node.op_type != "ReduceMean" or _attr(node, "keepdims", 1) != 1:
+    for node in list(g.graph.node):
+        if node.op_type != "ReduceMean":
             continue
         axes = _attr(node, "axes", None)
         if axes is None and len(node.input) > 1:
@@ -108,9 +110,19 @@ def global_average_pool(model: onnx.ModelProto) -> int:
             axes = None if found is None else found.tolist()
         if _rank(inferred, node.input[0]) != 4 or sorted(a % 4 for a in axes or []) != [2, 3]:
             continue
-        pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), node.name)
+        at = list(g.graph.node).index(node)
+        outputs = list(node.output)
+        if _attr(node, "keepdims", 1) != 1:
+            pooled = g.fresh(f"{node.output[0]}_pooled")
+            axes_name = g.add_init(f"{node.name}_axes", np.array([2, 3], np.int64))
+            squeeze = helper.make_node(
+                "Squeeze", [pooled, axes_name], outputs, f"{node.name}_squeeze"
+            )
+            g.graph.node.insert(at, squeeze)
+            outputs = [pooled]
+        pool = helper.make_node("GlobalAveragePool", [node.input[0]], outputs, node.name)
         g.graph.node.remove(node)
-        g.graph.node.insert(i, pool)
+        g.graph.node.insert(at, pool)
         rewritten += 1
     g.drop_unused_inits()
     return rewritten

@@ -91,13 +91,13 @@ def _args(node: fx.Node) -> list:
 
 
 def _spatial_mean(node: fx.Node) -> bool:
-    """mean over the two spatial axes of an NCHW tensor, keeping them: global average pooling
-    (exported as ReduceMean, which the onnxruntime export pass renames GlobalAveragePool)."""
+    """mean over the two spatial axes of an NCHW tensor: global average pooling, also without
+    keepdim (ShuffleNetV2's x.mean([2, 3])); exported as ReduceMean, which the onnxruntime
+    export pass rewrites to GlobalAveragePool."""
     args = node.args
     rank = _rank(args[0])
     dims = args[1] if len(args) > 1 else None
-    keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
-    if rank != 4 or not isinstance(dims, list | tuple) or not keep:
+    if rank != 4 or not isinstance(dims, list | tuple):
         return False
     return sorted(d % 4 for d in dims) == [2, 3]
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from deploy import arithmetic
 from deploy.capture import capture, flat_inputs
@@ -180,7 +180,8 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: list[torch.Tensor]) -> None:
 
 
 def _is_tensor(node: fx.Node) -> bool:
-    return isinstance(node, fx.Node) and "tensor_meta" in node.meta
+    """A node whose value is one tensor (ShapeProp records a list of metadata for a chunk)."""
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("tensor_meta"), TensorMetadata)
 
 
 def _set_module(gm: fx.GraphModule, path: str, module: nn.Module | None) -> None:
@@ -282,43 +283,112 @@ def _selected_inputs(node: fx.Node, rule: OpRule, kinds) -> list[fx.Node]:
     return [tensors[i] for i in selected_inputs(kinds.get(node), rule, facts)]
 
 
-def _place_activation_quantizers(gm, kinds, op_rules, factory, plan: QuantPlan) -> None:
-    """One FakeQuantize per (value, spec), shared by every consumer that needs that spec;
-    a shared-scale op (Concat) gets one quantizer for all its inputs."""
-    per_value: dict[tuple[str, QuantSpec], fx.Node] = {}
-    edges: dict[str, tuple[QuantSpec, list[tuple[str, str]]]] = {}
+Key = tuple[fx.Node, QuantSpec]  # a value, quantized with a spec
 
-    def new_quantizer(spec_override: QuantSpec | None, where: str, spec: QuantSpec) -> str:
-        name = f"act_quant_{len(edges)}"
-        gm.add_submodule(name, factory.activation(spec_override, where))
-        edges[name] = (spec, [])
-        return name
 
+def _place_activation_quantizers(
+    gm, kinds, op_rules, factory: _QuantizerFactory, plan: QuantPlan
+) -> None:
+    """Quantize every input edge the rules select, each value once per spec: one call of a
+    FakeQuantize read by all its consumers (a runtime fuses a producer with the one Q that
+    follows it; two Qs of one value leave the producer in float). Values that must share a
+    scale form a group with one FakeQuantize module: a shared-scale op's (Concat) inputs, and
+    with BackendRules.quantize_pass_through_inputs a pass-through op's input and output."""
+    groups = _Groups()
+    readers: dict[Key, list[fx.Node]] = {}
     for node in list(gm.graph.nodes):
         rule = op_rules.get(kinds.get(node))
         selected = _selected_inputs(node, rule, kinds) if rule is not None else []
         if not selected:
             continue
         spec = (rule.activation or factory.rules.activation).with_bits(factory.bits)
-        shared = None
+        keys = [(value, spec) for value in dict.fromkeys(selected)]
+        for key in keys:
+            readers.setdefault(key, []).append(node)
+            groups.add(key)
         if rule.shared_scale:
-            shared = new_quantizer(rule.activation, f"{node.name} inputs", spec)
-        for value in dict.fromkeys(selected):
-            q_node = None if shared else per_value.get((value.name, spec))
-            if q_node is None:
-                where = f"{value.name} -> {node.name}"
-                target = shared or new_quantizer(rule.activation, where, spec)
-                with gm.graph.inserting_after(value):
-                    q_node = gm.graph.call_module(target, (value,))
-                q_node.meta = dict(value.meta)
-                if not shared:
-                    per_value[(value.name, spec)] = q_node
-            node.replace_input_with(value, q_node)
-            edges[q_node.target][1].append((value.name, node.name))
-    for name, (spec, site_edges) in edges.items():
+            groups.union(*keys)
+    if factory.rules.quantize_pass_through_inputs:
+        _quantize_pass_through_inputs(kinds, op_rules, factory.rules, readers, groups)
+    modules: dict[Key, str] = {}
+    sites: dict[str, tuple[QuantSpec, list[tuple[str, str]]]] = {}
+    for key, consumers in readers.items():
+        value, spec = key
+        root = groups.find(key)
+        if root not in modules:
+            modules[root] = name = f"act_quant_{len(modules)}"
+            gm.add_submodule(name, factory.activation(spec, f"{value.name} -> {consumers[0].name}"))
+            sites[name] = (spec, [])
+        with gm.graph.inserting_after(value):
+            q_node = gm.graph.call_module(modules[root], (value,))
+        q_node.meta = dict(value.meta)
+        for consumer in consumers:
+            consumer.replace_input_with(value, q_node)
+            sites[modules[root]][1].append((value.name, consumer.name))
+    for name, (spec, site_edges) in sites.items():
         plan.sites.append(
             QuantizerSite(name, "activation", spec, site_edges[0][0], tuple(site_edges))
         )
+
+
+class _Groups:
+    """Union-find over quantized values: members of one group share one quantizer."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Key, Key] = {}
+
+    def add(self, key: Key) -> None:
+        self.parent.setdefault(key, key)
+
+    def find(self, key: Key) -> Key:
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
+
+    def union(self, first: Key, *others: Key) -> None:
+        for other in others:
+            self.parent[self.find(other)] = self.find(first)
+
+
+def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers, groups) -> None:
+    """Where a quantized op's output (or a ReLU after it) reaches its readers only through
+    pass-through ops (MaxPool, reshapes, splits) that end in quantizers of one spec, quantize it
+    right at the producer, and every pass-through output on the way, all in the readers' group:
+    the producer then writes int8 and the pass-through ops run on int8. Exact: those ops
+    commute with per-tensor quantization."""
+    sources = set(op_rules) | {"relu", "relu6"}
+    specs = list(dict.fromkeys(key[1] for key in readers))
+    for value in list(kinds):  # graph order: deterministic quantizer names
+        if kinds.get(value) not in sources or not _is_tensor(value):
+            continue
+        for spec in specs:
+            tree = _pass_through_tree(value, spec, kinds, rules, readers)
+            if tree is None or not any(through for _, through in tree):
+                continue
+            for node, through in tree:
+                groups.add((node, spec))
+                readers.setdefault((node, spec), []).extend(through)
+            groups.union(*((node, spec) for node, _ in tree))
+
+
+def _pass_through_tree(value, spec, kinds, rules: BackendRules, readers):
+    """[(value or a pass-through output below it, its pass-through readers)] when every use
+    of `value` ends, through pass-through ops only, in quantizers of `spec`; None when any use
+    needs a float value (a float op, a graph output, a quantizer of another spec)."""
+    quantized = readers.get((value, spec), ())
+    through = [u for u in value.users if u not in quantized]
+    if not value.users or any(
+        kinds.get(u) not in rules.pass_through or u.args[:1] != (value,) for u in through
+    ):
+        return None
+    tree = [(value, through)] if _is_tensor(value) else []
+    for user in through:
+        below = _pass_through_tree(user, spec, kinds, rules, readers)
+        if below is None:
+            return None
+        tree += below
+    return tree
 
 
 def _prefixed(plan: QuantPlan) -> QuantPlan:

@@ -64,6 +64,11 @@ class BackendRules:
     #: VNNI (255 * 127 * 2 > 32767): prepare() then quantizes weights to 7 bits, which keeps
     #: every pair sum exact (onnxruntime's reduce_range, NNCF's overflow_fix).
     int16_pair_sums_without_vnni: bool = False
+    #: Quantize a quantized op's output before the pass-through ops (MaxPool, reshapes, splits)
+    #: that carry it to its quantized readers, in their group (deploy.prepare): a runtime that
+    #: fuses an op with the Q right after it, and does not move a Q up across such ops itself,
+    #: then writes that output in int8 instead of leaving the op in float.
+    quantize_pass_through_inputs: bool = False
     #: Composite ops written out as their parts before placement, where the parts have int8
     #: kernels and the whole has none (deploy.lowering.DECOMPOSITIONS).
     decompose: frozenset[str] = frozenset()

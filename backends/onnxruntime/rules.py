@@ -50,6 +50,9 @@ RULES = BackendRules(
         "gelu": OpRule(Inputs.ALL),  # ConvNeXt's 1x1-Conv MLP, the same way
     },
     decompose=frozenset({"silu"}),
+    # a Conv is a QLinearConv only when one Q reads its output (a ReLU between folds into the
+    # Q): GoogLeNet's Conv -> ReLU -> MaxPool -> {Convs, MaxPool -> Conv} left it in float
+    quantize_pass_through_inputs=True,
     pass_through=frozenset(
         {"maxpool", "reshape", "transpose", "pad", "identity", "getitem", "interpolate"}
     ),

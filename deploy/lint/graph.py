@@ -87,12 +87,12 @@ class Graph:
         return kind or None
 
     def _spatial_mean(self, node: NodeProto) -> bool:
-        """ReduceMean over H and W of an NCHW tensor, keeping them: global average pooling."""
+        """ReduceMean over H and W of an NCHW tensor: global average pooling."""
         axes = attribute(node, "axes", None)
         if axes is None and len(node.input) > 1:
             found = self.value(node.input[1])
             axes = None if found is None else found.tolist()
-        if attribute(node, "keepdims", 1) != 1 or self._ranks.get(node.input[0]) != 4:
+        if self._ranks.get(node.input[0]) != 4:
             return False
         return sorted(a % 4 for a in axes or []) == [2, 3]
 

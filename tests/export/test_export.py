@@ -23,6 +23,8 @@ from tests.frontend.blocks import (
     Bottleneck,
     ConcatBlock,
     EncoderBlock,
+    GhostBlock,
+    InceptionStem,
     InvertedResidual,
     randomize_bn,
 )
@@ -34,6 +36,8 @@ REFERENCE = {
     "bottleneck": (lambda: randomize_bn(Bottleneck()), IMG8, 1000),
     "inverted_residual": (lambda: randomize_bn(InvertedResidual()), IMG8, 1000),
     "concat": (lambda: randomize_bn(ConcatBlock()), IMG8, 1000),
+    "ghost": (lambda: randomize_bn(GhostBlock()), IMG8, 1000),
+    "inception_stem": (InceptionStem, (3, 16, 16), 1000),
     "encoder": (EncoderBlock, (5, 16), 1000),
     "mnist_cnn": (lambda: load_model("mnist_cnn")[0], (1, 16, 16), 1000),
     "resnet18": (lambda: load_model("resnet18")[0], (3, 224, 224), 16),

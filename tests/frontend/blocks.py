@@ -108,3 +108,40 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.randn(n, generator=g))
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
     return model
+
+
+class GhostBlock(nn.Module):
+    """GhostNet's second ghost module (no activation): a primary Conv+BN whose output both
+    feeds a cheap depthwise Conv and is concatenated with that Conv's output (one value read by
+    a Conv and a Concat)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.primary, self.bn_p = conv_bn(c, c // 2, 1)
+        self.cheap, self.bn_c = conv_bn(c // 2, c // 2, 3, groups=c // 2)
+        self.conv_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        a = self.bn_p(self.primary(x))
+        b = self.bn_c(self.cheap(a))
+        return self.conv_out(torch.cat([a, b], 1))
+
+
+class InceptionStem(nn.Module):
+    """GoogLeNet's stem and branches: Conv -> ReLU -> MaxPool read by two Convs and by a
+    second MaxPool branch; then ShuffleNetV2's head, x.mean([2, 3]) without keepdim -> Linear."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, c, 3), nn.ReLU()
+        self.pool = nn.MaxPool2d(3, 2)
+        self.branch_a, self.branch_b = nn.Conv2d(c, 4, 1), nn.Conv2d(c, 4, 3, padding=1)
+        self.branch_pool, self.branch_c = nn.MaxPool2d(3, 1, 1), nn.Conv2d(c, 4, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        y = self.pool(self.relu(self.stem(x)))
+        a, b = self.branch_a(y), self.branch_b(y)
+        out = torch.cat([a, b, self.branch_c(self.branch_pool(y))], 1)
+        return self.fc(out.mean([2, 3]))
+

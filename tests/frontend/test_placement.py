@@ -20,6 +20,8 @@ from tests.frontend.blocks import (
     Bottleneck,
     ConcatBlock,
     EncoderBlock,
+    GhostBlock,
+    InceptionStem,
     InvertedResidual,
     randomize_bn,
 )
@@ -302,3 +304,59 @@ def test_mobile_block_placement_follows_each_backends_kernels(target):
     assert ("fc1", "relu") in plan.fused  # Conv + ReLU without BN fuses too
     if target != "tensorrt":
         assert "up" in plan.float_ops
+
+
+def _activation_groups(plan) -> list[set[tuple[str, str]]]:
+    return [set(s.edges) for s in plan.sites if s.role == "activation"]
+
+
+# Written by hand from the rules: a value read by a Conv and a Concat gets one quantizer (the
+# Concat's shared one) where Concat inputs share a scale, so a runtime sees one Q after the
+# primary Conv; TensorRT lets Concat pass quantization through.
+GHOST = {
+    "cpu": [
+        {("x", "primary")},
+        {("primary", "cheap"), ("primary", "cat"), ("cheap", "cat")},
+        {("cat", "conv_out")},
+    ],
+    "tensorrt": [{("x", "primary")}, {("primary", "cheap")}, {("cat", "conv_out")}],
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_value_read_by_a_conv_and_a_concat_has_one_quantizer(target):
+    prepared = prepare(randomize_bn(GhostBlock()), target, IMG)
+    expected = GHOST["tensorrt" if target == "tensorrt" else "cpu"]
+    groups = _activation_groups(prepared.plan)
+    assert sorted(groups, key=sorted) == sorted(expected, key=sorted)
+    calls = [
+        n for n in prepared.model.graph.nodes if n.op == "call_module" and "act_quant" in n.target
+    ]
+    assert len(calls) == len({(n.target, n.args[0].name) for n in calls})  # each value once
+
+
+# onnxruntime fuses a Conv with the one Q that reads its output (through a ReLU) and does not
+# move a Q up across MaxPool: its ReLU output is quantized before the pools, in one group with
+# everything the pools reach. The others quantize where the Conv inputs are.
+INCEPTION_POOLS = {
+    "onnxruntime": [
+        {
+            ("relu", "pool"),
+            ("pool", "branch_a"),
+            ("pool", "branch_b"),
+            ("pool", "branch_pool"),
+            ("branch_pool", "branch_c"),
+        }
+    ],
+    "openvino": [{("pool", "branch_a"), ("pool", "branch_b")}, {("branch_pool", "branch_c")}],
+    "tensorrt": [{("pool", "branch_a"), ("pool", "branch_b")}, {("branch_pool", "branch_c")}],
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pooled_branches_are_quantized_where_each_runtime_fuses_them(target):
+    plan = prepare(InceptionStem(), target, torch.randn(2, 3, 16, 16)).plan
+    pooled = [g for g in _activation_groups(plan) if any("pool" in p for p, _ in g)]
+    assert sorted(pooled, key=sorted) == sorted(INCEPTION_POOLS[target], key=sorted)
+    # x.mean([2, 3]) without keepdim is a global average pool: its input is quantized
+    assert ("cat", "mean") in plan.activation_edges and ("mean", "fc") in plan.activation_edges
