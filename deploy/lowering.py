@@ -9,6 +9,9 @@
   of the moment of capture; torchao needs move_exported_model_to_train for the same reason).
 - scaled_dot_product_attention is written out as MatMul(Q, K^T) -> scale -> mask -> Softmax
   -> MatMul(P, V), so the rules can quantize its two MatMuls like any other.
+- A backend may ask for composite ops to be written out (BackendRules.decompose): SiLU as
+  x * sigmoid(x), and "fused_projection", a Linear whose output is only ever split into equal
+  parts (timm's qkv: reshape to (B, N, 3, heads, dim), permute, unbind) as one Linear per part.
 - Nodes are named after the module that computed them ("layer1_0_conv1"), so plans, errors
   and reports speak the user's names.
 """
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 
 import torch
@@ -57,6 +61,8 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
             _to_module(gm, node, nn.Dropout(float(node.args[1])), "dropout", node.args[0])
         elif kind == "attention":
             _decompose_attention(gm, node)
+    if FUSED_PROJECTION in decompose:
+        _split_fused_projections(gm)
     gm.graph.eliminate_dead_code()
     _name_after_modules(gm)
     gm.graph.lint()
@@ -280,6 +286,72 @@ def _silu_as_sigmoid_times_input(graph: fx.Graph, node: fx.Node) -> None:
 
 
 DECOMPOSITIONS = {"silu": _silu_as_sigmoid_times_input}
+FUSED_PROJECTION = "fused_projection"
+_RESHAPES = (aten.reshape.default, aten.view.default)
+
+
+def _split_fused_projections(gm: fx.GraphModule) -> None:
+    """Linear -> reshape (..., k, *rest) -> permute -> unbind of the k axis becomes k Linears
+    on row slices of the weight, each reshaped and permuted like its part was. Exact: each
+    output channel, and its per-channel weight quantizer, stays what it was."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        linear = modules.get(node.target) if node.op == "call_module" else None
+        found = _fused_parts(node) if isinstance(linear, nn.Linear) else None
+        if found is None:
+            continue
+        reshape, permute, parts, axis = found
+        k = len(parts)
+        rows = linear.out_features // k
+        shape = [d for i, d in enumerate(reshape.args[1]) if i != axis]
+        dims = [d - (d > axis) for d in permute.args[1] if d != axis]
+        graph = gm.graph
+        for i, part in enumerate(parts):
+            with torch.device("meta"):
+                piece = nn.Linear(linear.in_features, rows, bias=linear.bias is not None)
+            piece.weight = nn.Parameter(linear.weight.detach()[i * rows : (i + 1) * rows].clone())
+            if linear.bias is not None:
+                piece.bias = nn.Parameter(linear.bias.detach()[i * rows : (i + 1) * rows].clone())
+            path = _place(gm, f"{node.target}_{i}", piece.eval())
+            with graph.inserting_before(part):
+                out = graph.call_module(path, (node.args[0],))
+                out = graph.call_function(reshape.target, (out, shape))
+                out = graph.call_function(aten.permute.default, (out, dims))
+            out.meta = dict(part.meta)
+            part.replace_all_uses_with(out)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+
+
+def _fused_parts(node: fx.Node):
+    """(reshape, permute, [part per index], split axis) when `node`'s output reaches its
+    readers only as equal parts: reshape -> permute -> unbind along the new axis."""
+    users = list(node.users)
+    out = node.meta.get("val")
+    if len(users) != 1 or users[0].target not in _RESHAPES or not isinstance(out, torch.Tensor):
+        return None
+    reshape, axis = users[0], out.dim() - 1  # the first axis the reshape splits off
+    shaped = reshape.meta.get("val")
+    if not isinstance(shaped, torch.Tensor) or shaped.dim() < axis + 3:
+        return None
+    permutes = list(reshape.users)
+    if len(permutes) != 1 or permutes[0].target != aten.permute.default:
+        return None
+    permute = permutes[0]
+    unbinds = list(permute.users)
+    dim = list(permute.args[1]).index(axis)
+    if len(unbinds) != 1 or unbinds[0].target != aten.unbind.int:
+        return None
+    if (list(unbinds[0].args[1:]) or [0])[0] != dim:
+        return None
+    parts = list(unbinds[0].users)
+    if any(p.target is not operator.getitem for p in parts):
+        return None
+    parts.sort(key=lambda n: n.args[1])
+    k = int(shaped.shape[axis])
+    if [p.args[1] for p in parts] != list(range(k)) or node.meta["val"].shape[-1] % k:
+        return None
+    return reshape, permute, parts, axis
 
 
 def _name_after_modules(gm: fx.GraphModule) -> None:

@@ -70,7 +70,8 @@ class BackendRules:
     #: then writes that output in int8 instead of leaving the op in float.
     quantize_pass_through_inputs: bool = False
     #: Composite ops written out as their parts before placement, where the parts have int8
-    #: kernels and the whole has none (deploy.lowering.DECOMPOSITIONS).
+    #: kernels and the whole has none: kinds of deploy.lowering.DECOMPOSITIONS, and
+    #: "fused_projection" (a Linear whose output is only used split into equal parts).
     decompose: frozenset[str] = frozenset()
     #: ONNX post-passes (names in deploy/export_passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()

@@ -15,6 +15,7 @@ from tests.frontend.blocks import (
     Bottleneck,
     ConcatBlock,
     EncoderBlock,
+    FusedQKVAttention,
     InvertedResidual,
     randomize_bn,
 )
@@ -27,6 +28,7 @@ BLOCKS = {
     "inverted_residual": (InvertedResidual, (8, 8, 8)),
     "concat": (ConcatBlock, (8, 8, 8)),
     "encoder": (EncoderBlock, (5, 16)),
+    "fused_qkv_attention": (FusedQKVAttention, (16, 64)),
 }
 
 

@@ -145,3 +145,19 @@ class InceptionStem(nn.Module):
         out = torch.cat([a, b, self.branch_c(self.branch_pool(y))], 1)
         return self.fc(out.mean([2, 3]))
 
+
+class FusedQKVAttention(nn.Module):
+    """timm's ViT attention: one qkv Linear, reshaped to (B, N, 3, heads, dim), permuted and
+    unbound into q, k, v, then scaled-dot-product attention and an output projection."""
+
+    def __init__(self, d=64, heads=2):
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))

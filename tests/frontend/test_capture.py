@@ -199,3 +199,23 @@ def test_summary_lists_every_quantizer_with_its_scales():
     assert re.search(r"int[78] sym narrow per-channel\(axis=0\)", text)
     assert "uint8 affine per-tensor" in text
     assert "uncalibrated" not in text
+
+
+def test_a_fused_qkv_linear_is_written_out_as_one_linear_per_part_where_the_rules_ask():
+    """TensorRT's rules decompose timm's fused qkv projection: three Linears on row slices of
+    its weight, which compute exactly what the one Linear and the unbind did."""
+    from deploy.capture import capture
+    from deploy.lowering import lower
+    from tests.frontend.blocks import FusedQKVAttention
+
+    torch.manual_seed(0)
+    model, x = FusedQKVAttention().eval(), torch.randn(2, 5, 64)
+    gm = capture(model, (x,), {})
+    lower(gm, frozenset({"fused_projection"}))
+    linears = [m for m in gm.modules() if isinstance(m, nn.Linear)]
+    assert sorted(m.out_features for m in linears) == [64, 64, 64, 64]  # q, k, v, proj
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-6)
+    trt = prepare(model, "tensorrt", x).plan.weight_layers
+    ort = prepare(model, "onnxruntime", x).plan.weight_layers
+    assert trt == {"qkv_0", "qkv_1", "qkv_2", "proj"} and ort == {"qkv", "proj"}
