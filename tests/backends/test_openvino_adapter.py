@@ -38,12 +38,10 @@ def test_fp32_mnist_has_no_int8_layer_and_pins_f32(mnist_fp32, tmp_path):
     assert engine.info["inference_precision"] == "f32"
 
 
-@pytest.mark.parametrize("precision, hint", [("fp32", "f32"), ("int8", None)])
-def test_only_fp32_builds_pin_the_inference_precision(
-    mnist_fp32, tmp_path, monkeypatch, precision, hint
-):
-    """OpenVINO's CPU default is bf16 where the CPU has it: an fp32 baseline must ask for f32,
-    an int8 build keeps the plugin's choice for its float layers."""
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_every_build_pins_f32(mnist_fp32, mnist_qdq, tmp_path, monkeypatch, precision):
+    """OpenVINO's CPU default is bf16 where the CPU has it: the fp32 baseline must be f32, and
+    the float parts of an int8 engine must compute what the fake-quant model computes."""
     configs = []
 
     class RecordingCore(ov.Core):
@@ -52,9 +50,21 @@ def test_only_fp32_builds_pin_the_inference_precision(
             return super().compile_model(model, device, config)
 
     monkeypatch.setattr(openvino_adapter.ov, "Core", RecordingCore)
-    ADAPTER.build(mnist_fp32, tmp_path, precision=precision, threads=1)
-    assert [c.get("INFERENCE_PRECISION_HINT") for c in configs] == [hint]
+    source = mnist_fp32 if precision == "fp32" else mnist_qdq
+    engine = ADAPTER.build(source, tmp_path, precision=precision, threads=1)
+    assert [c.get("INFERENCE_PRECISION_HINT") for c in configs] == ["f32"]
     assert configs[0]["INFERENCE_NUM_THREADS"] == 1 and configs[0]["PERFORMANCE_HINT"] == "LATENCY"
+    assert engine.info["inference_precision"] == "f32"
+
+
+def test_the_engine_that_runs_is_the_f32_one(mnist_qdq, tmp_path):
+    """An import applies its own precision hint: on a bf16 CPU a blob compiled for f32 and
+    imported without the hint runs its float layers in bf16 (its runtime model's rt_info does
+    not show it; the compiled model's property does)."""
+    engine = ADAPTER.build(mnist_qdq, tmp_path, precision="int8", threads=1)
+    with ADAPTER.runner(engine) as runner:
+        hint = runner.compiled.get_property("INFERENCE_PRECISION_HINT")
+    assert hint.get_type_name() == "f32"
 
 
 def test_blob_is_written_atomically_and_reimports_and_runs(mnist_qdq, digits_x, tmp_path):
