@@ -16,6 +16,11 @@ graph optimizer sees the graph.
   a 1-D bias when the input is 3-D, so a [1, 1, N] bias keeps the MatMul, which becomes
   MatMulIntegerToFloat followed by the bias Add (measured faster on bert_tiny than int32 bias
   + QGemm: no reshapes).
+- reduce_mean_keepdims: ReduceMean(keepdims=0) -> ReduceMean(keepdims=1) -> Squeeze of the
+  reduced axes. OpenVINO 2026.4's CPU plugin fuses ReduceMean(keepdims=0) -> per-channel
+  BatchNormalization -> FakeQuantize into one Reduce node and computes it wrong (LeViT's head:
+  about 100% relative error at that quantizer, int8 vs fake-quant cosine 0.987); keeping the
+  axes stops that fusion.
 - quantize_before_pass_through: the front end quantizes the output of a MaxPool or a
   reshape (they are quantization-agnostic); OpenVINO does not move that FakeQuantize above
   them, so the producing Conv (ResNet's stem) or ReduceMean (global pooling before the
@@ -156,6 +161,33 @@ def matmul_bias_3d(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def reduce_mean_keepdims(model: onnx.ModelProto) -> int:
+    """ReduceMean(keepdims=0) -> ReduceMean(keepdims=1) -> Squeeze(the reduced axes)."""
+    g = GraphIndex(model)
+    rewritten = 0
+    for node in list(g.graph.node):
+        if node.op_type != "ReduceMean" or _attr(node, "keepdims", 1) != 0:
+            continue
+        axes = _attr(node, "axes", None)
+        if axes is None and len(node.input) > 1:
+            found = g.const(node.input[1])
+            axes = None if found is None else found.tolist()
+        if not axes:  # all axes (or run-time axes): leave it
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "keepdims":
+                attribute.i = 1
+        kept = g.fresh(f"{node.output[0]}_kept")
+        axes_name = g.add_init(f"{node.name}_squeeze_axes", np.array(axes, np.int64))
+        squeeze = helper.make_node(
+            "Squeeze", [kept, axes_name], [node.output[0]], f"{node.name}_squeeze"
+        )
+        node.output[0] = kept
+        g.graph.node.insert(list(g.graph.node).index(node) + 1, squeeze)
+        rewritten += 1
+    return rewritten
+
+
 #: Ops that commute with per-tensor quantization of their data input (input 0).
 _QUANTIZATION_AGNOSTIC = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 #: Producers a reshape's quantizer moves up to: the pooling and Conv outputs of a CNN tail.
@@ -210,6 +242,7 @@ def quantize_before_pass_through(model: onnx.ModelProto) -> int:
 PASSES: dict[str, Callable[[onnx.ModelProto], int]] = {
     "global_average_pool": global_average_pool,
     "matmul_bias_3d": matmul_bias_3d,
+    "reduce_mean_keepdims": reduce_mean_keepdims,
     "quantize_before_pass_through": quantize_before_pass_through,
 }
 

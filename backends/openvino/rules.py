@@ -41,7 +41,7 @@ RULES = BackendRules(
     },
     weight_axis={"conv_transpose": 1},  # its weight is [in, out, ...]; lint reads the axis
     # ONNX post-passes (deploy/export_passes.py) that let openvino fuse more int8 kernels
-    export_passes=("quantize_before_pass_through",),
+    export_passes=("reduce_mean_keepdims", "quantize_before_pass_through"),
     # The CPU plugin fuses a residual Add into the Conv feeding it as a oneDNN sum post-op and
     # rounds only at the last post-op: that Conv's output quantizer becomes a clamp. Measured
     # with OpenVINO 2026.4 on random MobileNetV2: int8 vs a rounding fake-quant model cosine

@@ -161,3 +161,18 @@ class FusedQKVAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class TokenMeanHead(nn.Module):
+    """LeViT's tail and classifier: a residual Linear over tokens, the tokens' mean (no
+    keepdim), BatchNorm1d with its initial affine parameters (as random-weight timm models
+    have them) and measured statistics, Linear."""
+
+    def __init__(self, c=32, classes=10):
+        super().__init__()
+        self.proj, self.bn, self.fc = nn.Linear(c, c), nn.BatchNorm1d(c), nn.Linear(c, classes)
+        self.bn.running_mean.normal_(0, 0.1)
+        self.bn.running_var.uniform_(0.02, 0.3)
+
+    def forward(self, x):
+        return self.fc(self.bn((x + self.proj(x)).mean(1)))
