@@ -61,12 +61,20 @@ def _rank(node) -> int | None:
 def _fused_conv_operand(add: fx.Node, kinds, modules, calls: Counter) -> FakeQuantize | None:
     """The quantizer between an Add and the first operand the engine can fuse into it: a
     Conv whose output feeds only that quantizer, which feeds only this Add and quantizes
-    nothing else (a quantizer shared with other values keeps rounding them)."""
+    nothing else (a quantizer shared with other values keeps rounding them), and which does
+    not read the Add's other operand itself: OpenVINO does not fuse x + conv(x) (its sum
+    fusion skips an operand that is the Conv's parent) and rounds it like plain Q/DQ."""
     for arg in add.args:
         quantizer = _quantizer(arg, modules)
         if quantizer is None or calls[arg.target] != 1:
             continue
         producer = arg.args[0]
-        if kinds.get(producer) in _CONVS and len(producer.users) == 1 and set(arg.users) == {add}:
+        others = [a for a in add.args if a is not arg]
+        if (
+            kinds.get(producer) in _CONVS
+            and len(producer.users) == 1
+            and set(arg.users) == {add}
+            and not any(other in producer.args[:1] for other in others)
+        ):
             return quantizer
     return None
