@@ -35,6 +35,9 @@ class KernelReport:
 
     layers: list[LayerPrecision]
     source: str  # how it was obtained, e.g. "optimized model graph", "exec graph rt_info"
+    #: compute nodes of the QDQ model the backend's rules keep in float on purpose
+    #: (deploy.lint.float_by_rule): the int8 claim is about the others
+    float_by_rule: list[str] = field(default_factory=list)
 
     @property
     def compute_layers(self) -> list[LayerPrecision]:
@@ -54,11 +57,19 @@ class KernelReport:
         total = len(self.compute_layers)
         return len(self.int8_compute) / total if total else 0.0
 
+    @property
+    def int8_fraction_of_quantized(self) -> float:
+        """int8 compute layers over those the rules quantize (all, less float_by_rule)."""
+        planned = len(self.compute_layers) - len(self.float_by_rule)
+        return min(1.0, len(self.int8_compute) / planned) if planned > 0 else 0.0
+
     def to_dict(self) -> dict:
         return {
             "int8": len(self.int8_compute),
             "float": len(self.fallback_layers),
             "int8_fraction": self.int8_fraction,
+            "float_by_rule": self.float_by_rule,
+            "int8_fraction_of_quantized": self.int8_fraction_of_quantized,
             "fallback_layers": self.fallback_layers,
             "source": self.source,
             "layers": [asdict(layer) for layer in self.layers],

@@ -31,7 +31,7 @@ from deploy.engine import BuiltEngine, get_adapter
 from deploy.environment import environment
 from deploy.errors import BackendUnavailableError, BadInputError, CheckFailedError, DeployError
 from deploy.export import export, export_fp32
-from deploy.lint import lint
+from deploy.lint import float_by_rule, lint
 from deploy.prepare import PreparedModel, prepare
 from deploy.qat import train_qat
 from deploy.rules import get_rules
@@ -193,13 +193,15 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     _stage(report, progress, "build")
 
     kernels = adapter.kernel_report(int8)
+    kernels.float_by_rule = float_by_rule(qdq_path, o.target)
     report.set("kernels", kernels.to_dict())
     _stage(report, progress, "kernels")
-    if kernels.int8_fraction < o.min_int8_fraction:
+    if kernels.int8_fraction_of_quantized < o.min_int8_fraction:
         floats = ", ".join(kernels.fallback_layers)
+        planned = len(kernels.compute_layers) - len(kernels.float_by_rule)
         raise CheckFailedError(
-            f"only {len(kernels.int8_compute)} of {len(kernels.compute_layers)} compute layers run "
-            f"int8 (required {o.min_int8_fraction:.0%}); float: {floats}"
+            f"only {len(kernels.int8_compute)} of the {planned} compute layers the rules quantize "
+            f"run int8 (required {o.min_int8_fraction:.0%}); float: {floats}"
         )
 
     runners = _runners(adapter, int8, fp32)

@@ -33,7 +33,15 @@ from deploy.quant.observers import (
 )
 from deploy.quant.spec import QuantSpec
 from deploy.quant_modules import QuantConv, QuantConvBn, QuantLinear
-from deploy.rules import BackendRules, InputFacts, Inputs, OpRule, get_rules, selected_inputs
+from deploy.rules import (
+    BackendRules,
+    InputFacts,
+    Inputs,
+    OpRule,
+    fused_output,
+    get_rules,
+    selected_inputs,
+)
 
 OBSERVERS = {
     "minmax": MinMaxObserver,
@@ -308,6 +316,10 @@ def _place_activation_quantizers(
             groups.add(key)
         if rule.shared_scale:
             groups.union(*keys)
+    for node in list(gm.graph.nodes):
+        rule = op_rules.get(kinds.get(node))
+        if rule is not None and rule.output:
+            _quantize_output(node, rule, kinds, factory, readers, groups)
     if factory.rules.quantize_pass_through_inputs:
         _quantize_pass_through_inputs(kinds, op_rules, factory.rules, readers, groups)
     modules: dict[Key, str] = {}
@@ -329,6 +341,19 @@ def _place_activation_quantizers(
         plan.sites.append(
             QuantizerSite(name, "activation", spec, site_edges[0][0], tuple(site_edges))
         )
+
+
+def _quantize_output(node, rule: OpRule, kinds, factory, readers, groups) -> None:
+    """OpRule.output: every reader of the op's (fused) output reads it quantized, unless the
+    graph returns it, where a quantized output would change what the model returns."""
+    value = fused_output(node, lambda n: list(n.users), kinds.get)
+    if not _is_tensor(value) or any(user.op == "output" for user in value.users):
+        return
+    spec = (rule.activation or factory.rules.activation).with_bits(factory.bits)
+    key = (value, spec)
+    groups.add(key)
+    quantized = readers.setdefault(key, [])
+    quantized += [user for user in value.users if user not in quantized]
 
 
 class _Groups:
@@ -368,7 +393,8 @@ def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers,
                 continue
             for node, through in tree:
                 groups.add((node, spec))
-                readers.setdefault((node, spec), []).extend(through)
+                quantized = readers.setdefault((node, spec), [])
+                quantized += [user for user in through if user not in quantized]
             groups.union(*((node, spec) for node, _ in tree))
 
 
@@ -377,10 +403,10 @@ def _pass_through_tree(value, spec, kinds, rules: BackendRules, readers):
     of `value` ends, through pass-through ops only, in quantizers of `spec`; None when any use
     needs a float value (a float op, a graph output, a quantizer of another spec)."""
     quantized = readers.get((value, spec), ())
-    through = [u for u in value.users if u not in quantized]
-    if not value.users or any(
-        kinds.get(u) not in rules.pass_through or u.args[:1] != (value,) for u in through
-    ):
+    through = [
+        u for u in value.users if kinds.get(u) in rules.pass_through and u.args[:1] == (value,)
+    ]
+    if not value.users or any(u not in quantized for u in value.users if u not in through):
         return None
     tree = [(value, through)] if _is_tensor(value) else []
     for user in through:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeVar
 
 import backends
 from deploy.errors import BadInputError
 from deploy.quant.spec import QuantSpec
+
+T = TypeVar("T")
 
 
 class Inputs(str, Enum):
@@ -32,6 +35,10 @@ class OpRule:
     shared_scale: bool = False
     #: Activation spec for this op's inputs when it differs from the backend default.
     activation: QuantSpec | None = None
+    #: Quantize the op's output too (after the ReLU/ReLU6 fused into it), unless it is a graph
+    #: output: for runtimes that run the op in int8 only between a DQ and a Q (onnxruntime's
+    #: QLinearConv), even where its readers stay float.
+    output: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,18 @@ def selected_inputs(kind: str | None, rule: OpRule, inputs: Sequence[InputFacts]
         if fusible:  # the backend fuses the first Conv(+BN) into the Add; quantize the rest
             return [i for i in runtime if i != fusible[0]]
     return runtime
+
+
+#: Activations every backend fuses into the op before it: an op's quantized output follows them.
+FUSED_ACTIVATIONS = ("relu", "relu6")
+
+
+def fused_output(node: T, users: Callable[[T], list[T]], kind: Callable[[T], str | None]) -> T:
+    """Where an op's output quantizer goes: after the ReLU/ReLU6 that alone reads it (and so
+    on). One walk for the torch graph (prepare) and the ONNX graph (lint)."""
+    while len(following := users(node)) == 1 and kind(following[0]) in FUSED_ACTIVATIONS:
+        node = following[0]
+    return node
 
 
 #: Producer chains every backend fuses into its Conv / Linear kernel.

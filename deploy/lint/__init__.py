@@ -14,6 +14,8 @@ Every check reads backends/<target>/rules.py, so a new backend needs only its ru
 - unquantized-input: an input the op rules select (Conv, Gemm, MatMul, Add, Concat, pooling,
   ...; transformer rules when the graph has LayerNormalization or Softmax) that does not come
   from a DequantizeLinear, possibly through the rules' pass-through ops.
+- unquantized-output: an op whose rule quantizes its output too (onnxruntime's Conv) whose
+  output (after a fused ReLU) is read by anything but QuantizeLinear, and is no graph output.
 - concat-scales: Concat inputs with different scales where the rules want one shared scale.
 - qdq-breaks-fusion / unquantized-skip: a residual Add under Inputs.SKIP_BRANCH whose Conv input
   goes through Q/DQ, or whose skip-branch input is not quantized.
@@ -35,18 +37,21 @@ from deploy.lint.structure import (
     check_concat_scales,
     check_opset,
     check_qoperators,
+    check_quantized_outputs,
     check_residual_adds,
     check_unquantized_inputs,
 )
+from deploy.ops import COMPUTE_KINDS
 from deploy.rules import BackendRules, get_rules
 
-__all__ = ["Violation", "lint", "load_model"]
+__all__ = ["Violation", "float_by_rule", "lint", "load_model"]
 
 _CHECKS: tuple[Callable[[Context], Iterator[Violation]], ...] = (
     check_opset,
     check_qoperators,
     check_quantizers,
     check_unquantized_inputs,
+    check_quantized_outputs,
     check_concat_scales,
     check_residual_adds,
 )
@@ -57,13 +62,31 @@ def lint(
 ) -> list[Violation]:
     """Every place where the graph departs from the target's rules; empty when it conforms.
     `target` is a backend name, or a BackendRules object for rules not shipped in backends/."""
+    ctx = _context(model_or_path, target)
+    return [violation for check in _CHECKS for violation in check(ctx)]
+
+
+def float_by_rule(
+    model_or_path: onnx.ModelProto | str | os.PathLike, target: str | BackendRules
+) -> list[str]:
+    """The compute nodes (Conv, Gemm, MatMul, ...) the target's rules leave in float on
+    purpose, e.g. onnxruntime's attention MatMuls and ConvTranspose: an engine running them
+    in float is doing what was asked, not falling back."""
+    ctx = _context(model_or_path, target)
+    return [
+        Graph.label(node)
+        for node in ctx.graph.nodes
+        if ctx.graph.kind(node) in COMPUTE_KINDS and ctx.graph.kind(node) not in ctx.op_rules
+    ]
+
+
+def _context(
+    model_or_path: onnx.ModelProto | str | os.PathLike, target: str | BackendRules
+) -> Context:
     rules = target if isinstance(target, BackendRules) else get_rules(target)
     if isinstance(model_or_path, onnx.ModelProto):
-        model = model_or_path
-    else:
-        model = load_model(model_or_path)
-    ctx = Context(Graph(model), rules)
-    return [violation for check in _CHECKS for violation in check(ctx)]
+        return Context(Graph(model_or_path), rules)
+    return Context(Graph(load_model(model_or_path)), rules)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:

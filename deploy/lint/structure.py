@@ -10,7 +10,7 @@ from onnx import NodeProto
 from deploy.lint.base import Context, Violation
 from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
 from deploy.lint.quantizers import WEIGHT_INPUT as _WEIGHT_INPUT
-from deploy.rules import BackendRules, InputFacts, Inputs, OpRule, selected_inputs
+from deploy.rules import BackendRules, InputFacts, Inputs, OpRule, fused_output, selected_inputs
 
 #: onnxruntime's QOperator format: integer ops with the quantization folded in, no Q/DQ.
 _QOPERATORS = frozenset(
@@ -60,6 +60,30 @@ def check_unquantized_inputs(ctx: Context) -> Iterator[Violation]:
                     f"{what} {name!r} of {node.op_type} is not quantized: {ctx.rules.name} "
                     f"runs {kind} in int8 only on quantized inputs",
                 )
+
+
+def check_quantized_outputs(ctx: Context) -> Iterator[Violation]:
+    """OpRule.output: the op's output (after a fused ReLU) must go only into QuantizeLinear,
+    unless the graph returns it, or the backend runs the op in float."""
+    graph = ctx.graph
+    outputs = {o.name for o in graph.model.graph.output}
+
+    def users(node: NodeProto) -> list[NodeProto]:
+        return [user for user, _ in graph.consumers.get(node.output[0], ())]
+
+    for node in graph.nodes:
+        rule = ctx.op_rules.get(graph.kind(node))
+        if rule is None or not rule.output or _WEIGHT_INPUT.get(node.op_type) is None:
+            continue
+        last = fused_output(node, users, graph.kind)
+        if last.output[0] in outputs or all(u.op_type == QUANTIZE for u in users(last)):
+            continue
+        yield Violation(
+            "unquantized-output",
+            Graph.label(node),
+            f"output {last.output[0]!r} of {node.op_type} is not quantized: {ctx.rules.name} "
+            f"runs {graph.kind(node)} in int8 only when a QuantizeLinear reads its output",
+        )
 
 
 def _selected_inputs(

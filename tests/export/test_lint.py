@@ -308,10 +308,31 @@ def test_unquantized_skip_branch_is_flagged_for_tensorrt():
 
 @pytest.mark.parametrize("target", AFFINE_TARGETS)
 def test_affine_backends_want_both_residual_inputs_quantized(target):
-    """Their rules quantize every Add input (Inputs.ALL), so the TensorRT layout misses one."""
-    assert found(residual(target, conv_qdq=False), target) == [("unquantized-input", "add")]
+    """Their rules quantize every Add input (Inputs.ALL), so the TensorRT layout misses one
+    (which onnxruntime also reports as a Conv writing float, see unquantized-output)."""
+    output = [("unquantized-output", "conv2")] if target == "onnxruntime" else []
+    assert found(residual(target, conv_qdq=False), target) == [
+        ("unquantized-input", "add"),
+        *output,
+    ]
     unquantized_skip = residual(target, conv_qdq=True, skip_quantized=False)
-    assert found(unquantized_skip, target) == [("unquantized-input", "add")]
+    output = [("unquantized-output", "conv1")] if target == "onnxruntime" else []
+    assert found(unquantized_skip, target) == [("unquantized-input", "add"), *output]
+
+
+# -- unquantized-output ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_onnxruntime_wants_every_conv_output_quantized(target, quantized):
+    """QLinearConv writes a Q: a Conv whose output (after its ReLU) a float op reads runs in
+    float on onnxruntime. A Conv the graph returns is exempt (clean_conv)."""
+    net = Net(target)
+    relu = net.op("Relu", [net.conv(net.qdq("x", "q_in"), "conv")], "relu")
+    net.op("HardSwish", [net.qdq(relu, "q_relu") if quantized else relu], "act")
+    expected = [("unquantized-output", "conv")] if target == "onnxruntime" and not quantized else []
+    assert found(net.model("act"), target) == expected
 
 
 # -- unquantized-input ----------------------------------------------------------------------------
@@ -413,7 +434,8 @@ def test_transformer_rules_leave_residual_add_float(target):
     """Both affine backends quantize Add inputs in CNNs but keep Add float in transformers;
     Identity is pass-through, so the Add is the only op the CNN rules select."""
     cnn = found(two_conv_add(target, "Identity"), target)
-    assert cnn == [("unquantized-input", "add"), ("unquantized-input", "add")]
+    inputs = [v for v in cnn if v[0] == "unquantized-input"]
+    assert inputs == [("unquantized-input", "add"), ("unquantized-input", "add")]
     transformer = found(two_conv_add(target, "attention"), target)
     assert ("unquantized-input", "add") not in transformer
     for marker in ("Softmax", "LayerNormalization"):  # a classifier head, ConvNeXt's norm
@@ -709,3 +731,35 @@ def test_our_zoo_exports_are_lint_clean(name, target, tmp_path):
     calibrate(prepared, data.split(8), progress=False)
     path = export(prepared, tmp_path / "m.onnx", data[:1])
     assert lint(path, target) == []
+
+
+# -- float_by_rule -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_float_by_rule_names_the_compute_ops_the_rules_keep_float(target, tmp_path):
+    """onnxruntime keeps the attention MatMuls float (transformer rules), the CPU backends
+    ConvTranspose (CNN rules); TensorRT quantizes every compute op. Written by hand from
+    backends/<name>/rules.py; the export keeps each op's kind, so names are those of the ONNX
+    nodes of the two attention MatMuls and of the ConvTranspose."""
+    import torch
+
+    from deploy.export import export
+    from deploy.lint import float_by_rule
+    from deploy.prepare import prepare
+    from tests.frontend.blocks import EncoderBlock
+
+    encoder = prepare(EncoderBlock().eval(), target, torch.randn(1, 5, 16))
+    path = export(encoder, tmp_path / "encoder.onnx", torch.randn(1, 5, 16))
+    floats = float_by_rule(path, target)
+    assert len(floats) == (2 if target == "onnxruntime" else 0)
+    graph = onnx.load(str(path)).graph
+    assert all(n.op_type == "MatMul" for n in graph.node if n.name in floats)
+    up = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.ConvTranspose2d(4, 4, 2, 2))
+    decoder = prepare(up.eval(), target, torch.randn(1, 4, 8, 8))
+    path = export(decoder, tmp_path / "decoder.onnx", torch.randn(1, 4, 8, 8))
+    floats = float_by_rule(path, target)
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node if n.name in floats] == (
+        [] if target == "tensorrt" else ["ConvTranspose"]
+    )

@@ -271,9 +271,10 @@ class MobileBlock(torch.nn.Module):
 
 # Written by hand from backends/<name>/rules.py: every backend quantizes Conv inputs, the
 # pooling input and the SE gate's Mul (CPU backends). onnxruntime writes SiLU out as
-# Sigmoid x Mul and quantizes both (QLinearSigmoid + QLinearMul) and the inputs of HardSwish
-# and HardSigmoid (so the Conv before them becomes a QLinearConv); OpenVINO keeps all three
-# activations float with only Conv inputs quantized; the CPU backends keep ConvTranspose float.
+# Sigmoid x Mul and quantizes both (QLinearSigmoid + QLinearMul), and quantizes every Conv's
+# output (QLinearConv writes a Q), so HardSwish, HardSigmoid and the float ConvTranspose read
+# quantized values; OpenVINO keeps all three activations float with only Conv inputs
+# quantized; the CPU backends keep ConvTranspose float.
 MOBILE_COMMON = {("x", "conv1"), ("act2", "pool"), ("pool", "fc1"), ("relu", "fc2")}
 MOBILE = {
     "onnxruntime": MOBILE_COMMON
@@ -287,6 +288,7 @@ MOBILE = {
         ("act2", "mul"),
         ("gate", "mul"),
         ("mul", "conv3"),
+        ("conv3", "up"),
     },
     "openvino": MOBILE_COMMON
     | {("act1", "conv2"), ("act2", "mul"), ("gate", "mul"), ("mul", "conv3")},
