@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -51,9 +52,9 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
         if node.op != "call_function":
             continue
         kind = aten_kind(node.target)
-        if kind in decompose:
-            DECOMPOSITIONS[kind](gm.graph, node)
-        elif kind in WEIGHTED_KINDS or (kind == "matmul" and _constant_2d(gm, node)):
+        if kind in decompose and DECOMPOSITIONS[kind](gm, node):
+            continue
+        if kind in WEIGHTED_KINDS or (kind == "matmul" and _constant_2d(gm, node)):
             _to_weighted_module(gm, node, kind)
         elif kind == "bn" and node.target == aten.batch_norm.default:
             _to_batch_norm(gm, node)
@@ -206,7 +207,7 @@ def _sibling(gm: fx.GraphModule, node: fx.Node, name: str) -> fx.Node | None:
     return next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target), None)
 
 
-def _to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str, x) -> None:
+def _to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str, x) -> fx.Node:
     """Replace `node` by a call of `module`, stored at `path` when that is free or holds
     only the tensors `module` took over (the container torch.export left there), else at a
     fresh path beside it."""
@@ -216,6 +217,7 @@ def _to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str, 
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
+    return call
 
 
 def _place(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
@@ -273,9 +275,9 @@ def _decompose_attention(gm: fx.GraphModule, node: fx.Node) -> None:
     graph.erase_node(node)
 
 
-def _silu_as_sigmoid_times_input(graph: fx.Graph, node: fx.Node) -> None:
+def _silu_as_sigmoid_times_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     """x * sigmoid(x): what the exporter writes for SiLU anyway, as two ops the rules see."""
-    x = node.args[0]
+    graph, x = gm.graph, node.args[0]
     with graph.inserting_before(node):
         gate = graph.call_function(aten.sigmoid.default, (x,))
         product = graph.call_function(aten.mul.Tensor, (x, gate))
@@ -283,9 +285,70 @@ def _silu_as_sigmoid_times_input(graph: fx.Graph, node: fx.Node) -> None:
         new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
     node.replace_all_uses_with(product)
     graph.erase_node(node)
+    return True
 
 
-DECOMPOSITIONS = {"silu": _silu_as_sigmoid_times_input}
+def _conv_transpose_as_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A 2-D ConvTranspose whose output is `stride` times its input (kernel - 2 * padding ==
+    stride) as a Conv with stride^2 x the output channels and a pixel shuffle (ONNX
+    DepthToSpace, CRD): output phase (a, b) of channel c is Conv channel c*s*s + a*s + b,
+    whose taps are the transposed kernel's that land on it. Exact (the same products and
+    sums); False, and nothing rewritten, for any other ConvTranspose."""
+    call = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    a = dict(call.kwargs) if call is not None else {}
+    weight, bias = _tensor_attr(gm, a.get("weight")), _tensor_attr(gm, a.get("bias"))
+    geometry = _upsampling_geometry(a, weight)
+    if geometry is None or (a.get("bias") is not None and bias is None):
+        return False
+    s, k, p, dmin, dmax = geometry
+    c_in, c_out = weight.shape[:2]
+    taps = dmax - dmin + 1
+    w = weight.detach().new_zeros(c_out, s, s, c_in, taps, taps)
+    for ph, pw, t, u in itertools.product(range(s), range(s), range(taps), range(taps)):
+        i, j = ph + p - s * (t + dmin), pw + p - s * (u + dmin)
+        if 0 <= i < k and 0 <= j < k:
+            w[:, ph, pw, :, t, u] = weight.detach()[:, :, i, j].t()
+    with torch.device("meta"):
+        conv = nn.Conv2d(c_in, c_out * s * s, taps, padding=-dmin, bias=bias is not None)
+    conv.weight = nn.Parameter(w.reshape(c_out * s * s, c_in, taps, taps))
+    if bias is not None:
+        conv.bias = nn.Parameter(bias.detach().repeat_interleave(s * s))
+    name = a["weight"].target.rpartition(".")[0] or "conv_transpose"
+    conv_node = _to_module(gm, node, conv, name, a.get("input", node.args[0]))
+    with gm.graph.inserting_after(conv_node):
+        shuffled = gm.graph.call_function(aten.pixel_shuffle.default, (conv_node, s))
+    conv_node.replace_all_uses_with(shuffled, delete_user_cb=lambda user: user is not shuffled)
+    shuffled.meta = dict(conv_node.meta)
+    return True
+
+
+def _upsampling_geometry(a: dict, weight) -> tuple[int, int, int, int, int] | None:
+    """(stride, kernel, padding, first tap offset, last tap offset) of a square 2-D
+    ConvTranspose that upsamples by its stride with symmetric Conv padding, else None."""
+    if weight is None or weight.dim() != 4 or a.get("groups", 1) != 1:
+        return None
+    square = {n: a.get(n, d) for n, d in (("stride", 1), ("padding", 0), ("dilation", 1))}
+    square["output_padding"] = a.get("output_padding", 0)
+    values = {}
+    for name, value in square.items():
+        value = list(value) if isinstance(value, list | tuple) else [value, value]
+        if len(set(value)) != 1:
+            return None
+        values[name] = value[0]
+    k = weight.shape[2]
+    s, p = values["stride"], values["padding"]
+    if weight.shape[3] != k or values["dilation"] != 1 or values["output_padding"]:
+        return None
+    if k - 2 * p != s:
+        return None
+    dmin, dmax = -((k - 1 - p) // s), (s - 1 + p) // s  # ceil((p - k + 1) / s), floor(...)
+    return (s, k, p, dmin, dmax) if -dmin == dmax else None
+
+
+DECOMPOSITIONS = {
+    "silu": _silu_as_sigmoid_times_input,
+    "conv_transpose": _conv_transpose_as_conv,
+}
 FUSED_PROJECTION = "fused_projection"
 _RESHAPES = (aten.reshape.default, aten.view.default)
 

@@ -35,5 +35,8 @@ RULES = BackendRules(
     # timm's fused qkv Linear (output reshaped, permuted and unbound into q, k, v): TensorRT-RTX
     # runs it on dequantized float weights (a CastMulFc kernel fed Int8/Float); written out as
     # three Linears it merges them back into one int8 gemm (DeiT-Tiny: 50 -> 62 of 62 int8)
-    decompose=frozenset({"fused_projection"}),
+    # ConvTranspose runs as a float deconv on TensorRT-RTX (SM80/86/89/120, every Q/DQ form a
+    # helper tried); written out as Conv + pixel shuffle (DepthToSpace) it builds an int8
+    # correlation (the U-Net's decoder)
+    decompose=frozenset({"fused_projection", "conv_transpose"}),
 )

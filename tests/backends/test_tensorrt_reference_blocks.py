@@ -17,6 +17,7 @@ from tests.frontend.blocks import (
     EncoderBlock,
     FusedQKVAttention,
     InvertedResidual,
+    UpBlock,
     randomize_bn,
 )
 
@@ -29,6 +30,7 @@ BLOCKS = {
     "concat": (ConcatBlock, (8, 8, 8)),
     "encoder": (EncoderBlock, (5, 16)),
     "fused_qkv_attention": (FusedQKVAttention, (16, 64)),
+    "conv_transpose_upsampling": (UpBlock, (16, 8, 8)),
 }
 
 

@@ -176,3 +176,17 @@ class TokenMeanHead(nn.Module):
 
     def forward(self, x):
         return self.fc(self.bn((x + self.proj(x)).mean(1)))
+
+
+class UpBlock(nn.Module):
+    """A U-Net decoder step: ConvTranspose2d x2 upsampling, concat with the skip, Conv."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+        self.up = nn.ConvTranspose2d(c, c, 2, stride=2)
+        self.fuse = nn.Conv2d(2 * c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.fuse(torch.cat([self.up(self.relu(self.down(x))), x], 1))

@@ -219,3 +219,34 @@ def test_a_fused_qkv_linear_is_written_out_as_one_linear_per_part_where_the_rule
     trt = prepare(model, "tensorrt", x).plan.weight_layers
     ort = prepare(model, "onnxruntime", x).plan.weight_layers
     assert trt == {"qkv_0", "qkv_1", "qkv_2", "proj"} and ort == {"qkv", "proj"}
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "output_padding", "written_out"),
+    [
+        (2, 2, 0, 0, True),
+        (4, 2, 1, 0, True),
+        (3, 1, 1, 0, True),
+        (4, 4, 0, 0, True),
+        (3, 2, 1, 1, False),
+    ],  # output_padding: not an exact stride-x upsampling, kept
+)
+def test_an_upsampling_conv_transpose_is_written_out_as_conv_and_pixel_shuffle(
+    kernel, stride, padding, output_padding, written_out
+):
+    """TensorRT's rules decompose ConvTranspose: a Conv with stride^2 x the channels whose
+    channel c*s*s + a*s + b is output phase (a, b) of channel c, then a pixel shuffle."""
+    from deploy.capture import capture
+    from deploy.lowering import lower
+
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(8, 6, kernel, stride, padding, output_padding=output_padding)
+    model, x = nn.Sequential(up).eval(), torch.randn(2, 8, 5, 7)
+    gm = capture(model, (x,), {})
+    lower(gm, frozenset({"conv_transpose"}))
+    convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == (1 if written_out else 0)
+    if written_out:
+        assert convs[0].out_channels == 6 * stride * stride and convs[0].stride == (1, 1)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5)
