@@ -50,6 +50,10 @@ BAD_BUILDS = {
     "missing data": (["--target", "openvino", "--data", "/nonexistent/x.npz"], "not found"),
     "zero batches": (["--target", "onnxruntime", "--calib-batches", "0"], "--calib-batches"),
     "zero threads": (["--target", "onnxruntime", "--threads", "0"], "--threads"),
+    "unknown calibration": (
+        ["--target", "onnxruntime", "--calibration", "kl"],
+        "unknown calibration 'kl'",
+    ),
     "cosine above 1": (["--target", "openvino", "--min-cosine", "1.5"], "--min-cosine 1.5"),
     "negative steps": (["--target", "openvino", "--max-err-steps", "-1"], "--max-err-steps -1"),
     "nan agreement": (["--target", "openvino", "--min-agreement", "nan"], "--min-agreement nan"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from deploy import errors
 from deploy.pipeline import BuildOptions, build
@@ -106,3 +108,36 @@ def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
     metrics = report["accuracy"]["int8_vs_fakequant"]
     assert metrics["p999_err_steps"] > 4 or metrics["cosine"] < 0.999
     assert report["status"].startswith("failed") and report["exit_code"] == 4
+
+
+def outlier_sensitive_model():
+    """A model a min-max quantizer ruins when its input has rare huge values: the input
+    quantizer's step becomes larger than the ordinary values."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 32), torch.nn.ReLU())
+    return model.append(torch.nn.Linear(32, 10)).eval(), (1, 256)
+
+
+def _outlier_data(path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 256)).astype(np.float32)
+    x[::100, 3] = 2000.0  # one value in 25600 is a spike
+    np.savez(path, x=x)
+    return path
+
+
+def test_quantization_loss_fails_with_a_hint_and_a_clipping_calibration_fixes_it(tmp_path):
+    """When the engine matches its fake-quant model but not the float model, the message says
+    so and names the calibration choices that clip outliers; one of them then passes."""
+    data = _outlier_data(tmp_path / "spiky.npz")
+    model = "tests.test_pipeline:outlier_sensitive_model"
+    common = {"target": "onnxruntime", "model": model, "data": data, "calib_batches": 8, **FAST}
+    with pytest.raises(errors.CheckFailedError) as failure:
+        build(BuildOptions(out_dir=tmp_path / "minmax", **common))
+    message = str(failure.value)
+    assert "int8_vs_fp32" in message and "--calibration percentile or mse" in message
+    report = json.loads((tmp_path / "minmax" / "report.json").read_text())
+    assert report["accuracy"]["int8_vs_fakequant"]["cosine"] >= 0.999  # the engine is right
+    report = build(BuildOptions(out_dir=tmp_path / "pct", calibration="percentile", **common))
+    assert report["status"] == "ok" and report["calibration"] == "percentile"
+    assert report["accuracy"]["int8_vs_fp32"]["cosine"] >= 0.9

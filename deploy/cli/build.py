@@ -86,6 +86,10 @@ def build_command(
     ] = None,
     data: Annotated[Path | None, Opt(help="Calibration data: .npz file or image folder.")] = None,
     calib_batches: Annotated[int, Opt(help="Calibration batches.")] = 8,
+    calibration: Annotated[
+        str,
+        Opt(help="Activation ranges: minmax, percentile or mse (these two clip outliers), ema."),
+    ] = "minmax",
     qat_epochs: Annotated[int, Opt(help="QAT fine-tuning epochs (needs labels).")] = 0,
     out: Annotated[Path, Opt("--out", help="Output directory.")] = Path("out"),
     export_only: Annotated[bool, Opt(help="Stop after the linted QDQ model.")] = False,
@@ -111,6 +115,7 @@ def build_command(
         inputs=inputs,
         data=data,
         calib_batches=calib_batches,
+        calibration=calibration,
         qat_epochs=qat_epochs,
         out_dir=out,
         export_only=export_only,
