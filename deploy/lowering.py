@@ -314,12 +314,26 @@ def _conv_transpose_as_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     if bias is not None:
         conv.bias = nn.Parameter(bias.detach().repeat_interleave(s * s))
     name = a["weight"].target.rpartition(".")[0] or "conv_transpose"
+    _release(gm, name, {id(t) for t in (weight, bias) if t is not None})
     conv_node = _to_module(gm, node, conv, name, a.get("input", node.args[0]))
     with gm.graph.inserting_after(conv_node):
         shuffled = gm.graph.call_function(aten.pixel_shuffle.default, (conv_node, s))
     conv_node.replace_all_uses_with(shuffled, delete_user_cb=lambda user: user is not shuffled)
     shuffled.meta = dict(conv_node.meta)
     return True
+
+
+def _release(gm: fx.GraphModule, path: str, tensors: set[int]) -> None:
+    """Drop the module at `path` if it holds nothing but `tensors` (the user's layer a
+    rewrite replaces), so its replacement takes the user's name."""
+    try:
+        module = gm.get_submodule(path)
+    except AttributeError:
+        return
+    held = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if path and not list(module.children()) and all(id(t) in tensors for t in held):
+        parent, _, name = path.rpartition(".")
+        delattr(gm.get_submodule(parent) if parent else gm, name)
 
 
 def _upsampling_geometry(a: dict, weight) -> tuple[int, int, int, int, int] | None:

@@ -89,9 +89,9 @@ def test_weights_are_int8_initializers_with_the_right_axis(target, tmp_path):
         torch.nn.Conv2d(3, 8, 3),
         torch.nn.BatchNorm2d(8),
         torch.nn.ReLU(),
-        torch.nn.ConvTranspose2d(8, 4, 2, stride=2),
+        torch.nn.ConvTranspose2d(8, 4, 3, stride=2),  # not an exact stride-2 upsampling
         torch.nn.Flatten(),
-        torch.nn.Linear(4 * 12 * 12, 5),
+        torch.nn.Linear(4 * 13 * 13, 5),
     )
     factory = lambda: randomize_bn(model)  # noqa: E731
     _, prepared = _calibrated(factory, (3, 8, 8), target)

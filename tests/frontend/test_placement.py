@@ -208,12 +208,14 @@ def test_tensorrt_and_openvino_differ_exactly_where_rules_differ(block):
 
 
 def test_conv_transpose_weights_use_axis_1():
-    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 6, 2, stride=2))
+    """A ConvTranspose TensorRT keeps (kernel 3, stride 2: no exact Conv + pixel shuffle) has
+    its weight [in, out, kh, kw] quantized per output channel, axis 1."""
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 6, 3, stride=2))
     plan = prepare(model, "tensorrt", IMG).plan
     (weight,) = [s for s in plan.sites if s.role == "weight"]
     assert weight.spec.axis == 1
     prepared = prepare(model, "tensorrt", IMG)
-    assert prepared(IMG).shape == (2, 6, 16, 16)
+    assert prepared(IMG).shape == (2, 6, 17, 17)
 
 
 def test_bits_override_reaches_every_quantizer():
