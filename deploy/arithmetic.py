@@ -4,6 +4,8 @@ Plain Q/DQ semantics leave two freedoms that engines use (BackendRules says whic
 - int32 bias: the kernel adds round(b / (x_scale * w_scale)) to its int32 accumulator, not b.
 - unrounded fused Add: a Conv whose residual Add is fused into it gets its output quantizer
   applied as a clamp only, rounding happening once, after the Add.
+- scale-shift quantization: the engine rounds clamp(x) * k + b (float32 multiply-add) where
+  ONNX rounds x / scale; at near-ties the codes differ.
 Each is invisible on one layer (a rounding flip in ~0.1% of values) but compounds through deep
 residual networks: on random MobileNetV2 it moved int8-vs-fake-quant cosine from 0.997 to
 0.985. prepare() calls link() after placing quantizers; the effects are undone in export mode,
@@ -37,6 +39,9 @@ def link(gm: fx.GraphModule, kinds, rules: BackendRules) -> None:
             operand = _fused_conv_operand(node, kinds, modules, calls)
             if operand is not None:
                 operand.rounding = False
+        quantizer = _quantizer(node, modules)
+        if quantizer is not None and not quantizer.spec.per_channel:
+            quantizer.scale_shift = rules.scale_shift_quantize
 
 
 def _quantizer(node, modules) -> FakeQuantize | None:

@@ -346,17 +346,19 @@ def _accuracy(
     fake_quant = _outputs(prepared, spec, x, torch.float32)
     float_out = _outputs(model, spec, x, torch.float32)
     step = verify.range_step(fake_quant)
-    results = {
-        "int8_vs_fakequant": verify.compare(engine_out, fake_quant, step),
-        "int8_vs_fp32": verify.compare(engine_out, float_out, verify.range_step(float_out)),
-        # how far the same fake-quant model drifts from itself in float64: the noise floor
-        "reference_floor": verify.compare(
-            _outputs(copy.deepcopy(prepared).double(), spec, x, torch.float64), fake_quant, step
-        ),
-    }
+    # how far the same fake-quant model drifts from itself in float64: the noise floor
+    floor = verify.compare(
+        _outputs(copy.deepcopy(prepared).double(), spec, x, torch.float64), fake_quant, step
+    )
     thresholds = {
-        "int8_vs_fakequant": verify.floor_adjusted(o.thresholds, results["reference_floor"]),
+        "int8_vs_fakequant": verify.floor_adjusted(o.thresholds, floor),
         "int8_vs_fp32": verify.DEFAULT_THRESHOLDS["int8_vs_fp32"],
+    }
+    margin = verify.decisive_margin(thresholds["int8_vs_fakequant"])
+    results = {
+        "int8_vs_fakequant": verify.compare(engine_out, fake_quant, step, margin),
+        "int8_vs_fp32": verify.compare(engine_out, float_out, verify.range_step(float_out)),
+        "reference_floor": floor,
     }
     results["thresholds"] = {k: dataclasses.asdict(v) for k, v in thresholds.items()}
     if evaluation.labels is not None:

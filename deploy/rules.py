@@ -67,6 +67,10 @@ class BackendRules:
     #: The engine fuses a residual Add into the Conv producing its first Conv operand and
     #: applies that operand's quantizer as a clamp, without rounding.
     unrounded_fused_add: bool = False
+    #: The engine quantizes activations as round(clamp(x) * k + b) (k = levels / range, float32
+    #: steps), not round(x / scale) + zero point: prepare() makes the activation quantizers
+    #: round the same way (deploy.quant.functional.scale_shift_fake_quantize).
+    scale_shift_quantize: bool = False
     #: The engine's u8 x s8 kernels add product pairs in saturating int16 on x86 CPUs without
     #: VNNI (255 * 127 * 2 > 32767): prepare() then quantizes weights to 7 bits, which keeps
     #: every pair sum exact (onnxruntime's reduce_range, NNCF's overflow_fix).

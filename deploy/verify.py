@@ -27,6 +27,7 @@ METRICS = (
     "samples",
     "top1_agreement_decisive",
     "decisive_samples",
+    "decisive_margin_steps",
 )
 #: A flip of the arg-max counts as a disagreement only where the reference's top-1 / top-2
 #: margin exceeds this many output steps: twice the per-logit error an int8 engine is allowed
@@ -47,12 +48,17 @@ def range_step(reference: np.ndarray) -> float:
 
 
 def compare(
-    engine_outputs: np.ndarray, reference_outputs: np.ndarray, step: float | None
+    engine_outputs: np.ndarray,
+    reference_outputs: np.ndarray,
+    step: float | None,
+    decisive_margin_steps: float = DECISIVE_MARGIN_STEPS,
 ) -> dict[str, float]:
     """Agreement metrics of engine vs reference outputs (N x ... x classes, batch first).
 
     step: the output quantization step (the scale of the last activation quantizer when the
     output is quantized). None derives one from the reference's range and logs that it did.
+    decisive_margin_steps: the top-1 / top-2 margin, in steps, above which an arg-max flip
+    counts (twice the per-logit error allowed; see decisive_margin).
     """
     engine = np.asarray(engine_outputs, dtype=np.float64)
     reference = np.asarray(reference_outputs, dtype=np.float64)
@@ -70,11 +76,12 @@ def compare(
     err_steps = np.abs(engine - reference) / step
     agree = engine.argmax(-1) == reference.argmax(-1)
     top2 = np.sort(reference, axis=-1)[..., -2:]
-    decisive = (top2[..., 1] - top2[..., 0]) / step > DECISIVE_MARGIN_STEPS
+    decisive = (top2[..., 1] - top2[..., 0]) / step > decisive_margin_steps
     return {
         "top1_agreement": float(np.mean(agree)),
         "top1_agreement_decisive": float(np.mean(agree[decisive])) if decisive.any() else 1.0,
         "decisive_samples": int(decisive.sum()),
+        "decisive_margin_steps": float(decisive_margin_steps),
         "max_err_steps": float(err_steps.max()),
         "p999_err_steps": float(np.percentile(err_steps, 99.9)),
         "cosine": _mean_cosine(engine.reshape(len(engine), -1), reference.reshape(len(engine), -1)),
@@ -145,6 +152,13 @@ def floor_adjusted(
         if max_steps is None
         else max(max_steps, factor * floor["p999_err_steps"]),
     )
+
+
+def decisive_margin(thresholds: Thresholds) -> float:
+    """A flip is decisive beyond twice the per-logit error the thresholds allow (both logits
+    may move by it): 8 steps by default, more where the model's float floor loosened them."""
+    bound = thresholds.max_p999_err_steps
+    return DECISIVE_MARGIN_STEPS if bound is None else max(DECISIVE_MARGIN_STEPS, 2 * bound)
 
 
 #: Per comparison label. Against fp32 the quantization error itself is expected, so only

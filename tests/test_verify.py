@@ -39,6 +39,7 @@ def test_compare_matches_hand_computed_metrics():
             "samples",
             "top1_agreement_decisive",
             "decisive_samples",
+            "decisive_margin_steps",
         }
     )
     assert metrics["samples"] == 4
@@ -63,6 +64,7 @@ def test_identical_outputs_agree_perfectly():
         "samples": 4,
         "top1_agreement_decisive": 1.0,
         "decisive_samples": 4,  # margins of 1 are 10 steps of 0.1
+        "decisive_margin_steps": 8.0,
     }
 
 
@@ -210,3 +212,16 @@ def test_a_quiet_floor_never_tightens_the_bounds():
     assert floor_adjusted(strict, _metrics()) == strict  # a perfect floor: compare(REF, REF)
     unchecked = Thresholds(None, None, None)
     assert floor_adjusted(unchecked, _metrics(cosine=0.5, p999_err_steps=99)) == unchecked
+
+
+def test_the_decisive_margin_grows_with_the_error_the_thresholds_allow():
+    """A flip across a 20-step margin is decisive while each logit may move 4 steps; where the
+    model's own float noise loosened that to 12 steps, both logits may move 12, so it is not."""
+    from deploy.verify import decisive_margin
+
+    ref = np.array([[0.0, 2.0, 0.0]])
+    flip = np.array([[2.0, 0.0, 0.0]])
+    strict, loose = Thresholds(), Thresholds(max_p999_err_steps=12.0)
+    assert decisive_margin(strict) == 8.0 and decisive_margin(loose) == 24.0
+    assert compare(flip, ref, 0.1, decisive_margin(strict))["top1_agreement_decisive"] == 0.0
+    assert compare(flip, ref, 0.1, decisive_margin(loose))["top1_agreement_decisive"] == 1.0

@@ -19,6 +19,7 @@ from deploy.quant.functional import (
     fake_quantize,
     fake_quantize_lsq,
     lsq_grad_scale,
+    scale_shift_fake_quantize,
 )
 from deploy.quant.observers import MIN_SCALE, MinMaxObserver, Observer
 from deploy.quant.spec import QuantSpec
@@ -64,6 +65,9 @@ class FakeQuantize(nn.Module):
         #: False: clamp to the quantized range without rounding, where the engine fuses this
         #: quantizer into a later one (deploy/arithmetic.py). Export still writes Q/DQ.
         self.rounding = True
+        #: True: round as the engine's multiply-add form does (per-tensor quantizers of
+        #: engines with BackendRules.scale_shift_quantize), values only; gradients unchanged.
+        self.scale_shift = False
 
     @property
     def location(self) -> str:
@@ -101,8 +105,13 @@ class FakeQuantize(nn.Module):
             scale = self.scale.abs().clamp_min(MIN_SCALE)
             per_scale = x.numel() // max(scale.numel(), 1)
             g = lsq_grad_scale(per_scale, self.spec)
-            return fake_quantize_lsq(x, scale, self.zero_point, self.spec, g)
-        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+            y = fake_quantize_lsq(x, scale, self.zero_point, self.spec, g)
+        else:
+            y = fake_quantize(x, self.scale, self.zero_point, self.spec)
+        if self.scale_shift and not self.spec.per_channel:
+            scale, zero_point = self.effective_qparams()
+            return y + (scale_shift_fake_quantize(x, scale, zero_point, self.spec) - y).detach()
+        return y
 
     def _observe(self, x: torch.Tensor) -> None:
         self.observer(x)

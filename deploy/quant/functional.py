@@ -67,6 +67,25 @@ def fake_quantize(
     return _FakeQuantSTE.apply(x, scale.to(torch.float32), zero_point, spec)
 
 
+def scale_shift_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """Per-tensor fake quantization as OpenVINO's FakeQuantize computes it, every step
+    rounded to float32: the range [lo, hi] = [(qmin - z) s, (qmax - z) s], then
+    round(clamp(x, lo, hi) * k + b) with k = (qmax - qmin) / (hi - lo) and b = -lo * k, a
+    multiply-add where ONNX divides by the scale. At near-ties the two round differently (a
+    helper found this formula bit-exact against the CPU plugin). No gradient: QAT takes the
+    straight-through gradient of fake_quantize and this value (FakeQuantize.scale_shift)."""
+    with torch.no_grad():
+        s = scale.to(torch.float32).reshape(())
+        z = zero_point.to(torch.float32).reshape(())
+        low, high = (spec.qmin - z) * s, (spec.qmax - z) * s
+        k = torch.tensor(float(spec.qmax - spec.qmin)) / (high - low)
+        b = -low * k
+        q = torch.round(torch.clamp(x.to(torch.float32), low, high) * k + b)
+        return ((q + spec.qmin - z) * s).to(x.dtype)
+
+
 def clamp_to_range(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
 ) -> torch.Tensor:
