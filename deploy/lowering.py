@@ -207,11 +207,18 @@ def _sibling(gm: fx.GraphModule, node: fx.Node, name: str) -> fx.Node | None:
     return next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target), None)
 
 
-def _to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str, x) -> fx.Node:
+def _to_module(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    module: nn.Module,
+    path: str,
+    x,
+    replaces: frozenset[int] = frozenset(),
+) -> fx.Node:
     """Replace `node` by a call of `module`, stored at `path` when that is free or holds
-    only the tensors `module` took over (the container torch.export left there), else at a
-    fresh path beside it."""
-    path = _place(gm, path, module.eval())  # captured in eval mode, like the graph
+    only the tensors `module` took over (the container torch.export left there) or
+    `replaces` (those of a layer a rewrite replaces), else at a fresh path beside it."""
+    path = _place(gm, path, module.eval(), replaces)  # captured in eval mode, like the graph
     with gm.graph.inserting_before(node):
         call = gm.graph.call_module(path, (x,))
     call.meta = dict(node.meta)
@@ -220,8 +227,10 @@ def _to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str, 
     return call
 
 
-def _place(gm: fx.GraphModule, path: str, module: nn.Module) -> str:
-    owned = {id(t) for t in (*module.parameters(), *module.buffers())}
+def _place(
+    gm: fx.GraphModule, path: str, module: nn.Module, replaces: frozenset[int] = frozenset()
+) -> str:
+    owned = {id(t) for t in (*module.parameters(), *module.buffers())} | replaces
     try:
         existing = gm.get_submodule(path)
     except AttributeError:
@@ -314,26 +323,13 @@ def _conv_transpose_as_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     if bias is not None:
         conv.bias = nn.Parameter(bias.detach().repeat_interleave(s * s))
     name = a["weight"].target.rpartition(".")[0] or "conv_transpose"
-    _release(gm, name, {id(t) for t in (weight, bias) if t is not None})
-    conv_node = _to_module(gm, node, conv, name, a.get("input", node.args[0]))
+    replaced = frozenset(id(t) for t in (weight, bias) if t is not None)
+    conv_node = _to_module(gm, node, conv, name, a.get("input", node.args[0]), replaced)
     with gm.graph.inserting_after(conv_node):
         shuffled = gm.graph.call_function(aten.pixel_shuffle.default, (conv_node, s))
     conv_node.replace_all_uses_with(shuffled, delete_user_cb=lambda user: user is not shuffled)
     shuffled.meta = dict(conv_node.meta)
     return True
-
-
-def _release(gm: fx.GraphModule, path: str, tensors: set[int]) -> None:
-    """Drop the module at `path` if it holds nothing but `tensors` (the user's layer a
-    rewrite replaces), so its replacement takes the user's name."""
-    try:
-        module = gm.get_submodule(path)
-    except AttributeError:
-        return
-    held = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    if path and not list(module.children()) and all(id(t) in tensors for t in held):
-        parent, _, name = path.rpartition(".")
-        delattr(gm.get_submodule(parent) if parent else gm, name)
 
 
 def _upsampling_geometry(a: dict, weight) -> tuple[int, int, int, int, int] | None:
