@@ -34,6 +34,7 @@ from deploy.quant.observers import (
 from deploy.quant.spec import QuantSpec
 from deploy.quant_modules import QuantConv, QuantConvBn, QuantLinear
 from deploy.rules import (
+    FUSED_ACTIVATIONS,
     BackendRules,
     InputFacts,
     Inputs,
@@ -382,7 +383,7 @@ def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers,
     right at the producer, and every pass-through output on the way, all in the readers' group:
     the producer then writes int8 and the pass-through ops run on int8. Exact: those ops
     commute with per-tensor quantization."""
-    sources = set(op_rules) | {"relu", "relu6"}
+    sources = set(op_rules) | set(FUSED_ACTIVATIONS)
     specs = list(dict.fromkeys(key[1] for key in readers))
     for value in list(kinds):  # graph order: deterministic quantizer names
         if kinds.get(value) not in sources or not _is_tensor(value):
