@@ -123,6 +123,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gate-false-alarm-") as tmp:
         work = Path(tmp)
         baseline = shutil.copy(args.baseline, work / args.baseline.name)  # never rewritten
+        for pinned in args.baseline.parent.glob(f"{args.baseline.stem}.*.onnx"):
+            shutil.copy(pinned, work / pinned.name)  # the candidate/reference it pinned
         print(f"exporting {MODEL} for {TARGET} from the repo's code")
         files = export_model(MODEL, TARGET, work / "onnx")
         print(f"tuning the injected float layer to a {TARGET_SLOWDOWN:.2f}x slowdown")

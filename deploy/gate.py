@@ -16,6 +16,24 @@ ratio cannot cancel: on this project's shared 2-vCPU machine the int8/fp32 ratio
 moved between about 1.22 and 1.31 as neighbours' load changed, because int8 and fp32 kernels
 do not slow down alike when the machine is contended.
 
+Why a pinned candidate too: that drift is between runs, so no interval from one run (thousands
+of block pairs, a fraction of a percent wide) can see it, and recording its spread over several
+update runs would only widen the interval. With the ratio 5% low on the day, a real 12%
+slowdown reads 1.12 x 0.95 = +6.4% and passes at 10% tolerance, while an unchanged candidate on
+a 5% high day reads +5%: no threshold on that one number separates them at 10%. What separates
+them is a comparison that carries no ratio across days. --update-baseline copies the int8
+candidate it measured beside the baseline (NAME.candidate.onnx, checked by sha256), and a check
+times three engines interleaved: pinned, candidate, reference. candidate / pinned is 1 for an
+unchanged candidate by construction, whatever the machine does, because both are the same
+engine; for a changed one, contention can only move the part that differs, a fraction of the
+slowdown rather than of the whole latency. Measured here (mnist_cnn, onnxruntime, 6 runs in a
+few minutes): identical engines 0.987 .. 1.006, int8/fp32 1.339 .. 1.378 over the same runs.
+That comparison catches what the code changes in the exported graph at the tolerance. The
+int8/fp32 comparison stays for what only it sees (a change that slows every int8 engine alike:
+build options, runtime versions), with its drift-limited power. Each fails only when its lower
+97.5% bound exceeds 1 + tolerance, so within-run noise alone fails an unchanged candidate with
+probability at most 2.5% + 2.5%.
+
 The baseline JSON schema is documented in ci/README.md.
 """
 
@@ -24,21 +42,32 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deploy.artifacts import write_atomic
+from deploy.artifacts import atomic_path, write_atomic
 from deploy.bench import export_model, has_qdq, onnx_input_shapes, time_engines
 from deploy.engine import get_adapter
-from deploy.environment import environment
-from deploy.errors import BackendUnavailableError, BadInputError, DeployError
+from deploy.environment import cpu_difference, environment
+from deploy.errors import (
+    BackendUnavailableError,
+    BadInputError,
+    DeployError,
+    EnvironmentFaultError,
+)
 from deploy.timing import TimingConfig
+
+if TYPE_CHECKING:
+    from models import ModelSpec
 
 SCHEMA = 1
 DEFAULT_TOLERANCE = 0.10
@@ -129,10 +158,21 @@ class Verdict:
     baseline: RatioCI  # the same ratio, as recorded
     change: RatioCI  # measured / baseline: > 1 means slower than the baseline
     tolerance: float
+    #: candidate / pinned candidate (the int8 file the baseline measured), this run; 1 means
+    #: unchanged. None when the baseline pins no candidate.
+    pinned: RatioCI | None = None
+
+    @property
+    def slower_than_baseline(self) -> bool:
+        return self.change.low > 1 + self.tolerance
+
+    @property
+    def slower_than_pinned(self) -> bool:
+        return self.pinned is not None and self.pinned.low > 1 + self.tolerance
 
     @property
     def regression(self) -> bool:
-        return self.change.low > 1 + self.tolerance
+        return self.slower_than_baseline or self.slower_than_pinned
 
 
 def decide(
@@ -141,10 +181,14 @@ def decide(
     baseline: RatioCI,
     tolerance: float,
     *,
+    pinned_blocks: np.ndarray | None = None,
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> Verdict:
-    """The gate's decision from per-block medians of one interleaved run."""
+    """The gate's decision from per-block medians of one interleaved run. With pinned_blocks
+    (the pinned int8 candidate, timed in the same rounds) candidate / pinned is judged too:
+    its expected value is exactly 1, so it needs no recorded ratio and carries no drift of the
+    int8/fp32 ratio (see the module docstring)."""
     measured, samples = bootstrap_ratio(
         candidate_blocks, reference_blocks, resamples=resamples, seed=seed
     )
@@ -155,7 +199,10 @@ def decide(
     change = RatioCI(
         measured.value / baseline.value, float(low), float(high), CONFIDENCE, measured.blocks
     )
-    return Verdict(measured, baseline, change, tolerance)
+    pinned = None
+    if pinned_blocks is not None:
+        pinned, _ = bootstrap_ratio(candidate_blocks, pinned_blocks, resamples=resamples, seed=seed)
+    return Verdict(measured, baseline, change, tolerance, pinned)
 
 
 # ---- baseline file ---------------------------------------------------------------------------
@@ -172,6 +219,15 @@ class Reference:
 
 
 @dataclass(frozen=True)
+class Pinned:
+    """The int8 candidate the baseline measured, copied beside it (a bare file name in the
+    baseline's directory) and checked by its sha256."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Baseline:
     model: str
     target: str
@@ -183,6 +239,7 @@ class Baseline:
     measured_at: str
     environment: dict
     candidate: dict  # {"source": "repo"} or {"source": "onnx", "path": ...}
+    pinned_candidate: Pinned | None = None  # absent in baselines made before it existed
     p50_ms: dict[str, float] = field(default_factory=dict)  # informational
     timing: dict = field(default_factory=dict)  # informational
     schema: int = SCHEMA
@@ -190,6 +247,8 @@ class Baseline:
     def to_json(self) -> str:
         doc = {"schema": self.schema, **asdict(self)}
         doc["reference"] = {k: v for k, v in doc["reference"].items() if v is not None}
+        if doc["pinned_candidate"] is None:
+            del doc["pinned_candidate"]
         return json.dumps(doc, indent=2) + "\n"
 
 
@@ -244,8 +303,19 @@ def _parse_baseline(doc: object, path: Path) -> Baseline:
         measured_at=check.get("measured_at", _is_str, "a timestamp"),
         environment=check.get("environment", _is_dict, "an object"),
         candidate=check.get("candidate", _is_dict, "an object"),
+        pinned_candidate=_parse_pinned(check),
         p50_ms=check.optional("p50_ms", {}),
         timing=check.optional("timing", {}),
+    )
+
+
+def _parse_pinned(check: _Fields) -> Pinned | None:
+    if check.optional("pinned_candidate", None) is None:
+        return None
+    pin = _Fields(check.doc["pinned_candidate"], f"{check.where}: pinned_candidate")
+    return Pinned(
+        pin.get("path", _is_file_name, "a file name, no folders"),
+        pin.get("sha256", _is_str, "a hex digest"),
     )
 
 
@@ -288,6 +358,10 @@ def _is_str(v: object) -> bool:
     return isinstance(v, str) and bool(v)
 
 
+def _is_file_name(v: object) -> bool:
+    return _is_str(v) and Path(v).name == v and v != ".."
+
+
 def _is_dict(v: object) -> bool:
     return isinstance(v, dict)
 
@@ -301,8 +375,9 @@ def _is_shape(v: object) -> bool:
 
 @dataclass(frozen=True)
 class CheckRequest:
-    """One `deploy check` invocation. model/target/threads/pin_reference shape a baseline and
-    so only apply with update (they are required when the baseline does not exist yet)."""
+    """One `deploy check` invocation. target/threads/pin_reference shape a baseline and so only
+    apply with update; model too, except that a check may repeat the baseline's model to vouch
+    for its code (as trust_model does). model and target are required to create a baseline."""
 
     baseline: Path
     tolerance: str | None = None
@@ -315,6 +390,15 @@ class CheckRequest:
     threads: int | None = None
     min_time_s: float = GATE_TIMING.min_time_s
     seed: int = 0
+    trust_model: bool = False  # import a package.module:factory the baseline names
+
+    @property
+    def pinned_candidate_path(self) -> Path:
+        return self.baseline.parent / f"{self.baseline.stem}.candidate.onnx"
+
+    @property
+    def pinned_reference_path(self) -> Path:
+        return self.baseline.parent / f"{self.baseline.stem}.reference.onnx"
 
 
 @dataclass
@@ -328,50 +412,81 @@ class CheckResult:
 
 
 def run_check(request: CheckRequest) -> CheckResult:
-    """Measure candidate vs reference once; compare with the baseline, or rewrite it."""
+    """Measure candidate vs reference (and the pinned candidate) once; compare with the
+    baseline, or rewrite it."""
     started = time.perf_counter()
     tolerance = parse_tolerance(request.tolerance) if request.tolerance is not None else None
     timing = replace(GATE_TIMING, min_time_s=request.min_time_s)
-    baseline = _baseline_for(request, tolerance)
+    baseline, spec = _baseline_for(request, tolerance)
     get_adapter(baseline.target).require_available()
+    int_high = spec.vocab_size if spec is not None else None
     with tempfile.TemporaryDirectory(prefix="deploy-check-") as tmp:
-        candidate, reference, record = _onnx_pair(request, baseline, Path(tmp))
-        blocks, p50 = _measure(baseline, candidate, reference, timing, Path(tmp))
+        files, record = _onnx_files(request, baseline, Path(tmp))
+        blocks, p50 = _measure(baseline, files, timing, Path(tmp), int_high)
+        if request.update:
+            updated = _write_update(request, baseline, record, files, blocks, p50, timing)
     name = request.baseline.stem
     if request.update:
-        measured, _ = bootstrap_ratio(*blocks, seed=request.seed)
-        updated = replace(
-            baseline,
-            reference=record,
-            ratio=measured,
-            measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            environment=environment(),
-            candidate=_candidate_record(request.candidate),
-            p50_ms=p50,
-            timing=asdict(timing),
-        )
-        if request.pin_reference:  # beside the baseline, so both are committed together
-            write_atomic(request.baseline.parent / str(record.path), reference.read_bytes())
-        write_atomic(request.baseline, updated.to_json().encode())
         message = (
-            f"{name}: baseline updated, {_what(updated)} ratio {_ci(measured)} "
-            f"({measured.blocks} block pairs) -> {request.baseline}"
+            f"{name}: baseline updated, {_what(updated)} ratio {_ci(updated.ratio)} "
+            f"({updated.ratio.blocks} block pairs), candidate pinned as "
+            f"{request.pinned_candidate_path.name} -> {request.baseline}"
         )
         properties = {f"{role}_p50_ms": f"{ms:.4f}" for role, ms in p50.items()}
         return CheckResult(
             name, "updated", message, time.perf_counter() - started, baseline.target, properties
         )
     tol = tolerance if tolerance is not None else baseline.tolerance
-    verdict = decide(*blocks, baseline.ratio, tol, seed=request.seed)
+    verdict = decide(
+        blocks["candidate"],
+        blocks["reference"],
+        baseline.ratio,
+        tol,
+        pinned_blocks=blocks.get("pinned"),
+        seed=request.seed,
+    )
     return _result(name, baseline, verdict, p50, time.perf_counter() - started)
 
 
-def _baseline_for(request: CheckRequest, tolerance: float | None) -> Baseline:
-    """The baseline to compare with, or (update) the one to rewrite, with the request's
-    overrides applied and the model and target checked before anything is built."""
-    from models import get_model_spec
+def _write_update(
+    request: CheckRequest,
+    baseline: Baseline,
+    record: Reference,
+    files: Mapping[str, Path],
+    blocks: Mapping[str, np.ndarray],
+    p50: dict[str, float],
+    timing: TimingConfig,
+) -> Baseline:
+    """Pinned files first, the baseline that names them last, each atomically and keeping the
+    mode of the file it replaces."""
+    measured, _ = bootstrap_ratio(blocks["candidate"], blocks["reference"], seed=request.seed)
+    candidate = files["candidate"].read_bytes()
+    pinned = Pinned(request.pinned_candidate_path.name, hashlib.sha256(candidate).hexdigest())
+    updated = replace(
+        baseline,
+        reference=record,
+        ratio=measured,
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        environment=environment(),
+        candidate=_candidate_record(request.candidate),
+        pinned_candidate=pinned,
+        p50_ms=p50,
+        timing=asdict(timing),
+    )
+    if request.pin_reference:  # beside the baseline, so all are committed together
+        _write_keeping_mode(request.pinned_reference_path, files["reference"].read_bytes())
+    _write_keeping_mode(request.pinned_candidate_path, candidate)
+    _write_keeping_mode(request.baseline, updated.to_json().encode())
+    return updated
 
-    shaping = {"--model": request.model, "--target": request.target, "--threads": request.threads}
+
+def _baseline_for(
+    request: CheckRequest, tolerance: float | None
+) -> tuple[Baseline, ModelSpec | None]:
+    """The baseline to compare with, or (update) the one to rewrite, with the request's
+    overrides applied; the model, the target and (update) the files to write are checked
+    before anything is built. Also the model's spec, or None where its code may not run."""
+    shaping = {"--target": request.target, "--threads": request.threads}
     given = [flag for flag, value in shaping.items() if value is not None]
     if request.pin_reference:
         given.append("--pin-reference")
@@ -379,8 +494,12 @@ def _baseline_for(request: CheckRequest, tolerance: float | None) -> Baseline:
         if given:
             raise BadInputError(f"{', '.join(given)} only apply with --update-baseline")
         baseline = load_baseline(request.baseline)
-        get_model_spec(baseline.model)  # unknown model: one line, before any export
-        return baseline
+        if request.model is not None and request.model != baseline.model:
+            raise BadInputError(
+                f"--model {request.model} is not the model of baseline {request.baseline} "
+                f"({baseline.model})"
+            )
+        return baseline, _model_spec(request, baseline.model, baseline.reference)
     old = load_baseline(request.baseline) if request.baseline.exists() else None
     model = request.model or (old.model if old else None)
     target = request.target or (old.target if old else None)
@@ -388,7 +507,6 @@ def _baseline_for(request: CheckRequest, tolerance: float | None) -> Baseline:
         raise BadInputError(
             f"baseline {request.baseline} does not exist: give --model and --target to create it"
         )
-    spec = get_model_spec(model)
     same_model = old is not None and old.model == model
     threads = request.threads
     if threads is None:
@@ -397,18 +515,108 @@ def _baseline_for(request: CheckRequest, tolerance: float | None) -> Baseline:
         raise BadInputError(f"bad thread count {threads}; expected a positive integer")
     if tolerance is None:
         tolerance = old.tolerance if old else DEFAULT_TOLERANCE
-    return Baseline(
+    reference = _reference_for_update(request, old)
+    spec = _model_spec(request, model, reference)
+    writes = [request.baseline, request.pinned_candidate_path]
+    if request.pin_reference:
+        writes.append(request.pinned_reference_path)
+    _require_writable(writes)
+    baseline = Baseline(
         model=model,
         target=target,
-        input_shape=old.input_shape if same_model else spec.input_shape,
+        input_shape=old.input_shape if same_model else _new_input_shape(spec),
         threads=threads,
-        reference=_reference_for_update(request, old),
+        reference=reference,
         ratio=RatioCI(1.0, 1.0, 1.0, CONFIDENCE, 1),  # replaced by the measurement
         tolerance=tolerance,
         measured_at="",
         environment={},
         candidate={},
     )
+    return baseline, spec
+
+
+def _new_input_shape(spec: ModelSpec | None) -> tuple[int, ...]:
+    """A model other than the old baseline's came from --model, which vouches for its code,
+    so its spec was resolved."""
+    if spec is None:
+        raise AssertionError("a model named by --model always has a spec")
+    return tuple(spec.input_shape)
+
+
+# ---- model code: a baseline is data ----------------------------------------------------------
+
+
+def _is_code_reference(model: str) -> bool:
+    """models.get_model_spec imports `package.module:factory`; a name without ':' only looks
+    up the built-in registry, which imports nothing new."""
+    return ":" in model
+
+
+def _model_spec(request: CheckRequest, ref: str, reference: Reference) -> ModelSpec | None:
+    """The spec of the baseline's model, resolving only what may run here. A baseline may come
+    from a CI artifact or a pull request, and `package.module:factory` in it would run that
+    module on load: it is imported only when the command line names the same model (--model)
+    or trusts the baseline (--trust-baseline-model). Without that, a run that needs no export
+    (given --candidate and reference files) goes ahead on files alone; any other is refused."""
+    from models import get_model_spec
+
+    if not _is_code_reference(ref) or request.trust_model or request.model == ref:
+        return get_model_spec(ref)
+    needed = _exports_needed(request, reference)
+    if needed:
+        raise BadInputError(
+            f"baseline {request.baseline} names model '{ref}', code that exporting the "
+            f"{' and '.join(needed)} would import; a baseline is data, so pass --model {ref} "
+            "or --trust-baseline-model if you trust that code"
+        )
+    return None
+
+
+def _exports_needed(request: CheckRequest, reference: Reference) -> list[str]:
+    """What _onnx_files will export from the model's code: what no file is given for."""
+    needed = []
+    if request.candidate is None:
+        needed.append("int8 candidate")
+    if reference.kind == "fp32" and request.reference is None:
+        needed.append("fp32 reference")
+    return needed
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+
+def _require_writable(paths: Iterable[Path]) -> None:
+    """Refuse before measuring. An atomic rename needs only the folder's permission, so it
+    would replace a file someone made read-only (and reset its mode) without a word. A file or
+    folder with no write bit counts as read-only even for root, whom os.access lets write."""
+    for path in map(Path, paths):
+        if path.exists() and not _writable(path, os.W_OK):
+            raise BadInputError(
+                f"--update-baseline would replace read-only {path}; make it writable first"
+            )
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not _writable(folder, os.W_OK | os.X_OK):
+            raise EnvironmentFaultError(
+                f"--update-baseline cannot write {path}: folder {folder} is read-only"
+            )
+
+
+def _writable(path: Path, mode: int) -> bool:
+    return os.access(path, mode) and bool(path.stat().st_mode & 0o222)
+
+
+def _write_keeping_mode(path: Path, data: bytes) -> None:
+    """Atomic write; a file it replaces keeps its permission bits (set before the rename)."""
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
 
 
 def _reference_for_update(request: CheckRequest, old: Baseline | None) -> Reference:
@@ -423,12 +631,14 @@ def _reference_for_update(request: CheckRequest, old: Baseline | None) -> Refere
     return Reference("fp32")
 
 
-def _onnx_pair(
+def _onnx_files(
     request: CheckRequest, baseline: Baseline, tmp: Path
-) -> tuple[Path, Path, Reference]:
-    """Candidate and reference ONNX files, and the reference as the baseline should record it.
-    Given files are checked; missing ones are exported from the repo's current code (prepare,
-    calibrate, export) for the baseline's model."""
+) -> tuple[dict[str, Path], Reference]:
+    """role -> ONNX file, in timing order (pinned, candidate, reference: the candidate's
+    blocks sit next to both others' in every round), and the reference as the baseline should
+    record it. Given and pinned files are checked; missing ones are exported from the repo's
+    current code (prepare, calibrate, export) for the baseline's model."""
+    pinned = _pinned_candidate(request, baseline)
     candidate = _given(request.candidate, "candidate", baseline)
     reference, record = _resolve_reference(request, baseline)
     needed = []
@@ -446,7 +656,29 @@ def _onnx_pair(
         )
         candidate = candidate or exported["int8"]
         reference = reference or exported["fp32"]
-    return candidate, reference, record
+    files = {"pinned": pinned} if pinned is not None else {}
+    return {**files, "candidate": candidate, "reference": reference}, record
+
+
+def _pinned_candidate(request: CheckRequest, baseline: Baseline) -> Path | None:
+    """The pinned int8 candidate a check times the candidate against (not when updating:
+    the update pins a new one)."""
+    pin = baseline.pinned_candidate
+    if request.update or pin is None:
+        return None
+    path = request.baseline.parent / pin.path
+    if not path.is_file():
+        raise BadInputError(
+            f"pinned candidate {path} not found (it is committed beside the baseline); "
+            "re-measure with --update-baseline"
+        )
+    digest = _sha256(path)
+    if digest != pin.sha256:
+        raise BadInputError(
+            f"pinned candidate {path} is not the one the baseline pinned (sha256 {digest[:12]}"
+            f" != {pin.sha256[:12]}); re-measure with --update-baseline"
+        )
+    return _given(path, "pinned candidate", baseline)
 
 
 def _resolve_reference(request: CheckRequest, baseline: Baseline) -> tuple[Path | None, Reference]:
@@ -460,10 +692,9 @@ def _resolve_reference(request: CheckRequest, baseline: Baseline) -> tuple[Path 
                 "reference is the fp32 model (pin an int8 artifact with --pin-reference)"
             )
         return path, ref
-    pinned = request.baseline.parent / f"{request.baseline.stem}.reference.onnx"
     if request.pin_reference:  # copied beside the baseline once the measurement succeeded
         path = _given(request.reference, "reference", baseline)
-        return path, Reference("artifact", pinned.name, _sha256(path))
+        return path, Reference("artifact", request.pinned_reference_path.name, _sha256(path))
     stored = request.baseline.parent / str(ref.path)
     path = _given(request.reference or stored, "reference", baseline)
     digest = _sha256(path)
@@ -496,11 +727,14 @@ def _given(path: Path | None, role: str, baseline: Baseline) -> Path | None:
 
 
 def _measure(
-    baseline: Baseline, candidate: Path, reference: Path, timing: TimingConfig, tmp: Path
-) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, float]]:
-    """Build both engines with the target's adapter, time them interleaved; block medians."""
-    from models import get_model_spec
-
+    baseline: Baseline,
+    files: Mapping[str, Path],
+    timing: TimingConfig,
+    tmp: Path,
+    int_high: int | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Build every engine with the target's adapter, time them interleaved in the order of
+    `files`; block medians and p50 per role."""
     adapter = get_adapter(baseline.target)
     engines = {
         role: adapter.build(
@@ -509,16 +743,15 @@ def _measure(
             precision="int8" if has_qdq(path) else "fp32",
             threads=baseline.threads,
         )
-        for role, path in (("candidate", candidate), ("reference", reference))
+        for role, path in files.items()
     }
-    int_high = get_model_spec(baseline.model).vocab_size
     measured = time_engines(adapter, engines, timing, int_high)
     for m in measured.values():
         if m.latencies_ms is None:
             raise BackendUnavailableError(f"{baseline.target} latency {m.not_measured}")
-    latencies = {role: measured[role].latencies_ms for role in ("candidate", "reference")}
+    latencies = {role: measured[role].latencies_ms for role in files}
     p50 = {role: float(np.median(ms)) for role, ms in latencies.items()}
-    blocks = tuple(block_medians(latencies[role], timing.block) for role in latencies)
+    blocks = {role: block_medians(ms, timing.block) for role, ms in latencies.items()}
     return blocks, p50
 
 
@@ -547,18 +780,35 @@ def _pct(ratio: float) -> str:
 def _result(
     name: str, baseline: Baseline, verdict: Verdict, p50: Mapping[str, float], seconds: float
 ) -> CheckResult:
-    change, tol = verdict.change, verdict.tolerance
+    change, tol, pinned = verdict.change, verdict.tolerance, verdict.pinned
     summary = (
         f"{name}: {_what(baseline)} ratio {_ci(verdict.measured)} vs baseline "
         f"{_ci(verdict.baseline)}: change {_pct(change.value)} "
-        f"({change.confidence:.0%} CI {_pct(change.low)} .. {_pct(change.high)}), "
-        f"tolerance {tol:.0%}"
+        f"({change.confidence:.0%} CI {_pct(change.low)} .. {_pct(change.high)})"
     )
-    here = environment()["cpu"]
-    if baseline.environment.get("cpu") not in (None, here):
-        summary += f"; note: baseline measured on {baseline.environment['cpu']}, this is {here}"
+    if pinned is not None:
+        summary += (
+            f"; vs pinned candidate: {_pct(pinned.value)} "
+            f"({pinned.confidence:.0%} CI {_pct(pinned.low)} .. {_pct(pinned.high)})"
+        )
+    summary += f"; tolerance {tol:.0%}"
+    if baseline.pinned_candidate is None:
+        summary += "; note: the baseline pins no candidate, re-measure it to compare with one"
+    difference = cpu_difference(baseline.environment, environment())
+    if difference:
+        summary += f"; note: baseline measured on a different CPU ({difference})"
     status = "regression" if verdict.regression else "passed"
-    verb = "REGRESSION, significant slowdown beyond tolerance" if verdict.regression else "pass"
+    verb = "pass"
+    if verdict.regression:
+        which = [
+            label
+            for label, slower in (
+                ("the baseline ratio", verdict.slower_than_baseline),
+                ("the pinned candidate", verdict.slower_than_pinned),
+            )
+            if slower
+        ]
+        verb = f"REGRESSION, significant slowdown beyond tolerance vs {' and '.join(which)}"
     properties = {
         "model": baseline.model,
         "target": baseline.target,
@@ -571,6 +821,9 @@ def _result(
         "block_pairs": str(verdict.measured.blocks),
         **{f"{role}_p50_ms": f"{ms:.4f}" for role, ms in p50.items()},
     }
+    if pinned is not None:
+        properties["pinned_change"] = f"{pinned.value:.4f}"
+        properties["pinned_change_ci"] = f"{pinned.low:.4f}..{pinned.high:.4f}"
     return CheckResult(name, status, f"{summary}: {verb}", seconds, baseline.target, properties)
 
 

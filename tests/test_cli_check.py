@@ -8,26 +8,30 @@ the outcome of the gate, never a speed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from deploy import errors
+from deploy.environment import environment
 from tests.test_gate import baseline_doc, tiny_onnx, write_doc
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "ci" / "baselines" / "mnist_cnn-onnxruntime.json"
 
 
-def run_check(*args: str | Path) -> subprocess.CompletedProcess:
+def run_check(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "deploy.cli", "check", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
+        env=env,
     )
 
 
@@ -71,6 +75,31 @@ def test_unknown_model_in_baseline_writes_a_junit_error(tmp_path):
     assert case.get("name") == "b" and "resnet19" in case.find("error").get("message")
 
 
+def test_model_code_named_by_a_baseline_is_refused_not_run(tmp_path):
+    """A baseline from a CI artifact naming `module:factory` must not run that module."""
+    marker = tmp_path / "ran"
+    (tmp_path / "payload.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    path = write_doc(tmp_path / "b.json", baseline_doc(model="payload:make"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = run_check("--baseline", path, env=env)
+    assert_one_line_error(
+        proc, errors.BAD_INPUT, "'payload:make'", "--model payload:make", "--trust-baseline-model"
+    )
+    assert not marker.exists()
+    proc = run_check("--baseline", path, "--model", "mnist_cnn", env=env)
+    assert_one_line_error(proc, errors.BAD_INPUT, "--model mnist_cnn is not the model")
+    assert not marker.exists()
+
+
+def test_update_of_a_read_only_baseline_is_refused(tmp_path):
+    baseline = shutil.copy(COMMITTED, tmp_path / "b.json")
+    os.chmod(baseline, 0o444)
+    proc = run_check("--baseline", baseline, "--update-baseline")
+    assert_one_line_error(proc, errors.BAD_INPUT, str(baseline), "read-only")
+    assert Path(baseline).read_bytes() == COMMITTED.read_bytes()
+    assert stat.S_IMODE(os.stat(baseline).st_mode) == 0o444
+
+
 def test_unknown_target_in_baseline(tmp_path):
     path = write_doc(tmp_path / "b.json", baseline_doc(target="tensorflow"))
     assert_one_line_error(run_check("--baseline", path), errors.BAD_INPUT, "unknown target")
@@ -99,9 +128,12 @@ def test_real_update_then_pass_on_mnist_cnn_onnxruntime(tmp_path):
     assert "baseline updated" in update.stdout
     saved = json.loads(path.read_text())
     assert saved["model"] == "mnist_cnn" and saved["ratio"]["low"] <= saved["ratio"]["high"]
+    pinned = tmp_path / saved["pinned_candidate"]["path"]
+    assert pinned.name == "mnist.candidate.onnx" and pinned.is_file()
+    assert saved["environment"]["cpu_id"] == environment()["cpu_id"]
     report = tmp_path / "gate.xml"
     check = run_check("--baseline", path, "--min-time", "0.5", "--junit", report)
     assert check.returncode == errors.OK, check.stdout + check.stderr
-    assert ": pass" in check.stdout
+    assert ": pass" in check.stdout and "vs pinned candidate" in check.stdout
     suite = ET.parse(report).getroot().find("testsuite")
     assert suite.get("failures") == "0" and suite.get("errors") == "0"

@@ -1,5 +1,6 @@
-"""The latency gate's logic without timing anything: decisions on synthetic block medians,
-tolerance parsing, baseline validation, atomic baseline updates and the JUnit report.
+"""The latency gate's logic, mostly without timing anything: decisions on synthetic block
+medians, tolerance parsing, baseline validation, atomic baseline updates, model code named by a
+baseline, CPU identity and the JUnit report. One test times tiny real engines.
 
 No assertion here depends on how fast this machine is.
 """
@@ -7,7 +8,12 @@ No assertion here depends on how fast this machine is.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import stat
+import sys
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deploy import gate
-from deploy.errors import BackendUnavailableError, BadInputError
+from deploy.environment import cpu_difference, environment, parse_cpuinfo
+from deploy.errors import BackendUnavailableError, BadInputError, EnvironmentFaultError
 from deploy.gate import (
     CheckRequest,
     RatioCI,
@@ -223,6 +230,8 @@ def test_committed_baselines_are_valid(name):
         (baseline_doc(tolerance=5), "'tolerance'"),
         (baseline_doc(reference={"kind": "yesterday"}), "'kind'"),
         (baseline_doc(reference={"kind": "artifact", "path": "r.onnx"}), "missing 'sha256'"),
+        (baseline_doc(pinned_candidate={"path": "../c.onnx", "sha256": "ab"}), "'path'"),
+        (baseline_doc(pinned_candidate={"path": "c.onnx"}), "missing 'sha256'"),
     ],
 )
 def test_corrupt_baseline_names_the_problem(tmp_path, doc, problem):
@@ -251,12 +260,18 @@ def test_missing_baseline_says_how_to_create_it(tmp_path):
 def fake_measure(monkeypatch):
     """Replace the build-and-time step with synthetic block medians of a chosen ratio, and
     the repo export with tiny files, so run_check's bookkeeping is tested in milliseconds."""
-    state = {"ratio": 1.2, "calls": 0}
+    state = {"ratio": 1.2, "vs_pinned": 1.0, "calls": 0}
 
-    def measure(baseline, candidate, reference, timing, tmp):
+    def measure(baseline, files, timing, tmp, int_high=None):
         state["calls"] += 1
-        state["files"] = (candidate, reference)
-        return synthetic_blocks(state["ratio"], noise=0.01), {"candidate": 0.12, "reference": 0.1}
+        state["files"] = dict(files)
+        candidate, reference = synthetic_blocks(state["ratio"], noise=0.01)
+        blocks = {"candidate": candidate, "reference": reference}
+        if "pinned" in files:  # the same int8 engine as at update, unless vs_pinned says not
+            noise = np.exp(np.random.default_rng(1).normal(0, 0.01, len(candidate)))
+            blocks["pinned"] = candidate / state["vs_pinned"] * noise
+        p50 = {role: float(np.median(b)) for role, b in blocks.items()}
+        return {role: blocks[role] for role in files}, p50
 
     def export(name, target, out_dir, *, input_shape, precisions):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +297,8 @@ def test_update_creates_then_rewrites_atomically(tmp_path, fake_measure):
     second = load_baseline(path)
     assert second.ratio.value == pytest.approx(1.5, rel=0.01) and second.tolerance == 0.07
     assert second.model == first.model and second.input_shape == first.input_shape
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # no temp files left
+    # no temp files left; the measured candidate is pinned beside the baseline
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.candidate.onnx", "b.json"]
 
 
 def test_failed_update_leaves_the_old_baseline(tmp_path, fake_measure, monkeypatch):
@@ -315,8 +331,11 @@ def test_update_of_a_missing_baseline_needs_model_and_target(tmp_path, fake_meas
 
 def test_shaping_options_only_apply_with_update(tmp_path, fake_measure):
     path = write_doc(tmp_path / "b.json", baseline_doc())
-    with pytest.raises(BadInputError, match="--model, --threads only apply"):
-        run_check(CheckRequest(path, model="resnet18", threads=4))
+    with pytest.raises(BadInputError, match="--target, --threads only apply"):
+        run_check(CheckRequest(path, target="openvino", threads=4))
+    with pytest.raises(BadInputError, match="--model resnet18 is not the model .*mnist_cnn"):
+        run_check(CheckRequest(path, model="resnet18"))
+    assert run_check(CheckRequest(path, model="mnist_cnn")).status == "passed"
 
 
 def test_unknown_model_and_target_are_bad_input(tmp_path, fake_measure):
@@ -338,7 +357,7 @@ def test_given_files_must_exist_and_match_the_input_shape(tmp_path, fake_measure
     with pytest.raises(BadInputError, match="reference is the fp32 model"):
         run_check(CheckRequest(path, reference=qdq))
     assert run_check(CheckRequest(path, candidate=qdq)).status == "passed"
-    assert fake_measure["files"][0] == qdq
+    assert fake_measure["files"]["candidate"] == qdq
 
 
 def test_pinned_reference_is_copied_and_verified(tmp_path, fake_measure):
@@ -357,7 +376,7 @@ def test_pinned_reference_is_copied_and_verified(tmp_path, fake_measure):
     ref = load_baseline(path).reference
     assert ref.kind == "artifact" and ref.path == "b.reference.onnx" and len(ref.sha256) == 64
     assert run_check(CheckRequest(path)).status == "passed"
-    assert fake_measure["files"][1] == tmp_path / "b.reference.onnx"
+    assert fake_measure["files"]["reference"] == tmp_path / "b.reference.onnx"
     tiny_onnx(tmp_path / "b.reference.onnx", qdq=False)  # someone replaced the artifact
     with pytest.raises(BadInputError, match="not the one the baseline pinned"):
         run_check(CheckRequest(path))
@@ -434,3 +453,350 @@ def test_junit_is_written_atomically_and_unwritable_paths_are_bad_input(tmp_path
     (tmp_path / "file").write_text("")
     with pytest.raises(BadInputError, match="cannot write JUnit report"):
         write_junit(tmp_path / "file" / "gate.xml", result)
+
+
+def test_pinned_candidate_round_trips_and_old_baselines_have_none(tmp_path):
+    assert load_baseline(write_doc(tmp_path / "old.json", baseline_doc())).pinned_candidate is None
+    pin = {"path": "b.candidate.onnx", "sha256": "ab" * 32}
+    baseline = load_baseline(write_doc(tmp_path / "b.json", baseline_doc(pinned_candidate=pin)))
+    assert baseline.pinned_candidate == gate.Pinned("b.candidate.onnx", "ab" * 32)
+    (tmp_path / "again.json").write_text(baseline.to_json())
+    assert load_baseline(tmp_path / "again.json") == baseline
+
+
+# ---- a slowdown hidden by drift of the int8/fp32 ratio (issue 16) -----------------------------
+
+
+def drifting_run(
+    slowdown: float, drift: float, n: int = 300, noise: float = 0.03, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Block medians of one interleaved run of the pinned int8 candidate, the candidate and the
+    fp32 reference, on a day the machine's int8/fp32 ratio sits `drift` off the baseline's
+    1.2: both int8 engines run the same kind of kernels, so both get the drift; the candidate
+    also runs `slowdown` slower. Per round, a common load factor; per block, its own noise."""
+    rng = np.random.default_rng(seed)
+    machine = 0.1 * np.exp(rng.normal(0, 0.2, n))
+
+    def engine(factor: float) -> np.ndarray:
+        return factor * machine * np.exp(rng.normal(0, noise, n))
+
+    return {
+        "pinned": engine(1.2 * drift),
+        "candidate": engine(1.2 * drift * slowdown),
+        "reference": engine(1.0),
+    }
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_12_percent_slowdown_is_caught_when_the_ratio_drifts_5_percent_favourably(seed):
+    run = drifting_run(slowdown=1.12, drift=0.95, seed=seed)
+    fp32_only = decide(run["candidate"], run["reference"], BASE, 0.10, seed=seed)
+    assert fp32_only.change.value == pytest.approx(1.12 * 0.95, rel=0.01)
+    assert not fp32_only.regression  # the gap: the int8/fp32 ratio alone reads +6.4%
+    verdict = decide(
+        run["candidate"], run["reference"], BASE, 0.10, pinned_blocks=run["pinned"], seed=seed
+    )
+    assert verdict.regression and verdict.slower_than_pinned
+    assert not verdict.slower_than_baseline
+    assert verdict.pinned.value == pytest.approx(1.12, rel=0.01)
+
+
+@pytest.mark.parametrize("drift", [0.95, 1.05])
+@pytest.mark.parametrize("seed", range(5))
+def test_an_unchanged_candidate_passes_whichever_way_the_ratio_drifts(drift, seed):
+    run = drifting_run(slowdown=1.0, drift=drift, seed=seed)
+    verdict = decide(
+        run["candidate"], run["reference"], BASE, 0.10, pinned_blocks=run["pinned"], seed=seed
+    )
+    assert not verdict.regression
+    assert verdict.pinned.value == pytest.approx(1.0, abs=0.01)
+    assert verdict.change.value == pytest.approx(drift, rel=0.01)
+
+
+def test_a_slowdown_within_tolerance_of_the_pinned_candidate_passes():
+    run = drifting_run(slowdown=1.05, drift=1.0, noise=0.01)
+    verdict = decide(run["candidate"], run["reference"], BASE, 0.10, pinned_blocks=run["pinned"])
+    assert verdict.pinned.low > 1.0 and not verdict.regression
+
+
+def test_the_fp32_comparison_still_fails_alone():
+    """A change that slows every int8 engine alike (build options, runtime) leaves candidate /
+    pinned at 1: only the int8/fp32 ratio can see it."""
+    run = drifting_run(slowdown=1.0, drift=1.3)
+    verdict = decide(run["candidate"], run["reference"], BASE, 0.10, pinned_blocks=run["pinned"])
+    assert verdict.regression and verdict.slower_than_baseline and not verdict.slower_than_pinned
+
+
+def test_update_pins_the_candidate_and_a_check_times_it(tmp_path, fake_measure):
+    path = tmp_path / "b.json"
+    candidate = tiny_onnx(tmp_path / "given.qdq.onnx", qdq=True)
+    update = CheckRequest(path, update=True, model="mnist_cnn", target="onnxruntime")
+    run_check(replace(update, candidate=candidate))
+    pinned = tmp_path / "b.candidate.onnx"
+    assert pinned.read_bytes() == candidate.read_bytes()
+    assert load_baseline(path).pinned_candidate.sha256 == gate._sha256(candidate)
+    result = run_check(CheckRequest(path))
+    assert list(fake_measure["files"]) == ["pinned", "candidate", "reference"]
+    assert fake_measure["files"]["pinned"] == pinned
+    assert result.status == "passed" and "vs pinned candidate: " in result.message
+    assert float(result.properties["pinned_change"]) == pytest.approx(1.0, abs=0.01)
+    fake_measure["ratio"], fake_measure["vs_pinned"] = 1.2 * 1.12 * 0.95, 1.12
+    result = run_check(CheckRequest(path))
+    assert result.status == "regression" and "vs the pinned candidate" in result.message
+    assert "the baseline ratio" not in result.message
+    assert float(result.properties["change"]) < 1.10  # the int8/fp32 ratio alone passed
+
+
+def test_a_missing_or_changed_pinned_candidate_is_bad_input(tmp_path, fake_measure):
+    path = tmp_path / "b.json"
+    run_check(CheckRequest(path, update=True, model="mnist_cnn", target="onnxruntime"))
+    pinned = tmp_path / "b.candidate.onnx"
+    tiny_onnx(pinned, qdq=False)
+    with pytest.raises(BadInputError, match="not the one the baseline pinned"):
+        run_check(CheckRequest(path))
+    pinned.unlink()
+    with pytest.raises(BadInputError, match="pinned candidate .*b.candidate.onnx not found"):
+        run_check(CheckRequest(path))
+    assert fake_measure["calls"] == 1  # the update only
+
+
+def slowed_copy(src: Path, dst: Path, convs: int) -> Path:
+    """`src` with a chain of float 3x3 Convs appended to its output: genuinely slower."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    out = graph.output[0].name
+    previous = f"{out}_0"
+    for node in graph.node:
+        node.output[:] = [previous if name == out else name for name in node.output]
+    weight = np.full((4, 4, 3, 3), 0.01, np.float32)
+    graph.initializer.append(numpy_helper.from_array(weight, "slow_w"))
+    for i in range(convs):
+        following = out if i == convs - 1 else f"{out}_{i + 1}"
+        graph.node.append(helper.make_node("Conv", [previous, "slow_w"], [following], pads=[1] * 4))
+        previous = following
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_real_engines_slower_than_the_pinned_candidate_fail_despite_drift(tmp_path):
+    """Tiny real onnxruntime engines. After the update, the recorded int8/fp32 ratio is
+    multiplied by 5: as if the machine's ratio had drifted far in the favourable direction,
+    so the fp32 comparison alone cannot see the slowed candidate (about 2x slower); the
+    pinned comparison must."""
+    plain = tiny_onnx(tmp_path / "plain.qdq.onnx", qdq=True)
+    fp32 = tiny_onnx(tmp_path / "fp32.onnx")
+    slowed = slowed_copy(plain, tmp_path / "slowed.qdq.onnx", convs=4)
+    path = tmp_path / "b.json"
+    files = {"candidate": plain, "reference": fp32, "min_time_s": 0.2}
+    run_check(CheckRequest(path, update=True, model="mnist_cnn", target="onnxruntime", **files))
+    doc = json.loads(path.read_text())
+    doc["ratio"].update({k: doc["ratio"][k] * 5 for k in ("value", "low", "high")})
+    write_doc(path, doc)
+    unchanged = run_check(CheckRequest(path, **files))
+    assert unchanged.status == "passed", unchanged.message
+    assert float(unchanged.properties["pinned_change"]) == pytest.approx(1.0, abs=0.08)
+    result = run_check(CheckRequest(path, **{**files, "candidate": slowed}))
+    assert result.status == "regression", result.message
+    assert "vs the pinned candidate" in result.message
+    assert float(result.properties["change"]) < 1.1  # drift hid it from int8/fp32
+    assert float(result.properties["pinned_change_ci"].split("..")[0]) > 1.1
+
+
+# ---- a baseline is data: model code it names is imported only when trusted --------------------
+
+
+@pytest.fixture
+def probe_model(tmp_path, monkeypatch) -> tuple[str, Path]:
+    """A `module:factory` reference to a fresh module that leaves a marker file when
+    imported, so a test sees whether the gate ran code named by a baseline."""
+    name = f"gate_probe_{secrets.token_hex(4)}"
+    marker = tmp_path / "imported"
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / f"{name}.py").write_text(
+        "import pathlib\n"
+        "from torch import nn\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "def make():\n"
+        "    return nn.Conv2d(1, 4, 3, padding=1), (1, 1, 16, 16)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    yield f"{name}:make", marker
+    sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_code_named_by_a_baseline_is_not_imported(tmp_path, fake_measure, probe_model, update):
+    ref, marker = probe_model
+    path = write_doc(tmp_path / "b.json", baseline_doc(model=ref))
+    with pytest.raises(BadInputError) as info:
+        run_check(CheckRequest(path, update=update))
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert f"'{ref}'" in message and "--trust-baseline-model" in message
+    assert f"--model {ref}" in message
+    assert not marker.exists() and ref.split(":")[0] not in sys.modules
+    assert fake_measure["calls"] == 0
+
+
+@pytest.mark.parametrize("how", ["trust", "model"])
+def test_code_named_by_a_baseline_runs_when_the_user_vouches(
+    tmp_path, fake_measure, probe_model, how
+):
+    ref, marker = probe_model
+    path = write_doc(tmp_path / "b.json", baseline_doc(model=ref))
+    vouch = {"trust_model": True} if how == "trust" else {"model": ref}
+    assert run_check(CheckRequest(path, **vouch)).status == "passed"
+    assert marker.exists()
+
+
+def test_update_with_the_model_on_the_command_line_may_import_it(
+    tmp_path, fake_measure, probe_model
+):
+    ref, marker = probe_model
+    path = tmp_path / "b.json"
+    run_check(CheckRequest(path, update=True, model=ref, target="onnxruntime"))
+    assert marker.exists() and load_baseline(path).model == ref
+
+
+def test_a_check_on_given_files_needs_no_model_code(tmp_path, fake_measure, probe_model):
+    ref, marker = probe_model
+    path = write_doc(tmp_path / "b.json", baseline_doc(model=ref))
+    candidate = tiny_onnx(tmp_path / "c.onnx", qdq=True)
+    reference = tiny_onnx(tmp_path / "r.onnx")
+    assert run_check(CheckRequest(path, candidate=candidate, reference=reference)).status == (
+        "passed"
+    )
+    assert not marker.exists()
+    with pytest.raises(BadInputError, match="exporting the fp32 reference would import"):
+        run_check(CheckRequest(path, candidate=candidate))
+
+
+# ---- --update-baseline and file permissions ---------------------------------------------------
+
+
+@pytest.mark.parametrize("read_only", ["b.json", "b.candidate.onnx"])
+def test_update_refuses_a_read_only_file_before_measuring(tmp_path, fake_measure, read_only):
+    path = write_doc(tmp_path / "b.json", baseline_doc())
+    tiny_onnx(tmp_path / "b.candidate.onnx", qdq=True)
+    locked = tmp_path / read_only
+    before = locked.read_bytes()
+    locked.chmod(0o444)
+    with pytest.raises(BadInputError, match="read-only") as info:
+        run_check(CheckRequest(path, update=True))
+    assert str(locked) in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert fake_measure["calls"] == 0
+    assert locked.read_bytes() == before and stat.S_IMODE(locked.stat().st_mode) == 0o444
+
+
+def test_update_refuses_a_read_only_folder_before_measuring(tmp_path, fake_measure):
+    folder = tmp_path / "baselines"
+    folder.mkdir()
+    path = write_doc(folder / "b.json", baseline_doc())
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(EnvironmentFaultError, match=f"folder {folder} is read-only"):
+            run_check(CheckRequest(path, update=True))
+        with pytest.raises(EnvironmentFaultError, match=f"folder {folder} is read-only"):
+            run_check(
+                CheckRequest(folder / "new.json", update=True, model="mnist_cnn", target="openvino")
+            )
+    finally:
+        folder.chmod(0o755)
+    assert fake_measure["calls"] == 0 and sorted(p.name for p in folder.iterdir()) == ["b.json"]
+
+
+def test_update_keeps_the_mode_of_the_files_it_rewrites(tmp_path, fake_measure):
+    path = write_doc(tmp_path / "b.json", baseline_doc())
+    path.chmod(0o640)
+    run_check(CheckRequest(path, update=True))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert load_baseline(path).measured_at != baseline_doc()["measured_at"]  # rewritten
+    pinned = tmp_path / "b.candidate.onnx"
+    pinned.chmod(0o600)
+    run_check(CheckRequest(path, update=True))
+    assert stat.S_IMODE(pinned.stat().st_mode) == 0o600 and os.access(path, os.R_OK)
+
+
+# ---- CPU identity ------------------------------------------------------------------------------
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+ @ 2.00GHz
+flags\t\t: fpu avx2 avx512f avx512_vnni amx_int8 amx_tile
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model\t\t: 999
+flags\t\t: fpu
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd asimddp i8mm sve
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd0c
+"""
+
+
+def test_cpuinfo_is_parsed_from_the_first_processor():
+    x86 = parse_cpuinfo(X86_CPUINFO)
+    assert x86["id"] == {"vendor": "GenuineIntel", "family": "6", "model": "143"}
+    assert x86["name"] == "Intel(R) Xeon(R) Platinum 8480+ @ 2.00GHz"
+    assert {"avx512_vnni", "amx_int8"} <= x86["flags"] and "fpu" in x86["flags"]
+    arm = parse_cpuinfo(ARM_CPUINFO)
+    assert arm["id"] == {"vendor": "0x41", "family": "8", "model": "0xd0c"}
+    assert {"asimddp", "i8mm"} <= arm["flags"]
+
+
+def env(cpu: str, ident: dict | None = None, **isa: bool) -> dict:
+    doc = {"cpu": cpu, "isa": {"avx2": True, "avx512_vnni": True, "amx_int8": False, **isa}}
+    if ident is not None:
+        doc["cpu_id"] = ident
+    return doc
+
+
+SPR = {"vendor": "GenuineIntel", "family": "6", "model": "143"}
+
+
+def test_the_same_cpu_under_another_name_is_not_a_difference():
+    then = env("Intel(R) Xeon(R) Platinum 8480+ @ 2.00GHz", SPR)
+    assert cpu_difference(then, env("Intel(R) Xeon(R) Processor", SPR)) is None
+    old = env("Intel(R) Xeon(R) CPU @ 2.10GHz")  # recorded before cpu_id existed
+    assert cpu_difference(old, env("Intel(R)  Xeon(R) CPU", SPR)) is None
+    assert cpu_difference(old, env("Intel(R) Xeon(R) CPU @ 2.20 GHz", SPR)) is None
+
+
+def test_a_different_isa_says_which_flags_differ():
+    then = env("Xeon", SPR, amx_int8=False)
+    assert cpu_difference(then, env("Xeon", SPR, amx_int8=True)) == "baseline CPU lacks amx_int8"
+    here = env("Xeon", SPR, avx512_vnni=False, amx_int8=False)
+    assert cpu_difference(env("Xeon", SPR), here) == "this CPU lacks avx512_vnni"
+    # a flag only one record knows about says nothing
+    assert cpu_difference({**then, "isa": {"fma": True}}, env("Xeon", SPR, amx_int8=False)) is None
+
+
+def test_a_different_part_or_name_is_named():
+    icx = {**SPR, "model": "106"}
+    message = cpu_difference(env("Xeon", icx), env("Xeon", SPR))
+    assert "model 106" in message and "model 143" in message
+    message = cpu_difference(env("Intel(R) Xeon(R) CPU @ 2.10GHz"), env("AMD EPYC 7B13", SPR))
+    assert "Intel(R) Xeon(R) CPU @ 2.10GHz" in message and "AMD EPYC 7B13" in message
+
+
+def test_a_check_notes_a_cpu_only_when_it_differs(tmp_path, fake_measure):
+    here = environment()
+    renamed = {**here, "cpu": here["cpu"] + " @ 9.99GHz"}
+    result = run_check(
+        CheckRequest(write_doc(tmp_path / "a.json", baseline_doc(environment=renamed)))
+    )
+    assert "different CPU" not in result.message
+    assert "note: the baseline pins no candidate" in result.message  # made before pinning
+    flag, present = next(iter(here["isa"].items()))
+    other = {**here, "isa": {**here["isa"], flag: not present}}
+    result = run_check(
+        CheckRequest(write_doc(tmp_path / "b.json", baseline_doc(environment=other)))
+    )
+    lacks = "baseline CPU lacks" if present else "this CPU lacks"
+    assert f"note: baseline measured on a different CPU ({lacks} {flag})" in result.message

@@ -40,7 +40,12 @@ def check_command(
         typer.Option("--pin-reference", help="With --update-baseline: pin --reference FILE."),
     ] = False,
     model: Annotated[
-        str | None, typer.Option("--model", help="With --update-baseline: the model.")
+        str | None,
+        typer.Option(
+            "--model",
+            help="The model: with --update-baseline, the one to measure; with a check, must be "
+            "the baseline's, and lets its package.module:factory code be imported.",
+        ),
     ] = None,
     target: Annotated[
         str | None, typer.Option("--target", help="With --update-baseline: the target.")
@@ -51,12 +56,27 @@ def check_command(
     min_time: Annotated[
         float, typer.Option("--min-time", help="Seconds of timed runs per engine, at least.")
     ] = 2.0,
+    trust_baseline_model: Annotated[
+        bool,
+        typer.Option(
+            "--trust-baseline-model",
+            help="Import the package.module:factory the baseline names (a baseline is data: "
+            "without this or --model, such code is never imported).",
+        ),
+    ] = False,
 ) -> None:
     """Fail (exit 5) when the candidate is significantly slower than the baseline allows.
 
     Candidate and reference (the fp32 model, or a pinned artifact) are timed interleaved in
     the same run; their p50 ratio is compared with the baseline's by a bootstrap confidence
-    interval. Exit codes: 0 pass, 5 regression, 2 bad input, 3 backend cannot be timed here.
+    interval. The int8 candidate the baseline measured, pinned beside it, is timed in the same
+    run too, and the candidate must not be significantly slower than it beyond the tolerance.
+
+    A baseline is data: a model it names as package.module:factory is imported only with
+    --model (the same reference) or --trust-baseline-model; built-in zoo names always work.
+    --update-baseline refuses a read-only baseline (or folder) before measuring.
+
+    Exit codes: 0 pass, 5 regression, 2 bad input, 3 backend cannot be timed here.
     """
     from deploy.gate import CheckRequest, failed_result, run_check, write_junit
 
@@ -71,6 +91,7 @@ def check_command(
         target=target,
         threads=threads,
         min_time_s=min_time,
+        trust_model=trust_baseline_model,
     )
     started = time.perf_counter()
     try:
