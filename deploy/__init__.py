@@ -10,6 +10,7 @@ from deploy.errors import (
     BadInputError,
     CheckFailedError,
     DeployError,
+    EnvironmentFaultError,
     LatencyRegressionError,
 )
 from deploy.prepare import PreparedModel, prepare
@@ -21,6 +22,7 @@ __all__ = [
     "BadInputError",
     "CheckFailedError",
     "DeployError",
+    "EnvironmentFaultError",
     "LatencyRegressionError",
     "PreparedModel",
     "available_targets",

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from deploy.errors import BackendUnavailableError, BadInputError
+from deploy.errors import BackendUnavailableError, BadInputError, interruption, one_line
 from deploy.rules import get_rules
 
 PRECISIONS = ("int8", "fp32")
@@ -127,8 +127,17 @@ def check_build_args(onnx_path: Path, precision: str, threads: int) -> None:
 def get_adapter(target: str) -> Adapter:
     """The ADAPTER of backends/<target>/adapter.py."""
     get_rules(target)  # unknown targets fail here with the list of known ones
+    name = f"backends.{target}.adapter"
     try:
-        module = importlib.import_module(f"backends.{target}.adapter")
-    except ModuleNotFoundError as exc:
-        raise BackendUnavailableError(f"target '{target}' has no engine adapter yet") from exc
+        module = importlib.import_module(name)
+    except ImportError as exc:  # the adapter itself, or the runtime it imports
+        signalled = interruption(exc)
+        if signalled is not None:
+            raise signalled from exc
+        if exc.name == name:
+            raise BackendUnavailableError(f"target '{target}' has no engine adapter yet") from exc
+        raise BackendUnavailableError(
+            f"{target} backend unavailable: cannot import {exc.name or 'its runtime'} "
+            f"({one_line(exc)}); install or repair that package"
+        ) from exc
     return module.ADAPTER

@@ -11,25 +11,35 @@ differ). Models returning a tuple, dict or ModelOutput are checked on their firs
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import os
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deploy import verify
+from deploy import output_dir, verify
 from deploy.artifacts import write_atomic
 from deploy.calibrate import calibrate, call_model, first_tensor
 from deploy.data import Dataset, default_dataset, load_calibration_data
 from deploy.engine import BuiltEngine, get_adapter
-from deploy.environment import environment
-from deploy.errors import BackendUnavailableError, BadInputError, CheckFailedError, DeployError
+from deploy.environment import available_memory, environment
+from deploy.errors import (
+    BackendUnavailableError,
+    BadInputError,
+    CheckFailedError,
+    EnvironmentFaultError,
+    Interrupted,
+    classify,
+)
 from deploy.export import export, export_fp32
 from deploy.lint import float_by_rule, lint
 from deploy.prepare import OBSERVERS, PreparedModel, prepare
@@ -81,43 +91,78 @@ class BuildOptions:
 
 @dataclass
 class Report:
-    """report.json, filled stage by stage."""
+    """report.json, filled stage by stage. Artifacts are recorded with their sha256 as they are
+    written, so the report vouches only for files this run wrote, byte for byte."""
 
+    out_dir: Path
     data: dict = field(default_factory=dict)
 
     def set(self, key: str, value) -> None:
         self.data[key] = value
 
-    def write(self, out_dir: Path) -> Path:
+    def artifact(self, key: str, path: Path) -> None:
+        self.data["artifacts"][key] = {"path": str(path), "sha256": output_dir.sha256(path)}
+
+    def write(self) -> Path:
         text = json.dumps(self.data, indent=2, sort_keys=False, default=str)
-        return write_atomic(out_dir / "report.json", text.encode())
+        return write_atomic(self.out_dir / "report.json", text.encode())
 
 
 Progress = Callable[[str], None]
 
 
 def build(options: BuildOptions, progress: Progress = lambda stage: None) -> dict:
-    """Run the pipeline; returns the report. Raises DeployError subclasses (after writing
-    report.json) when a stage cannot run or a check fails."""
+    """Run the pipeline; returns the report. Raises a DeployError (or errors.Interrupted) after
+    writing report.json when a stage cannot run, a check fails or the run is interrupted.
+
+    The folder is locked for the run. Its report is replaced first by one saying "running" that
+    lists no artifacts, so a run killed outright leaves no report vouching for files it may
+    have half replaced; every other exit writes the final status and its exit code."""
     _check_options(options)
-    out = Path(options.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report()
-    report.set("target", options.target)
-    report.set("status", "running")
-    report.set("stages", {})
-    started = time.perf_counter()
-    try:
-        _run(options, out, report, progress)
+    with output_dir.owned(Path(options.out_dir)) as out:
+        report = Report(out)
+        report.set("target", options.target)
+        report.set("status", "running")
+        report.set("pid", os.getpid())
+        report.set("stages", {})
+        report.set("artifacts", {})
+        report.write()
+        started = time.perf_counter()
+        try:
+            with _warnings_recorded(report):
+                _run(options, out, report, progress)
+        except BaseException as exc:
+            error = classify(exc)
+            interrupted = isinstance(error, Interrupted)
+            report.set("status", str(error) if interrupted else f"failed: {error}")
+            report.set("exit_code", error.exit_code)
+            report.set("seconds", round(time.perf_counter() - started, 2))
+            with contextlib.suppress(OSError):  # the original error is the one to report
+                report.write()
+            if error is exc:
+                raise
+            raise error from exc
         report.set("status", "ok")
-    except DeployError as exc:
-        report.set("status", f"failed: {exc}")
-        report.set("exit_code", exc.exit_code)
-        raise
-    finally:
+        report.set("exit_code", 0)
         report.set("seconds", round(time.perf_counter() - started, 2))
-        report.write(out)
+        try:
+            report.write()
+        except OSError as exc:
+            raise classify(exc) from exc
     return report.data
+
+
+@contextlib.contextmanager
+def _warnings_recorded(report: Report, keep: int = 20) -> Iterator[None]:
+    """Library warnings (torch deprecations, exporter notes) go into the report, each once,
+    instead of between the progress bar and the one line that says how the build ended."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            yield
+        finally:
+            seen = dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught)
+            report.set("warnings", [text.splitlines()[0] for text in seen][:keep])
 
 
 def _check_options(o: BuildOptions) -> None:
@@ -141,15 +186,20 @@ def _check_options(o: BuildOptions) -> None:
 
 
 def _stage(report: Report, progress: Progress, name: str) -> None:
+    """Mark a stage done, on disk too: a run killed later still shows how far it got."""
     progress(name)
     report.data["stages"][name] = "done"
+    report.write()
 
 
 def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None:
+    if not o.export_only:  # a missing or broken backend fails before any work
+        get_adapter(o.target).require_available()
     torch.manual_seed(0)
     model, spec = load_model(
         o.model or DEFAULT_MODEL, input_shape=o.input_shape, inputs=o.inputs, pretrained=True
     )
+    _check_memory(spec, o.calib_batches * o.batch_size + o.eval_samples)
     calib, evaluation = _datasets(o, spec)
     report.set("model", _model_report(spec))
     report.set(
@@ -178,7 +228,8 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
 
     fp32_path = export_fp32(model, out / "model.fp32.onnx", example)
     qdq_path = export(prepared, out / "model.qdq.onnx", example)
-    report.set("artifacts", {"fp32_onnx": str(fp32_path), "qdq_onnx": str(qdq_path)})
+    report.artifact("fp32_onnx", fp32_path)
+    report.artifact("qdq_onnx", qdq_path)
     _stage(report, progress, "export")
     violations = lint(qdq_path, o.target)
     report.set("lint", [dataclasses.asdict(v) for v in violations])
@@ -191,12 +242,10 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     adapter = get_adapter(o.target)
     if o.sm is not None and hasattr(adapter, "sm"):
         adapter = dataclasses.replace(adapter, sm=o.sm)
-    adapter.require_available()
     int8 = adapter.build(qdq_path, out, precision="int8", threads=o.threads)
     fp32 = adapter.build(fp32_path, out / "fp32", precision="fp32", threads=o.threads)
-    report.data["artifacts"].update(
-        {"engine": str(int8.artifact), "fp32_engine": str(fp32.artifact)}
-    )
+    report.artifact("engine", int8.artifact)
+    report.artifact("fp32_engine", fp32.artifact)
     report.set("engine", int8.info)
     _stage(report, progress, "build")
 
@@ -232,6 +281,24 @@ def _model_report(spec: ModelSpec) -> dict:
         out.update(input_shape=list(spec.input_shape), input_dtype=spec.input_dtype)
     out["inputs"] = [item.to_dict() for item in spec.inputs]
     return out
+
+
+def _check_memory(spec: ModelSpec, samples: int) -> None:
+    """Refuse inputs whose data alone would not fit: past that the kernel's OOM killer ends
+    the run with SIGKILL, which leaves no report saying why. Twice the raw arrays: the data and
+    the outputs and copies the stages make of it."""
+    per_sample = sum(math.prod(i.shape[1:]) * np.dtype(i.dtype).itemsize for i in spec.inputs)
+    need, available = 2 * per_sample * samples, available_memory()
+    if need > available:
+        raise EnvironmentFaultError(
+            f"{samples} samples of {spec.name}'s inputs ({_shapes(spec)}) need about "
+            f"{need / 2**30:.1f} GiB; {available / 2**30:.1f} GiB of memory is available: "
+            "use a smaller input shape, --calib-batches or --eval-samples"
+        )
+
+
+def _shapes(spec: ModelSpec) -> str:
+    return ", ".join("x".join(map(str, i.shape)) for i in spec.inputs)
 
 
 def _datasets(o: BuildOptions, spec: ModelSpec) -> tuple[Dataset, Dataset]:

@@ -11,9 +11,12 @@ the user's to fix, so it is raised as a one-line ``BadInputError``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
-from collections.abc import Callable, Sequence
+import io
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -166,7 +169,13 @@ def load_model(
         torch.manual_seed(seed)
         module = spec.factory()
         if spec.default_data == "synthetic" and spec.input_dtype == "float32":
-            estimate_bn_statistics(module, spec.input_shape)
+            try:
+                estimate_bn_statistics(module, spec.input_shape)
+            except RuntimeError as exc:  # the first forward pass: a shape the model rejects
+                shape = "x".join(map(str, spec.input_shape))
+                raise BadInputError(
+                    f"model '{ref}' does not take input shape {shape}: {one_line(exc)}"
+                ) from exc
     if pretrained and spec.weights is not None:
         state = torch.load(_WEIGHTS_DIR / spec.weights, map_location="cpu", weights_only=True)
         module.load_state_dict(state)
@@ -251,12 +260,8 @@ def _import_factory(ref: str) -> Callable[[], object]:
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr or ":" in attr:
         raise BadInputError(f"bad model reference '{ref}'; expected package.module:factory")
-    try:
+    with _user_code(f"cannot import module '{module_name}' for model '{ref}'", module_name):
         module = importlib.import_module(module_name)
-    except Exception as exc:  # user code: any failure to import is the user's to fix
-        raise BadInputError(
-            f"cannot import module '{module_name}' for model '{ref}': {one_line(exc)}"
-        ) from exc
     factory = getattr(module, attr, None)
     if factory is None:
         raise BadInputError(f"module '{module_name}' has no attribute '{attr}' (model '{ref}')")
@@ -270,10 +275,8 @@ def _call_user_factory(
 ) -> tuple[nn.Module, object]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
+        with _user_code(f"model factory '{ref}' failed", ref):
             result = factory()
-        except Exception as exc:  # user code
-            raise BadInputError(f"model factory '{ref}' raised {one_line(exc)}") from exc
     shape = None  # a shape, or a dict of named input specs
     if isinstance(result, tuple) and len(result) == 2:
         result, shape = result
@@ -283,6 +286,28 @@ def _call_user_factory(
             "an nn.Module, an (nn.Module, input_shape) or an (nn.Module, {name: spec}) tuple"
         )
     return result, shape
+
+
+@contextlib.contextmanager
+def _user_code(what: str, argv0: str) -> Iterator[None]:
+    """Run a user's module or factory as library code: sys.argv holds only `argv0` (a module
+    that parses the command line at import must not see deploy's options), what it prints is
+    kept out of our output, and any way it fails, sys.exit() included, is one BadInputError
+    quoting the last line it printed."""
+    argv, printed = sys.argv, io.StringIO()
+    sys.argv = [argv0]
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            yield
+    except (Exception, SystemExit) as exc:  # user code: any failure is the user's to fix
+        failure = (
+            f"it exited with code {exc.code!r}" if isinstance(exc, SystemExit) else one_line(exc)
+        )
+        said = printed.getvalue().strip().splitlines()
+        tail = f" (it printed: {said[-1].strip()})" if said else ""
+        raise BadInputError(f"{what}: {failure}{tail}") from exc
+    finally:
+        sys.argv = argv
 
 
 def _module_only(factory: Callable[[], object]) -> Callable[[], nn.Module]:

@@ -68,7 +68,7 @@ def test_tensorrt_builds_ahead_of_time_and_says_latency_is_not_measured(tmp_path
     assert "RTX" in report["engine"]["builder"]
 
 
-def test_missing_backend_exits_3_after_writing_the_qdq_model(tmp_path, monkeypatch):
+def test_missing_backend_exits_3_before_any_work(tmp_path, monkeypatch):
     from backends.tensorrt import adapter
 
     monkeypatch.setattr(
@@ -77,9 +77,10 @@ def test_missing_backend_exits_3_after_writing_the_qdq_model(tmp_path, monkeypat
     with pytest.raises(errors.BackendUnavailableError) as info:
         build(BuildOptions(target="tensorrt", out_dir=tmp_path))
     assert info.value.exit_code == errors.BACKEND_UNAVAILABLE
-    assert (tmp_path / "model.qdq.onnx").exists()
+    assert not list(tmp_path.glob("*.onnx"))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"].startswith("failed") and report["exit_code"] == 3
+    assert "no tensorrt here (test)" in report["status"] and report["stages"] == {}
 
 
 def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):

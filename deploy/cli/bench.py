@@ -59,6 +59,7 @@ def bench_command(
 
     from deploy import bench
     from deploy.engine import PRECISIONS
+    from deploy.output_dir import owned
 
     onnx_files = {p: f for p, f in (("int8", qdq), ("fp32", fp32)) if f is not None}
     request = bench.BenchRequest(
@@ -71,10 +72,11 @@ def bench_command(
         onnx_files=onnx_files,
     )
     bench.require_matplotlib()
-    rows = bench.run_bench(
-        request, out, progress=lambda m: err_console.print(m, markup=False, highlight=False)
-    )
-    paths = bench.write_reports(rows, request, out)
+    with owned(out):  # a file, an unwritable folder or another run there fails before timing
+        rows = bench.run_bench(
+            request, out, progress=lambda m: err_console.print(m, markup=False, highlight=False)
+        )
+        paths = bench.write_reports(rows, request, out)
     _print_table(rows)
     console.print("wrote " + ", ".join(str(p) for p in paths), markup=False, soft_wrap=True)
 

@@ -200,7 +200,7 @@ def test_user_ref_with_caller_shape(user_module):
         ("models.resnet:", {}, "bad model reference"),
         ("{user}:NOT_CALLABLE", {}, "is not callable"),
         ("{user}:not_a_module", {}, "returned dict; expected an nn.Module"),
-        ("{user}:broken", {}, "raised RuntimeError: weights file missing"),
+        ("{user}:broken", {}, "failed: RuntimeError: weights file missing"),
         ("{user}:bare", {}, "returned no input shape"),
         ("resnet18", {"input_shape": (1, 0, 224)}, "bad input shape"),
         ("resnet18", {"input_dtype": "float16"}, "bad input dtype"),

@@ -1,0 +1,3 @@
+from deploy.entry import run
+
+run()
