@@ -36,8 +36,6 @@ from deploy.timing import TimingConfig, TimingSummary, runner_call, summarize, t
 
 DEFAULT_MODELS = ("mnist_cnn",)
 DEFAULT_TARGETS = ("onnxruntime", "openvino")
-CALIB_SAMPLES = 32
-CALIB_BATCH = 8
 #: Quick by default: a bench is for comparing, the CI gate measures longer.
 BENCH_TIMING = TimingConfig(warmup=10, block=10, min_runs=50, min_time_s=1.0, rewarm=2)
 
@@ -53,30 +51,16 @@ def export_model(
     input_shape: tuple[int, ...] | None = None,
     precisions: Iterable[str] = PRECISIONS,
 ) -> dict[str, Path]:
-    """The repo's pipeline for a zoo model: prepare for `target`, calibrate on the model's
-    default data (seeded, so two runs give the same int8 model), export QDQ and fp32 ONNX.
-    Returns precision -> ONNX path inside out_dir."""
-    import torch
+    """The ONNX files `deploy build --model NAME --target TARGET` ships, byte for byte: the
+    same recipe (deploy.recipe) with its defaults. Returns precision -> path inside out_dir."""
+    from deploy import recipe
 
-    import deploy
-    from deploy.data import default_dataset
-    from deploy.export import export, export_fp32
-    from models import load_model
-
-    module, spec = load_model(name, input_shape=input_shape)
-    batch = spec.input_shape[0]
-    example = torch.from_numpy(default_dataset(spec, batch, split="eval").inputs[:batch])
-    if example.shape[0] != batch:
-        raise BadInputError(f"model '{name}': its data set has fewer than {batch} samples")
-    paths = {}
-    if "int8" in precisions:
-        prepared = deploy.prepare(module, target, example)
-        calib = torch.from_numpy(default_dataset(spec, CALIB_SAMPLES, split="calib").inputs)
-        deploy.calibrate(prepared, torch.split(calib, CALIB_BATCH), progress=False)
-        paths["int8"] = export(prepared, out_dir / f"model.{target}.qdq.onnx", example)
-    if "fp32" in precisions:
-        paths["fp32"] = export_fp32(module, out_dir / "model.fp32.onnx", example)
-    return paths
+    plan = recipe.Recipe(target=target, model=name, input_shape=input_shape)
+    loaded = recipe.load(plan, evaluation=False)
+    prepared = recipe.quantize(loaded, plan) if "int8" in precisions else None
+    return recipe.export_onnx(
+        loaded, prepared, out_dir, precisions, qdq_name=f"model.{target}.qdq.onnx"
+    )
 
 
 def onnx_input_shapes(path: Path) -> dict[str, tuple[int | str, ...]]:

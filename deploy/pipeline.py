@@ -26,30 +26,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy import output_dir, verify
+from deploy import output_dir, recipe, verify
 from deploy.artifacts import write_atomic
-from deploy.calibrate import calibrate, call_model, first_tensor
-from deploy.data import Dataset, default_dataset, load_calibration_data
+from deploy.calibrate import call_model, first_tensor
+from deploy.data import Dataset
 from deploy.engine import BuiltEngine, get_adapter
-from deploy.environment import available_memory, environment
+from deploy.environment import environment
 from deploy.errors import (
     BackendUnavailableError,
     BadInputError,
     CheckFailedError,
-    EnvironmentFaultError,
     Interrupted,
     classify,
 )
-from deploy.export import export, export_fp32
 from deploy.lint import float_by_rule, lint
-from deploy.prepare import OBSERVERS, PreparedModel, prepare
-from deploy.qat import train_qat
+from deploy.prepare import OBSERVERS
 from deploy.rules import get_rules
 from deploy.timing import TimingConfig, runner_call, summarize, time_interleaved
-from models import ModelSpec, load_model
-from models.inputs import InputSpec
+from models import ModelSpec
 
-DEFAULT_MODEL = "mnist_cnn"
 #: calibrations that trade rare outliers for resolution of the rest of a tensor
 CLIPPING_OBSERVERS = ("percentile", "mse")
 STAGES = (
@@ -65,23 +60,14 @@ STAGES = (
 )
 
 
-@dataclass
-class BuildOptions:
-    target: str
-    model: str | None = None  # registry name or package.module:factory; None = embedded default
-    input_shape: tuple[int, ...] | None = None
-    inputs: tuple[InputSpec, ...] | None = None  # named input specs; win over input_shape
-    data: Path | None = None  # .npz file or image folder; None = the model's default data
-    calib_batches: int = 8
-    #: activation range observer (deploy.prepare.OBSERVERS): min-max keeps every value in
-    #: range; percentile and mse clip rare outliers to resolve the rest of the tensor
-    calibration: str = "minmax"
-    batch_size: int = 16  # calibration / QAT batch size
-    qat_epochs: int = 0
+@dataclass(frozen=True)
+class BuildOptions(recipe.Recipe):
+    """A build: the recipe of its QDQ model (deploy.recipe.Recipe: model, inputs, data,
+    calibration, QAT) and what the build does with it."""
+
     out_dir: Path = Path("out")
     export_only: bool = False
     threads: int = 2
-    eval_samples: int = 1000
     min_int8_fraction: float = 0.5
     min_time_s: float = 1.0
     sm: str | None = None  # TensorRT compute capability for ahead-of-time builds
@@ -195,12 +181,8 @@ def _stage(report: Report, progress: Progress, name: str) -> None:
 def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None:
     if not o.export_only:  # a missing or broken backend fails before any work
         get_adapter(o.target).require_available()
-    torch.manual_seed(0)
-    model, spec = load_model(
-        o.model or DEFAULT_MODEL, input_shape=o.input_shape, inputs=o.inputs, pretrained=True
-    )
-    _check_memory(spec, o.calib_batches * o.batch_size + o.eval_samples)
-    calib, evaluation = _datasets(o, spec)
+    loaded = recipe.load(o)
+    model, spec, calib, evaluation = loaded.model, loaded.spec, loaded.calib, loaded.evaluation
     report.set("model", _model_report(spec))
     report.set(
         "data",
@@ -212,22 +194,12 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     )
     report.set("environment", environment(o.threads))
     report.set("calibration", o.calibration)
-    arrays = calib.arrays(spec.inputs)
-    example = _tensors(spec, arrays, 0, spec.input_shape[0])
-
-    prepared = prepare(model, o.target, example, observer=o.calibration)
-    _stage(report, progress, "prepare")
-    batches = [_tensors(spec, arrays, i, i + o.batch_size) for i in _starts(calib, o.batch_size)]
-    calibrate(prepared, batches[: o.calib_batches], progress=False)
-    _stage(report, progress, "calibrate")
-    if o.qat_epochs:
-        _qat(prepared, calib, spec, o)
-        _stage(report, progress, "qat")
+    prepared = recipe.quantize(loaded, o, lambda name: _stage(report, progress, name))
     report.set("quantizers", len(prepared.quantizers()))
     report.set("placement_mode", prepared.plan.mode)
 
-    fp32_path = export_fp32(model, out / "model.fp32.onnx", example)
-    qdq_path = export(prepared, out / "model.qdq.onnx", example)
+    paths = recipe.export_onnx(loaded, prepared, out)
+    fp32_path, qdq_path = paths["fp32"], paths["int8"]
     report.artifact("fp32_onnx", fp32_path)
     report.artifact("qdq_onnx", qdq_path)
     _stage(report, progress, "export")
@@ -283,66 +255,6 @@ def _model_report(spec: ModelSpec) -> dict:
     return out
 
 
-def _check_memory(spec: ModelSpec, samples: int) -> None:
-    """Refuse inputs whose data alone would not fit: past that the kernel's OOM killer ends
-    the run with SIGKILL, which leaves no report saying why. Twice the raw arrays: the data and
-    the outputs and copies the stages make of it."""
-    per_sample = sum(math.prod(i.shape[1:]) * np.dtype(i.dtype).itemsize for i in spec.inputs)
-    need, available = 2 * per_sample * samples, available_memory()
-    if need > available:
-        raise EnvironmentFaultError(
-            f"{samples} samples of {spec.name}'s inputs ({_shapes(spec)}) need about "
-            f"{need / 2**30:.1f} GiB; {available / 2**30:.1f} GiB of memory is available: "
-            "use a smaller input shape, --calib-batches or --eval-samples"
-        )
-
-
-def _shapes(spec: ModelSpec) -> str:
-    return ", ".join("x".join(map(str, i.shape)) for i in spec.inputs)
-
-
-def _datasets(o: BuildOptions, spec: ModelSpec) -> tuple[Dataset, Dataset]:
-    needed = o.calib_batches * o.batch_size
-    if o.data is None:
-        return (
-            default_dataset(spec, needed, split="calib"),
-            default_dataset(spec, o.eval_samples, split="eval"),
-        )
-    data = load_calibration_data(o.data, inputs=spec.inputs)
-    if len(data) < 2:
-        raise BadInputError(f"{o.data}: need at least 2 samples (calibration and evaluation)")
-    # calibrate on the head, evaluate on what calibration never saw
-    split = min(needed, len(data) // 2)
-    n_eval = min(o.eval_samples, len(data) - split)
-    return (
-        data.rows(0, split, f"{data.source} (first {split} samples)"),
-        data.rows(split, None, f"{data.source} (last {n_eval} samples, held out of calibration)"),
-    )
-
-
-def _starts(data: Dataset, size: int) -> range:
-    return range(0, len(data), size)
-
-
-def _tensors(
-    spec: ModelSpec, arrays: Mapping[str, np.ndarray], start: int, stop: int
-) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Samples start:stop as the model takes them: one tensor, or keyword tensors by name."""
-    tensors = {name: torch.from_numpy(a[start:stop]) for name, a in arrays.items()}
-    return tensors if spec.by_keyword else next(iter(tensors.values()))
-
-
-def _qat(prepared: PreparedModel, calib: Dataset, spec: ModelSpec, o: BuildOptions) -> None:
-    if calib.labels is None:
-        raise BadInputError("--qat-epochs needs labelled data (an .npz with 'y' or 'labels')")
-    arrays, size = calib.arrays(spec.inputs), o.batch_size
-    pairs = [
-        (_tensors(spec, arrays, i, i + size), torch.from_numpy(calib.labels[i : i + size]))
-        for i in _starts(calib, size)
-    ]
-    train_qat(prepared, pairs, epochs=o.qat_epochs, lr=1e-4, progress=False)
-
-
 def _runners(adapter, int8: BuiltEngine, fp32: BuiltEngine) -> dict | str:
     """Activated runners, or the reason engines cannot run on this machine."""
     try:
@@ -393,7 +305,7 @@ def _outputs(
     outputs = []
     with torch.no_grad():
         for i in range(0, len(next(iter(arrays.values()))), 64):
-            batch = _tensors(spec, arrays, i, i + 64)
+            batch = recipe.tensors(spec, arrays, i, i + 64)
             batch = (
                 {k: cast(v) for k, v in batch.items()} if isinstance(batch, dict) else cast(batch)
             )

@@ -85,10 +85,10 @@ def test_missing_backend_exits_3_before_any_work(tmp_path, monkeypatch):
 
 def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
     """An engine whose activation scales are off by 10x must not pass as int8-equivalent."""
-    import deploy.pipeline as pipeline
+    import deploy.recipe as recipe
     from deploy.quant.fake_quant import FakeQuantize
 
-    real_export = pipeline.export
+    real_export = recipe.export
 
     def export_with_wrong_scales(prepared, path, example):
         saved = {}
@@ -102,7 +102,7 @@ def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
             for m, scale in saved.items():
                 m.scale.copy_(scale)
 
-    monkeypatch.setattr(pipeline, "export", export_with_wrong_scales)
+    monkeypatch.setattr(recipe, "export", export_with_wrong_scales)
     with pytest.raises(errors.CheckFailedError, match="int8_vs_fakequant"):
         build(BuildOptions(target="onnxruntime", out_dir=tmp_path, **FAST))
     report = json.loads((tmp_path / "report.json").read_text())

@@ -1,0 +1,168 @@
+"""model -> prepared -> calibrated (-> QAT) -> QDQ ONNX: the one recipe every entry point uses.
+
+`deploy build`, `deploy bench` and `deploy check` (through deploy.bench.export_model) call
+these functions with the same defaults, so the int8 model CI gates is byte for byte the one a
+build ships: same trained weights, same calibration data, same example input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from deploy.calibrate import calibrate
+from deploy.data import Dataset, default_dataset, load_calibration_data
+from deploy.environment import available_memory
+from deploy.errors import BadInputError, EnvironmentFaultError
+from deploy.export import export, export_fp32
+from deploy.prepare import PreparedModel, prepare
+from deploy.qat import train_qat
+from models import ModelSpec, load_model
+from models.inputs import InputSpec
+
+DEFAULT_MODEL = "mnist_cnn"
+FP32_NAME = "model.fp32.onnx"
+QDQ_NAME = "model.qdq.onnx"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the bytes of the QDQ model."""
+
+    target: str
+    model: str | None = None  # registry name or package.module:factory; None = embedded default
+    input_shape: tuple[int, ...] | None = None
+    inputs: tuple[InputSpec, ...] | None = None  # named input specs; win over input_shape
+    data: Path | None = None  # .npz file or image folder; None = the model's default data
+    calib_batches: int = 8
+    batch_size: int = 16  # calibration / QAT batch size
+    #: activation range observer (deploy.prepare.OBSERVERS)
+    calibration: str = "minmax"
+    qat_epochs: int = 0
+    eval_samples: int = 1000
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The model in eval mode with its data: calibration rows, and held-out evaluation rows
+    (None when the caller only exports)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    calib: Dataset
+    evaluation: Dataset | None
+
+    @property
+    def example(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The first calibration batch at the model's batch size: what capture and export see."""
+        return tensors(self.spec, self.calib.arrays(self.spec.inputs), 0, self.spec.input_shape[0])
+
+
+def load(recipe: Recipe, *, evaluation: bool = True) -> Loaded:
+    torch.manual_seed(0)
+    model, spec = load_model(
+        recipe.model or DEFAULT_MODEL,
+        input_shape=recipe.input_shape,
+        inputs=recipe.inputs,
+        pretrained=True,
+    )
+    needed = recipe.calib_batches * recipe.batch_size
+    _check_memory(spec, needed + (recipe.eval_samples if evaluation else 0))
+    calib, held_out = _datasets(recipe, spec, needed, evaluation)
+    return Loaded(model, spec, calib, held_out)
+
+
+def quantize(
+    loaded: Loaded, recipe: Recipe, on_stage: Callable[[str], None] = lambda name: None
+) -> PreparedModel:
+    """prepare for the target's rules, calibrate, and fine-tune when asked; on_stage(name)
+    after each of "prepare", "calibrate", "qat"."""
+    spec, size = loaded.spec, recipe.batch_size
+    arrays = loaded.calib.arrays(spec.inputs)
+    prepared = prepare(loaded.model, recipe.target, loaded.example, observer=recipe.calibration)
+    on_stage("prepare")
+    batches = [tensors(spec, arrays, i, i + size) for i in range(0, len(loaded.calib), size)]
+    calibrate(prepared, batches[: recipe.calib_batches], progress=False)
+    on_stage("calibrate")
+    if recipe.qat_epochs:
+        _qat(prepared, loaded, recipe)
+        on_stage("qat")
+    return prepared
+
+
+def export_onnx(
+    loaded: Loaded,
+    prepared: PreparedModel | None,
+    out_dir: Path,
+    precisions: Iterable[str] = ("fp32", "int8"),
+    qdq_name: str = QDQ_NAME,
+) -> dict[str, Path]:
+    """fp32 and/or QDQ ONNX in out_dir (atomically), by precision."""
+    paths = {}
+    if "fp32" in precisions:
+        paths["fp32"] = export_fp32(loaded.model, Path(out_dir) / FP32_NAME, loaded.example)
+    if "int8" in precisions:
+        if prepared is None:
+            raise ValueError("int8 export needs the prepared model")
+        paths["int8"] = export(prepared, Path(out_dir) / qdq_name, loaded.example)
+    return paths
+
+
+def tensors(
+    spec: ModelSpec, arrays: Mapping[str, np.ndarray], start: int, stop: int
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Samples start:stop as the model takes them: one tensor, or keyword tensors by name."""
+    by_name = {name: torch.from_numpy(a[start:stop]) for name, a in arrays.items()}
+    return by_name if spec.by_keyword else next(iter(by_name.values()))
+
+
+def _check_memory(spec: ModelSpec, samples: int) -> None:
+    """Refuse inputs whose data alone would not fit: past that the kernel's OOM killer ends
+    the run with SIGKILL, which leaves no report saying why. Twice the raw arrays: the data and
+    the outputs and copies the stages make of it."""
+    per_sample = sum(math.prod(i.shape[1:]) * np.dtype(i.dtype).itemsize for i in spec.inputs)
+    need, available = 2 * per_sample * samples, available_memory()
+    if need > available:
+        shapes = ", ".join("x".join(map(str, i.shape)) for i in spec.inputs)
+        raise EnvironmentFaultError(
+            f"{samples} samples of {spec.name}'s inputs ({shapes}) need about "
+            f"{need / 2**30:.1f} GiB; {available / 2**30:.1f} GiB of memory is available: "
+            "use a smaller input shape, --calib-batches or --eval-samples"
+        )
+
+
+def _datasets(
+    recipe: Recipe, spec: ModelSpec, needed: int, evaluation: bool
+) -> tuple[Dataset, Dataset | None]:
+    if recipe.data is None:
+        calib = default_dataset(spec, needed, split="calib")
+        held_out = default_dataset(spec, recipe.eval_samples, split="eval") if evaluation else None
+        return calib, held_out
+    data = load_calibration_data(recipe.data, inputs=spec.inputs)
+    if len(data) < 2:
+        raise BadInputError(f"{recipe.data}: need at least 2 samples (calibration and evaluation)")
+    # calibrate on the head, evaluate on what calibration never saw
+    split = min(needed, len(data) // 2)
+    n_eval = min(recipe.eval_samples, len(data) - split)
+    return (
+        data.rows(0, split, f"{data.source} (first {split} samples)"),
+        data.rows(split, None, f"{data.source} (last {n_eval} samples, held out of calibration)"),
+    )
+
+
+def _qat(prepared: PreparedModel, loaded: Loaded, recipe: Recipe) -> None:
+    calib, spec, size = loaded.calib, loaded.spec, recipe.batch_size
+    if calib.labels is None:
+        raise BadInputError("--qat-epochs needs labelled data (an .npz with 'y' or 'labels')")
+    arrays = calib.arrays(spec.inputs)
+    pairs = [
+        (tensors(spec, arrays, i, i + size), torch.from_numpy(calib.labels[i : i + size]))
+        for i in range(0, len(calib), size)
+    ]
+    train_qat(prepared, pairs, epochs=recipe.qat_epochs, lr=1e-4, progress=False)
