@@ -98,6 +98,8 @@ def main() -> None:
             said = (proc.stderr.read().strip().splitlines() or [""])[-1]
             left_over = [p for p in debris if p.exists()]  # the build above took the folder
             status, problems = verdict(out, signum, code, proc.pid, before)
+            if json.loads((out / "report.json").read_text()).get("pid") != proc.pid:
+                status = f"(previous run's, unchanged) {status}"
             problems += [f"temp file of a dead run not removed: {p}" for p in left_over]
             debris = list(out.rglob(".*.tmp"))
             if problems:
