@@ -28,11 +28,14 @@ unchanged candidate by construction, whatever the machine does, because both are
 engine; for a changed one, contention can only move the part that differs, a fraction of the
 slowdown rather than of the whole latency. Measured here (mnist_cnn, onnxruntime, 6 runs in a
 few minutes): identical engines 0.987 .. 1.006, int8/fp32 1.339 .. 1.378 over the same runs.
-That comparison catches what the code changes in the exported graph at the tolerance. The
-int8/fp32 comparison stays for what only it sees (a change that slows every int8 engine alike:
-build options, runtime versions), with its drift-limited power. Each fails only when its lower
-97.5% bound exceeds 1 + tolerance, so within-run noise alone fails an unchanged candidate with
-probability at most 2.5% + 2.5%.
+That comparison catches what the code changes in the exported graph at the tolerance, and it
+decides wherever a candidate is pinned: it fails only when its lower 97.5% bound exceeds
+1 + tolerance. The int8/fp32 change is still measured and reported, and beyond the tolerance
+it is a note, not a failure: under load that ratio moved +15% between an update and a check
+seconds apart (the pinned comparison read +0.2% in the same run), so failing on it would make
+the gate fail on neighbours' jobs. It is what sees a change that slows every int8 engine alike
+(build options, a runtime upgrade), and the note names that. Baselines without a pinned
+candidate are still decided by the int8/fp32 change.
 
 The baseline JSON schema is documented in ci/README.md.
 """
@@ -172,7 +175,8 @@ class Verdict:
 
     @property
     def regression(self) -> bool:
-        return self.slower_than_baseline or self.slower_than_pinned
+        """The pinned comparison decides where there is one (see the module docstring)."""
+        return self.slower_than_pinned if self.pinned is not None else self.slower_than_baseline
 
 
 def decide(
@@ -797,18 +801,17 @@ def _result(
     difference = cpu_difference(baseline.environment, environment())
     if difference:
         summary += f"; note: baseline measured on a different CPU ({difference})"
+    if pinned is not None and verdict.slower_than_baseline and not verdict.regression:
+        summary += (
+            "; note: the int8/fp32 ratio moved beyond the tolerance while the candidate matches "
+            "its pinned build: machine load, or a change that slows every int8 engine alike "
+            "(a runtime upgrade); re-measure the baseline if it persists"
+        )
     status = "regression" if verdict.regression else "passed"
     verb = "pass"
     if verdict.regression:
-        which = [
-            label
-            for label, slower in (
-                ("the baseline ratio", verdict.slower_than_baseline),
-                ("the pinned candidate", verdict.slower_than_pinned),
-            )
-            if slower
-        ]
-        verb = f"REGRESSION, significant slowdown beyond tolerance vs {' and '.join(which)}"
+        against = "the pinned candidate" if pinned is not None else "the baseline ratio"
+        verb = f"REGRESSION, significant slowdown beyond tolerance vs {against}"
     properties = {
         "model": baseline.model,
         "target": baseline.target,

@@ -316,6 +316,7 @@ def test_ctrl_c_during_a_baseline_update_exits_130_and_writes_nothing(tmp_path):
     while not list(scratch.glob("deploy-check-*")):  # the check is under way
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.05)
+    time.sleep(1.0)  # past mkdtemp, into the block that owns the folder
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
