@@ -1,8 +1,9 @@
 """`deploy build`: model -> prepared -> calibrated (-> QAT) -> QDQ ONNX -> lint -> engine ->
 kernel check -> accuracy check -> latency -> report.json.
 
-Every stage writes atomically; the report is written on every exit path, saying how far the run
-got and why it stopped, so CI can read it even when the build fails.
+The part up to QDQ ONNX is deploy.recipe, shared with `deploy bench` and `deploy check`. Every
+stage writes atomically; the report is written after each stage and on every exit path, saying
+how far the run got and why it stopped, so CI can read it even when the build fails.
 
 Models may take several named inputs (ModelSpec.inputs): every stage feeds all of them, the
 model as model(**{name: tensor}) and engines by their input names (by position when the names
