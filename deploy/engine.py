@@ -8,8 +8,9 @@ code is written once. Adapters live in backends/<name>/adapter.py as ADAPTER.
 from __future__ import annotations
 
 import importlib
+import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -87,7 +88,10 @@ class BuiltEngine:
 
 
 class Adapter(ABC):
-    """One backend: build, run, and report precision. Subclasses set `name`."""
+    """One backend: build, run, and report precision. Subclasses set `name` and implement the
+    hooks; build() does what every backend needs once (argument checks, availability, the
+    output folder, the build's timing), in the spirit of polygraphy's BaseRunner *_impl.
+    Backend build options are dataclass fields of the adapter, set with with_options()."""
 
     name: ClassVar[str]
 
@@ -100,9 +104,35 @@ class Adapter(ABC):
         if reason is not None:
             raise BackendUnavailableError(f"{self.name} backend unavailable: {reason}")
 
-    @abstractmethod
+    def with_options(self, **options: object) -> Adapter:
+        """A copy with backend build options set (TensorRT's `sm`); an option this backend
+        does not have is bad input, never silently ignored."""
+        known = {f.name for f in fields(self)} if is_dataclass(self) else set()
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise BadInputError(
+                f"{self.name} has no build option {', '.join(unknown)}"
+                + (f"; it takes {', '.join(sorted(known))}" if known else "")
+            )
+        return replace(self, **options) if options else self
+
     def build(self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int) -> BuiltEngine:
-        """Build the engine artifact into out_dir (atomically: temp file, then rename)."""
+        """Build the engine artifact into out_dir (the hook writes it atomically)."""
+        onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+        check_build_args(onnx_path, precision, threads)
+        self.require_available()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        engine = self._build(onnx_path, out_dir, precision=precision, threads=threads)
+        engine.info["build_seconds"] = f"{time.perf_counter() - started:.2f}"
+        return engine
+
+    @abstractmethod
+    def _build(
+        self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int
+    ) -> BuiltEngine:
+        """The backend's build from checked arguments into an existing out_dir; writes its
+        artifacts atomically (deploy.artifacts)."""
 
     @abstractmethod
     def runner(self, engine: BuiltEngine):

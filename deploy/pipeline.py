@@ -180,8 +180,10 @@ def _stage(report: Report, progress: Progress, name: str) -> None:
 
 
 def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None:
-    if not o.export_only:  # a missing or broken backend fails before any work
-        get_adapter(o.target).require_available()
+    # a missing or broken backend, or an option it lacks, fails before any work
+    adapter = get_adapter(o.target).with_options(**({"sm": o.sm} if o.sm is not None else {}))
+    if not o.export_only:
+        adapter.require_available()
     loaded = recipe.load(o)
     model, spec, calib, evaluation = loaded.model, loaded.spec, loaded.calib, loaded.evaluation
     report.set("model", _model_report(spec))
@@ -212,9 +214,6 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     if o.export_only:
         return
 
-    adapter = get_adapter(o.target)
-    if o.sm is not None and hasattr(adapter, "sm"):
-        adapter = dataclasses.replace(adapter, sm=o.sm)
     int8 = adapter.build(qdq_path, out, precision="int8", threads=o.threads)
     fp32 = adapter.build(fp32_path, out / "fp32", precision="fp32", threads=o.threads)
     report.artifact("engine", int8.artifact)

@@ -20,7 +20,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from backends.onnxruntime.matmul_bias import fuse_matmul_bias
 from deploy.artifacts import atomic_path
-from deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision, check_build_args
+from deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision
 from deploy.errors import BadInputError, one_line
 
 #: op_type -> compute kind, for the compute ops of the CPU EP (int8 and float, all domains:
@@ -114,9 +114,9 @@ class OnnxruntimeAdapter(Adapter):
     def unavailable_reason(self) -> str | None:
         return None  # a hard dependency of the project: CPU EP is always there
 
-    def build(self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int) -> BuiltEngine:
-        onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-        check_build_args(onnx_path, precision, threads)
+    def _build(
+        self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int
+    ) -> BuiltEngine:
         source, fused = _prefused(onnx_path, out_dir / f"engine.{self.name}.input.onnx")
         artifact = out_dir / f"engine.{self.name}.onnx"
         with atomic_path(artifact) as tmp:

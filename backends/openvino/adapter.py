@@ -27,7 +27,7 @@ from backends.openvino.runner import (
     ov_message,
 )
 from deploy.artifacts import write_atomic
-from deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision, check_build_args
+from deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision
 from deploy.errors import BadInputError
 
 #: Runtime layerType -> compute kind, as the CPU plugin names its layers (FullyConnected is a
@@ -54,9 +54,9 @@ class OpenvinoAdapter(Adapter):
         devices = ov.Core().available_devices
         return None if DEVICE in devices else f"no {DEVICE} device (found: {devices})"
 
-    def build(self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int) -> BuiltEngine:
-        onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-        check_build_args(onnx_path, precision, threads)
+    def _build(
+        self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int
+    ) -> BuiltEngine:
         config: dict[str, object] = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": threads,

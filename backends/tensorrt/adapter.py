@@ -31,7 +31,7 @@ from backends.tensorrt.layer_info import (
 )
 from backends.tensorrt.plan_build import PlanBuild
 from deploy.artifacts import write_atomic
-from deploy.engine import Adapter, BuiltEngine, KernelReport, check_build_args
+from deploy.engine import Adapter, BuiltEngine, KernelReport
 from deploy.errors import BackendUnavailableError, BadInputError, CheckFailedError
 
 PLAN_NAME = "engine.tensorrt.plan"
@@ -72,16 +72,14 @@ class TensorRTAdapter(Adapter):
             "pip install '.[tensorrt-rtx]' (or '.[tensorrt]' on a machine with an NVIDIA GPU)"
         )
 
-    def build(self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int) -> BuiltEngine:
-        self.require_available()
-        onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-        check_build_args(onnx_path, precision, threads)
+    def _build(
+        self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int
+    ) -> BuiltEngine:
         _check_model(onnx_path, precision)
         if self._path() == "datacenter":
             result = datacenter.build(onnx_path, probe_gpu().sm or "unknown")
         else:
             result = rtx.build(onnx_path, self.sm)
-        out_dir.mkdir(parents=True, exist_ok=True)
         artifact = out_dir / PLAN_NAME
         layer_info = _LAYER_INFO[result.layer_info_format]
         write_atomic(artifact, result.plan)

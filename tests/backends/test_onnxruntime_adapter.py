@@ -151,3 +151,15 @@ def test_precision_follows_8bit_tensors_through_the_graph():
         ("m", "int8", "matmul"),
         ("y", "float", "matmul"),
     }
+
+
+def test_the_adapter_base_checks_arguments_and_times_every_build(mnist_fp32, tmp_path):
+    """deploy.engine.Adapter.build does the common work once for every backend."""
+    with pytest.raises(BadInputError, match="ONNX model not found"):
+        ADAPTER.build(tmp_path / "missing.onnx", tmp_path / "out", precision="fp32", threads=1)
+    with pytest.raises(BadInputError, match="bad precision"):
+        ADAPTER.build(mnist_fp32, tmp_path / "out", precision="int4", threads=1)
+    engine = ADAPTER.build(mnist_fp32, tmp_path / "new" / "folder", precision="fp32", threads=1)
+    assert engine.artifact.is_file() and float(engine.info["build_seconds"]) >= 0
+    with pytest.raises(BadInputError, match="onnxruntime has no build option sm"):
+        ADAPTER.with_options(sm="sm86")
