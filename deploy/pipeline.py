@@ -46,6 +46,10 @@ from deploy.rules import get_rules
 from deploy.timing import TimingConfig, runner_call, summarize, time_interleaved
 from models import ModelSpec
 
+#: report.json's contract: deploy/report.schema.json (validated against every report the tests
+#: produce); the version changes when a reader would have to change
+REPORT_SCHEMA = Path(__file__).with_name("report.schema.json")
+REPORT_SCHEMA_VERSION = 1
 #: calibrations that trade rare outliers for resolution of the rest of a tensor
 CLIPPING_OBSERVERS = ("percentile", "mse")
 STAGES = (
@@ -108,6 +112,7 @@ def build(options: BuildOptions, progress: Progress = lambda stage: None) -> dic
     _check_options(options)
     with output_dir.owned(Path(options.out_dir)) as out:
         report = Report(out)
+        report.set("schema_version", REPORT_SCHEMA_VERSION)
         report.set("target", options.target)
         report.set("status", "running")
         report.set("pid", os.getpid())

@@ -6,7 +6,6 @@ inputs named after the keys); the others check the pieces the pipeline feeds the
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 
 import numpy as np
@@ -21,6 +20,7 @@ from deploy.errors import CheckFailedError
 from deploy.pipeline import BuildOptions, _feed, build
 from deploy.prepare import prepare
 from models import load_model
+from tests.report_schema import read_report
 
 VOCAB, SEQ, BATCH = 50, 12, 2
 SPECS = {
@@ -131,7 +131,7 @@ def test_two_input_model_builds_end_to_end(tmp_path):
             **FAST,
         )
     )
-    on_disk = json.loads((tmp_path / "report.json").read_text())
+    on_disk = read_report(tmp_path)
     assert on_disk["status"] == "ok" and report["stages"]["latency"] == "done"
     assert on_disk["model"]["inputs"] == [
         {"name": "input_ids", "shape": [BATCH, SEQ], "dtype": "int64", "range": [0, VOCAB]},
@@ -182,7 +182,7 @@ def test_cli_named_input_shapes_export_a_two_input_graph(tmp_path, monkeypatch, 
         "sys.argv", ["deploy", "build", "--target", "onnxruntime", *args, "--out", str(out)]
     )
     main()
-    report = json.loads((out / "report.json").read_text())
+    report = read_report(out)
     assert report["status"] == "ok" and report["lint"] == []
     assert [i["name"] for i in report["model"]["inputs"]] == ["input_ids", "attention_mask"]
     for name in ("model.fp32.onnx", "model.qdq.onnx"):

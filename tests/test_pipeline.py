@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from deploy import errors
 from deploy.pipeline import BuildOptions, build
+from tests.report_schema import read_report
 
 FAST = {"eval_samples": 200, "min_time_s": 0.2}
 
@@ -19,7 +18,7 @@ def test_default_build_writes_artifacts_and_a_complete_report(target, tmp_path):
     report = build(BuildOptions(target=target, out_dir=tmp_path, **FAST))
     names = {p.name for p in tmp_path.iterdir()}
     assert {"model.fp32.onnx", "model.qdq.onnx", "report.json"} <= names
-    on_disk = json.loads((tmp_path / "report.json").read_text())
+    on_disk = read_report(tmp_path)
     assert on_disk["status"] == "ok" and on_disk["target"] == target
     # single-input models keep input_shape/input_dtype and name their input after forward(x)
     assert on_disk["model"]["input_shape"] == [1, 1, 16, 16]
@@ -78,7 +77,7 @@ def test_missing_backend_exits_3_before_any_work(tmp_path, monkeypatch):
         build(BuildOptions(target="tensorrt", out_dir=tmp_path))
     assert info.value.exit_code == errors.BACKEND_UNAVAILABLE
     assert not list(tmp_path.glob("*.onnx"))
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = read_report(tmp_path)
     assert report["status"].startswith("failed") and report["exit_code"] == 3
     assert "no tensorrt here (test)" in report["status"] and report["stages"] == {}
 
@@ -105,7 +104,7 @@ def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "export", export_with_wrong_scales)
     with pytest.raises(errors.CheckFailedError, match="int8_vs_fakequant"):
         build(BuildOptions(target="onnxruntime", out_dir=tmp_path, **FAST))
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = read_report(tmp_path)
     metrics = report["accuracy"]["int8_vs_fakequant"]
     assert metrics["p999_err_steps"] > 4 or metrics["cosine"] < 0.999
     assert report["status"].startswith("failed") and report["exit_code"] == 4
@@ -137,7 +136,7 @@ def test_quantization_loss_fails_with_a_hint_and_a_clipping_calibration_fixes_it
         build(BuildOptions(out_dir=tmp_path / "minmax", **common))
     message = str(failure.value)
     assert "int8_vs_fp32" in message and "--calibration percentile or mse" in message
-    report = json.loads((tmp_path / "minmax" / "report.json").read_text())
+    report = read_report(tmp_path / "minmax")
     assert report["accuracy"]["int8_vs_fakequant"]["cosine"] >= 0.999  # the engine is right
     report = build(BuildOptions(out_dir=tmp_path / "pct", calibration="percentile", **common))
     assert report["status"] == "ok" and report["calibration"] == "percentile"

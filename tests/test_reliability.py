@@ -9,7 +9,6 @@ shell would hit."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -24,6 +23,7 @@ import pytest
 
 from deploy import errors
 from deploy.output_dir import owned, report_problems
+from tests.report_schema import read_report
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = ["build", "--target", "onnxruntime", "--eval-samples", "200"]
@@ -66,7 +66,7 @@ def assert_one_line(result: subprocess.CompletedProcess, code: int, *words: str)
 
 
 def report(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
+    return read_report(out)
 
 
 def wait_for_stage(proc: subprocess.Popen, out: Path, stage: str, timeout: float = 300) -> None:
