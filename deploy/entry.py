@@ -13,13 +13,16 @@ import os
 import signal
 import sys
 
+from deploy.errors import Interrupted
+
 #: signals that end a command with a report saying so (SIGKILL cannot be caught)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def exit_now(signum: int, frame: object) -> None:
-    os.write(2, f"interrupted by {signal.Signals(signum).name}\n".encode())
-    os._exit(128 + signum)
+    interrupted = Interrupted(signum)
+    os.write(2, f"{interrupted}\n".encode())
+    os._exit(interrupted.exit_code)
 
 
 def run() -> None:

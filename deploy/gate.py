@@ -67,6 +67,7 @@ from deploy.errors import (
     DeployError,
     EnvironmentFaultError,
 )
+from deploy.output_dir import sha256
 from deploy.timing import TimingConfig
 
 if TYPE_CHECKING:
@@ -676,7 +677,7 @@ def _pinned_candidate(request: CheckRequest, baseline: Baseline) -> Path | None:
             f"pinned candidate {path} not found (it is committed beside the baseline); "
             "re-measure with --update-baseline"
         )
-    digest = _sha256(path)
+    digest = sha256(path)
     if digest != pin.sha256:
         raise BadInputError(
             f"pinned candidate {path} is not the one the baseline pinned (sha256 {digest[:12]}"
@@ -698,20 +699,16 @@ def _resolve_reference(request: CheckRequest, baseline: Baseline) -> tuple[Path 
         return path, ref
     if request.pin_reference:  # copied beside the baseline once the measurement succeeded
         path = _given(request.reference, "reference", baseline)
-        return path, Reference("artifact", request.pinned_reference_path.name, _sha256(path))
+        return path, Reference("artifact", request.pinned_reference_path.name, sha256(path))
     stored = request.baseline.parent / str(ref.path)
     path = _given(request.reference or stored, "reference", baseline)
-    digest = _sha256(path)
+    digest = sha256(path)
     if digest != ref.sha256:
         raise BadInputError(
             f"reference artifact {path} is not the one the baseline pinned (sha256 {digest[:12]}"
             f" != {str(ref.sha256)[:12]}); re-pin it with --update-baseline --pin-reference"
         )
     return path, ref
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _given(path: Path | None, role: str, baseline: Baseline) -> Path | None:

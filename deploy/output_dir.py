@@ -60,13 +60,20 @@ def _lock(fd: int, out: Path) -> None:
     os.pwrite(fd, str(os.getpid()).encode(), 0)
 
 
+def stale_temps(folder: Path) -> list[Path]:
+    """Temp files of atomic writes under `folder` whose writer is no longer running."""
+    return [
+        path
+        for path in Path(folder).rglob(".*.tmp")
+        if TEMP_PATTERN.fullmatch(path.name) and not _alive(_writer(path))
+    ]
+
+
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete temp files under `folder` whose writer is no longer running; returns them."""
-    removed = []
-    for path in Path(folder).rglob(".*.tmp"):
-        if TEMP_PATTERN.fullmatch(path.name) and not _alive(_writer(path)):
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    """Delete stale_temps(folder); returns them."""
+    removed = stale_temps(folder)
+    for path in removed:
+        path.unlink(missing_ok=True)
     return removed
 
 
@@ -111,8 +118,7 @@ def report_problems(out: Path) -> list[str]:
         problems.append(f"status '{status}' without an exit code")
     if status == "ok" and not report.get("artifacts"):
         problems.append("status ok but no artifacts listed")
-    stale = [p for p in out.rglob(".*.tmp") if TEMP_PATTERN.fullmatch(p.name)]
-    problems += [f"temp file left: {p}" for p in stale if not _alive(_writer(p))]
+    problems += [f"temp file left: {p}" for p in stale_temps(out)]
     return problems
 
 
