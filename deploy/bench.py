@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from deploy import recipe
 from deploy.artifacts import write_atomic
 from deploy.engine import PRECISIONS, Adapter, BuiltEngine, get_adapter
 from deploy.environment import environment
 from deploy.errors import BackendUnavailableError, BadInputError, DeployError, one_line
 from deploy.timing import TimingConfig, TimingSummary, runner_call, summarize, time_interleaved
 
-DEFAULT_MODELS = ("mnist_cnn",)
+DEFAULT_MODELS = (recipe.DEFAULT_MODEL,)
 DEFAULT_TARGETS = ("onnxruntime", "openvino")
 #: Quick by default: a bench is for comparing, the CI gate measures longer.
 BENCH_TIMING = TimingConfig(warmup=10, block=10, min_runs=50, min_time_s=1.0, rewarm=2)
@@ -53,8 +54,6 @@ def export_model(
 ) -> dict[str, Path]:
     """The ONNX files `deploy build --model NAME --target TARGET` ships, byte for byte: the
     same recipe (deploy.recipe) with its defaults. Returns precision -> path inside out_dir."""
-    from deploy import recipe
-
     plan = recipe.Recipe(target=target, model=name, input_shape=input_shape)
     loaded = recipe.load(plan, evaluation=False)
     prepared = recipe.quantize(loaded, plan) if "int8" in precisions else None

@@ -26,7 +26,7 @@ from deploy.qat import train_qat
 from models import ModelSpec, load_model
 from models.inputs import InputSpec
 
-DEFAULT_MODEL = "mnist_cnn"
+DEFAULT_MODEL = "digits_resnet"
 FP32_NAME = "model.fp32.onnx"
 QDQ_NAME = "model.qdq.onnx"
 

@@ -25,6 +25,8 @@ from torch import nn
 
 from deploy.errors import BadInputError, one_line
 from models.bert_tiny import BertConfig, bert_tiny
+from models.digits_resnet import INPUT_SIZE as DIGITS_RESNET_SIZE
+from models.digits_resnet import digits_resnet
 from models.inputs import (
     DTYPES,
     InputSpec,
@@ -97,6 +99,15 @@ _REGISTRY: dict[str, ModelSpec] = {
             mobilenet_v2,
             _IMAGENET,
             description="MobileNetV2 width 1.0, torchvision layout, 1000 classes",
+        ),
+        ModelSpec(
+            "digits_resnet",
+            digits_resnet,
+            (1, 1, DIGITS_RESNET_SIZE, DIGITS_RESNET_SIZE),
+            default_data="digits",
+            description="residual digit classifier, 64x64 upsampled digits, 10 classes "
+            "(the embedded default)",
+            weights="digits_resnet_digits.pt",
         ),
         ModelSpec(
             "mnist_cnn",

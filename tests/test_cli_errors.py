@@ -10,6 +10,8 @@ import pytest
 
 from deploy import errors
 from deploy.cli import main
+from deploy.recipe import DEFAULT_MODEL
+from models import get_model_spec
 
 
 def run(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
@@ -26,8 +28,9 @@ def _npz(tmp_path, name="data.npz", **arrays):
 
 
 def good_digits(n=40):
-    rng = np.random.default_rng(0)
-    return rng.normal(size=(n, 1, 16, 16)).astype(np.float32)
+    """Inputs shaped for the default model (what `deploy build` without --model builds)."""
+    shape = get_model_spec(DEFAULT_MODEL).input_shape[1:]
+    return np.random.default_rng(0).normal(size=(n, *shape)).astype(np.float32)
 
 
 BAD_BUILDS = {

@@ -21,14 +21,16 @@ def test_default_build_writes_artifacts_and_a_complete_report(target, tmp_path):
     on_disk = read_report(tmp_path)
     assert on_disk["status"] == "ok" and on_disk["target"] == target
     # single-input models keep input_shape/input_dtype and name their input after forward(x)
-    assert on_disk["model"]["input_shape"] == [1, 1, 16, 16]
+    assert on_disk["model"]["name"] == "digits_resnet"
+    assert on_disk["model"]["input_shape"] == [1, 1, 64, 64]
     assert on_disk["model"]["inputs"] == [
-        {"name": "x", "shape": [1, 1, 16, 16], "dtype": "float32"}
+        {"name": "x", "shape": [1, 1, 64, 64], "dtype": "float32"}
     ]
     for precision in ("fp32", "int8"):
         assert set(on_disk["latency_ms"][precision]) >= {"p50", "p90", "p99", "mean", "runs"}
     assert on_disk["speedup_p50"] > 0
-    assert on_disk["kernels"]["int8"] == 3 and on_disk["kernels"]["fallback_layers"] == []
+    # 7 convolutions (3x3 and 1x1 shortcuts) and the classifier
+    assert on_disk["kernels"]["int8"] == 8 and on_disk["kernels"]["fallback_layers"] == []
     for label in ("int8_vs_fakequant", "int8_vs_fp32", "reference_floor"):
         assert set(on_disk["accuracy"][label]) >= {
             "top1_agreement",
@@ -46,6 +48,7 @@ def test_default_build_writes_artifacts_and_a_complete_report(target, tmp_path):
     }
     top1 = on_disk["accuracy"]["top1"]
     assert top1["fp32"] >= 0.97 and abs(top1["int8"] - top1["fakequant"]) <= 0.005
+    assert abs(top1["int8"] - top1["fp32"]) <= 0.005  # the main job keeps the accuracy
     assert on_disk["environment"]["isa"]["avx512f"] in (True, False)
     assert "onnxruntime" in on_disk["environment"]["versions"]
     assert report["data"]["labels"] is True
@@ -62,7 +65,7 @@ def test_tensorrt_builds_ahead_of_time_and_says_latency_is_not_measured(tmp_path
     pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed")
     report = build(BuildOptions(target="tensorrt", out_dir=tmp_path, **FAST))
     assert (tmp_path / "engine.tensorrt.plan").stat().st_size > 0
-    assert report["kernels"]["int8"] == 3
+    assert report["kernels"]["int8"] == 8
     assert report["latency_ms"].startswith("not measured:") and "GPU" in report["latency_ms"]
     assert "RTX" in report["engine"]["builder"]
 

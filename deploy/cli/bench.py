@@ -17,7 +17,7 @@ DEFAULT_OUT = Path("bench-results")
 def bench_command(
     models: Annotated[
         list[str] | None,
-        typer.Option("--model", "-m", help="Zoo model (repeatable). Default: mnist_cnn."),
+        typer.Option("--model", "-m", help="Zoo model (repeatable). Default: digits_resnet."),
     ] = None,
     targets: Annotated[
         list[str] | None,

@@ -12,6 +12,8 @@ from rich.table import Table
 from deploy import errors
 from deploy.cli.app import app, console
 from deploy.pipeline import STAGES, BuildOptions, build
+from deploy.recipe import DEFAULT_MODEL, QDQ_NAME
+from deploy.rules import available_targets
 from deploy.verify import DEFAULT_THRESHOLDS, Thresholds
 from models.inputs import InputSpec, check_batch, check_dtype, load_spec_file
 
@@ -130,6 +132,37 @@ def build_command(
         report = build(options, lambda stage: bar.update(task, advance=1, description=stage))
     console.print(summary_table(report))
     console.print(f"report: {out / 'report.json'}")
+    lines = "\n".join(f"  {line}" for line in next_commands(options))
+    console.print(f"next:\n{lines}", markup=False, highlight=False, soft_wrap=True)
+
+
+def next_commands(options: BuildOptions) -> list[str]:
+    """What a user runs after a first build: the other targets, their own model, the linter,
+    a side-by-side benchmark and the CI gate."""
+    out, model = options.out_dir, options.model or DEFAULT_MODEL
+    others = [t for t in available_targets() if t != options.target]
+    same = f" --model {model}" if options.model else ""
+    return [
+        *(
+            f"deploy build --target {t}{same} --out {_sibling(out, options.target, t)}"
+            for t in others
+        ),
+        f"deploy build --target {options.target} --model package.module:factory "
+        "--input-shape 1x3x224x224 --data images/   # your own model and data",
+        f"deploy lint {out / QDQ_NAME} --target {options.target}",
+        f"deploy bench -m {model} -t {options.target} -o {_sibling(out, options.target, 'bench')}",
+        f"deploy check --baseline ci/baselines/{_file_name(model)}-{options.target}.json "
+        f"--update-baseline --model {model} --target {options.target}   # CI latency gate",
+    ]
+
+
+def _sibling(out: Path, target: str, name: str) -> Path:
+    """out/onnxruntime -> out/openvino; out -> out-openvino."""
+    return out.parent / name if out.name == target else out.with_name(f"{out.name}-{name}")
+
+
+def _file_name(model: str) -> str:
+    return model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
 
 
 def summary_table(report: dict) -> Table:

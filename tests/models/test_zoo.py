@@ -21,9 +21,10 @@ NUM_CLASSES = {
     "resnet50": 1000,
     "mobilenet_v2": 1000,
     "mnist_cnn": 10,
+    "digits_resnet": 10,
     "bert_tiny": 2,
 }
-CONV_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mnist_cnn")
+CONV_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mnist_cnn", "digits_resnet")
 
 
 @cache
