@@ -43,10 +43,10 @@ from deploy.gate import (
     CheckRequest,
     CheckResult,
     RatioCI,
-    block_medians,
     bootstrap_ratio,
     run_check,
 )
+from deploy.timing import block_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "ci" / "baselines" / "mnist_cnn-onnxruntime.json"

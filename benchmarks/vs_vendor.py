@@ -35,7 +35,7 @@ from deploy.data import default_dataset
 from deploy.engine import get_adapter
 from deploy.environment import environment
 from deploy.export import export, export_fp32
-from deploy.timing import TimingConfig, runner_call, summarize, time_interleaved
+from deploy.timing import TimingConfig, paired_ratio, runner_call, summarize, time_interleaved
 from models import load_model
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -228,19 +228,6 @@ def measure(
             )
         )
     return rows, notes
-
-
-def paired_ratio(a_ms: list[float], b_ms: list[float], block: int) -> float:
-    """Median over rounds of median(a's block) / median(b's block). time_interleaved runs one
-    block of every engine per round, so each ratio compares blocks timed side by side, and
-    load that comes and goes between rounds cancels out."""
-    rounds = min(len(a_ms), len(b_ms)) // block
-    ratios = [
-        float(np.median(a_ms[i * block : (i + 1) * block]))
-        / float(np.median(b_ms[i * block : (i + 1) * block]))
-        for i in range(rounds)
-    ]
-    return float(np.median(ratios))
 
 
 def first_output(runner, x: np.ndarray) -> np.ndarray:

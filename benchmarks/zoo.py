@@ -4,7 +4,7 @@ Each model x target runs ``deploy.pipeline.build`` in its own subprocess with a 
 crash, hang or out-of-memory does not end the run; TensorRT builds with TensorRT-RTX on a CPU
 (the adapter's fallback) and reports no latency there. Per run it keeps: the exit code, the
 one-line error, the lint violation count, whether placement fell back ("placement_mode" ==
-"fallback"), int8 compute layers / total, speedup_p50 and the int8-vs-fp32 cosine.
+"fallback"), int8 compute layers / total, the int8 speedup and the int8-vs-fp32 cosine.
 Results merge by (model, target) into docs/zoo_results.json, so runs per model accumulate;
 docs/zoo.md is re-rendered from all of them. Heavy models run last.
 
@@ -102,10 +102,9 @@ def summarise(
     int8, floats = kernels.get("int8"), kernels.get("float")
     accuracy = report.get("accuracy")
     cosine = None
-    if isinstance(accuracy, dict):
-        cosine = (accuracy.get("int8_vs_fp32") or {}).get("cosine")
-    speedup = report.get("speedup_p50")
-    latency = report.get("latency_ms")
+    if accuracy and accuracy["measured"]:
+        cosine = accuracy["int8_vs_fp32"]["cosine"]
+    speedup, latency = report.get("speedup"), report.get("latency_ms")
     return {
         "model": model,
         "family": ZOO[model][1],
@@ -120,8 +119,8 @@ def summarise(
         "int8_layers": int8,
         "compute_layers": None if int8 is None else int8 + (floats or 0),
         "float_by_rule": len(kernels.get("float_by_rule") or []),
-        "speedup_p50": speedup,
-        "latency": None if isinstance(latency, dict) or latency is None else str(latency),
+        "speedup": speedup["value"] if speedup and speedup["measured"] else None,
+        "latency": latency["reason"] if latency and not latency["measured"] else None,
         "cosine_int8_vs_fp32": cosine,
         "seconds": seconds,
     }
@@ -173,6 +172,12 @@ def merge(rows: list[dict], run: dict, path: Path = RESULTS) -> dict:
     return data
 
 
+def _speedup(row: dict) -> float | None:
+    """Rows of report schema 1 (before 2026-12-04 19:40 UTC) hold fp32 p50 / int8 p50 as
+    speedup_p50; later ones the paired ratio (deploy.timing.paired_ratio) as speedup."""
+    return row["speedup"] if "speedup" in row else row.get("speedup_p50")
+
+
 def _cell(value: object, fmt: str = "{}") -> str:
     return "—" if value is None else fmt.format(value)
 
@@ -189,10 +194,11 @@ def render(data: dict, path: Path = TABLE) -> str:
         "int8 = int8 compute layers / all compute layers the backend reports (and how many of",
         "the float ones the target's rules keep float on purpose, deploy.lint.float_by_rule:",
         "onnxruntime's attention MatMuls, the CPU backends' ConvTranspose);",
+        "speedup = int8 over fp32, timed interleaved: the paired ratio of block medians (rows",
+        "before 2026-12-04 19:40 UTC: fp32 p50 / int8 p50);",
         "cosine = int8 engine vs fp32 engine on held-out synthetic inputs.",
         "",
-        "| model | family | target | exit | lint | mode | int8 | speedup p50 | cosine | s "
-        "| error |",
+        "| model | family | target | exit | lint | mode | int8 | speedup | cosine | s | error |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
@@ -206,7 +212,7 @@ def render(data: dict, path: Path = TABLE) -> str:
         lines.append(
             f"| {name} | {r['family']} | {r['target']} | {r['exit_code']} "
             f"| {_cell(r['lint_violations'])} | {_cell(r['placement_mode'])} | {int8} "
-            f"| {_cell(r['speedup_p50'], '{:.2f}')} | {_cell(r['cosine_int8_vs_fp32'], '{:.4f}')} "
+            f"| {_cell(_speedup(r), '{:.2f}')} | {_cell(r['cosine_int8_vs_fp32'], '{:.4f}')} "
             f"| {r['seconds']:.0f} | {error} |"
         )
     runs = sorted({(r["date"], r["cpu"], r["command"]) for r in data["results"]})
@@ -268,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{model:28s} {target:12s} exit={row['exit_code']!s:7s} "
                 f"lint={_cell(row['lint_violations'])} int8={_cell(row['int8_layers'])}/"
-                f"{_cell(row['compute_layers'])} speedup={_cell(row['speedup_p50'], '{:.2f}')} "
+                f"{_cell(row['compute_layers'])} speedup={_cell(row['speedup'], '{:.2f}')} "
                 f"cos={_cell(row['cosine_int8_vs_fp32'], '{:.4f}')} {row['seconds']:.0f}s "
                 f"{row['error'][:120]}",
                 flush=True,

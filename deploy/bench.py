@@ -22,7 +22,7 @@ import json
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,8 @@ from deploy.artifacts import write_atomic
 from deploy.engine import PRECISIONS, Adapter, BuiltEngine, get_adapter
 from deploy.environment import environment
 from deploy.errors import BackendUnavailableError, BadInputError, DeployError, one_line
-from deploy.timing import TimingConfig, TimingSummary, runner_call, summarize, time_interleaved
+from deploy.measured import Measured, NotMeasured, Result
+from deploy.timing import TimingConfig, paired_ratio, runner_call, summarize, time_interleaved
 
 DEFAULT_MODELS = (recipe.DEFAULT_MODEL,)
 DEFAULT_TARGETS = ("onnxruntime", "openvino")
@@ -90,7 +91,7 @@ class Measurement:
     """One engine's timing, or why it has none."""
 
     latencies_ms: list[float] | None = None
-    not_measured: str | None = None  # "not measured: <reason>"
+    not_measured: str | None = None  # why latencies_ms is None
     engine: BuiltEngine | None = None
 
 
@@ -131,12 +132,14 @@ def time_engines(
     results: dict[str, Measurement] = {}
     runners = {}
     for key, engine in engines.items():
-        reason = engine.info.get("latency")
+        reason = engine.info.get("latency")  # an adapter's "not measured: <why>"
         if reason is None:
             try:
                 runners[key] = adapter.runner(engine)
             except BackendUnavailableError as exc:
-                reason = f"not measured: {exc}"
+                reason = str(exc)
+        else:
+            reason = reason.removeprefix("not measured: ")
         results[key] = Measurement(not_measured=reason, engine=engine)
     if runners:
         with contextlib.ExitStack() as stack:
@@ -193,15 +196,22 @@ class BenchRow:
     threads: int
     input_shape: list[int]
     onnx: str
-    latency_ms: dict[str, float | int] | str  # a TimingSummary, or "not measured: <reason>"
+    latency_ms: Result  # a TimingSummary, or why there is none
     throughput_sps: float | None = None  # batch / p50
-    speedup_p50: float | None = None  # int8 rows: fp32 p50 / int8 p50, same run
+    #: int8 rows beside an fp32 one: paired_ratio(fp32, int8) of the same run (deploy.timing)
+    speedup: Result | None = None
     int8_layers: str | None = None  # "int8/compute" layers by the backend's own report
     engine_info: dict[str, str] = field(default_factory=dict)
 
     @property
     def measured(self) -> bool:
-        return isinstance(self.latency_ms, dict)
+        return self.latency_ms.measured
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["latency_ms"] = self.latency_ms.to_dict()
+        out["speedup"] = self.speedup.to_dict() if self.speedup is not None else None
+        return out
 
 
 @dataclass(frozen=True)
@@ -303,7 +313,7 @@ def _measure_group(group: Group, timing: TimingConfig, tmp: Path) -> list[BenchR
     try:
         engines = build_engines(adapter, group.files, work, group.threads)
     except BackendUnavailableError as exc:  # not installed: still a row, never a number
-        measured = {p: Measurement(not_measured=f"not measured: {exc}") for p in group.files}
+        measured = {p: Measurement(not_measured=str(exc)) for p in group.files}
     else:
         measured = time_engines(adapter, engines, timing, group.int_high)
     summaries = {
@@ -320,22 +330,26 @@ def _measure_group(group: Group, timing: TimingConfig, tmp: Path) -> list[BenchR
             threads=group.threads,
             input_shape=group.input_shape,
             onnx=str(group.files[precision]),
-            latency_ms=summary.to_dict() if summary else str(m.not_measured),
+            latency_ms=Measured(summary.to_dict()) if summary else NotMeasured(str(m.not_measured)),
             throughput_sps=group.batch * 1e3 / summary.p50 if summary else None,
             engine_info=dict(m.engine.info) if m.engine else {},
         )
         if precision == "int8":
-            row.speedup_p50 = _speedup(summaries)
+            row.speedup = _speedup(measured, timing.block)
             if m.engine is not None:
                 row.int8_layers = _int8_layers(adapter, m.engine)
         rows.append(row)
     return rows
 
 
-def _speedup(summaries: Mapping[str, TimingSummary]) -> float | None:
-    if "int8" in summaries and "fp32" in summaries:
-        return summaries["fp32"].p50 / summaries["int8"].p50
-    return None
+def _speedup(measured: Mapping[str, Measurement], block: int) -> Result | None:
+    if "fp32" not in measured:
+        return None  # nothing to compare with
+    for precision in ("fp32", "int8"):
+        if measured[precision].latencies_ms is None:
+            return NotMeasured(f"{precision}: {measured[precision].not_measured}")
+    ratio = paired_ratio(measured["fp32"].latencies_ms, measured["int8"].latencies_ms, block)
+    return Measured({"value": ratio})
 
 
 def _int8_layers(adapter: Adapter, engine: BuiltEngine) -> str:
@@ -357,8 +371,9 @@ def report_json(rows: list[BenchRow], request: BenchRequest, env: Mapping[str, o
         "environment": dict(env),
         "timing": asdict(request.timing),
         "throughput": "batch / p50 latency, one stream",
-        "speedup": "fp32 p50 / int8 p50, timed interleaved in the same run",
-        "results": [asdict(row) for row in rows],
+        "speedup": "median over interleaved timing rounds of fp32 block median / int8 block "
+        "median (deploy.timing.paired_ratio)",
+        "results": [row.to_dict() for row in rows],
     }
     return json.dumps(document, indent=2) + "\n"
 
@@ -379,17 +394,23 @@ def report_markdown(rows: list[BenchRow], request: BenchRequest, env: Mapping) -
     ]
     for r in rows:
         head = f"| {r.model} | {r.target} | {r.batch} | {r.threads} | {r.precision} "
-        if r.measured:
-            lat = r.latency_ms
+        if isinstance(r.latency_ms, Measured):
+            lat = r.latency_ms.values
             timing = (
                 f"| {lat['p50']:.3f} | {lat['p90']:.3f} | {lat['p99']:.3f} | {lat['mean']:.3f} "
                 f"| {lat['runs']} | {r.throughput_sps:.1f} "
             )
         else:
-            timing = f"| {_cell(r.latency_ms)} | - | - | - | - | - "
-        speedup = f"{r.speedup_p50:.2f}x" if r.speedup_p50 is not None else "-"
+            timing = f"| not measured: {_cell(r.latency_ms.reason)} | - | - | - | - | - "
+        speedup = speedup_cell(r)
         lines.append(f"{head}{timing}| {speedup} | {_cell(r.int8_layers or '-')} |")
     return "\n".join(lines) + "\n"
+
+
+def speedup_cell(row: BenchRow) -> str:
+    if isinstance(row.speedup, Measured):
+        return f"{row.speedup.values['value']:.2f}x"
+    return "-"
 
 
 def _cell(text: str) -> str:
@@ -407,7 +428,7 @@ def report_png(rows: list[BenchRow]) -> bytes:
     precisions = list(dict.fromkeys(r.precision for r in rows))
     width = 0.8 / max(len(precisions), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.5))
-    measured = [r.latency_ms["p50"] for r in rows if r.measured]
+    measured = [r.latency_ms.values["p50"] for r in rows if isinstance(r.latency_ms, Measured)]
     for k, precision in enumerate(precisions):
         for g, label in enumerate(groups):
             row = next(
@@ -416,8 +437,8 @@ def report_png(rows: list[BenchRow]) -> bytes:
             if row is None:
                 continue
             x = g + (k - (len(precisions) - 1) / 2) * width
-            if row.measured:
-                p50, p90 = row.latency_ms["p50"], row.latency_ms["p90"]
+            if isinstance(row.latency_ms, Measured):
+                p50, p90 = row.latency_ms.values["p50"], row.latency_ms.values["p90"]
                 ax.bar(x, p50, width, color=f"C{k}", label=precision if g == 0 else None)
                 ax.errorbar(x, p50, yerr=[[0], [p90 - p50]], color="black", capsize=3)
             else:

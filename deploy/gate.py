@@ -49,7 +49,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -68,7 +68,7 @@ from deploy.errors import (
     EnvironmentFaultError,
 )
 from deploy.output_dir import sha256
-from deploy.timing import TimingConfig
+from deploy.timing import TimingConfig, block_medians
 
 if TYPE_CHECKING:
     from models import ModelSpec
@@ -118,13 +118,6 @@ class RatioCI:
     high: float
     confidence: float
     blocks: int
-
-
-def block_medians(latencies_ms: Sequence[float], block: int) -> np.ndarray:
-    """Median of each timed block (time_interleaved fills whole blocks, in time order)."""
-    values = np.asarray(latencies_ms, dtype=np.float64)
-    count = len(values) // block
-    return np.median(values[: count * block].reshape(count, block), axis=1)
 
 
 def bootstrap_ratio(
@@ -749,7 +742,9 @@ def _measure(
     measured = time_engines(adapter, engines, timing, int_high)
     for m in measured.values():
         if m.latencies_ms is None:
-            raise BackendUnavailableError(f"{baseline.target} latency {m.not_measured}")
+            raise BackendUnavailableError(
+                f"{baseline.target} latency not measured: {m.not_measured}"
+            )
     latencies = {role: measured[role].latencies_ms for role in files}
     p50 = {role: float(np.median(ms)) for role, ms in latencies.items()}
     blocks = {role: block_medians(ms, timing.block) for role, ms in latencies.items()}

@@ -41,15 +41,16 @@ from deploy.errors import (
     classify,
 )
 from deploy.lint import float_by_rule, lint
+from deploy.measured import Measured, NotMeasured
 from deploy.prepare import OBSERVERS
 from deploy.rules import get_rules
-from deploy.timing import TimingConfig, runner_call, summarize, time_interleaved
+from deploy.timing import TimingConfig, paired_ratio, runner_call, summarize, time_interleaved
 from models import ModelSpec
 
 #: report.json's contract: deploy/report.schema.json (validated against every report the tests
 #: produce); the version changes when a reader would have to change
 REPORT_SCHEMA = Path(__file__).with_name("report.schema.json")
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 #: calibrations that trade rare outliers for resolution of the rest of a tensor
 CLIPPING_OBSERVERS = ("percentile", "mse")
 STAGES = (
@@ -89,7 +90,7 @@ class Report:
     data: dict = field(default_factory=dict)
 
     def set(self, key: str, value) -> None:
-        self.data[key] = value
+        self.data[key] = value.to_dict() if isinstance(value, Measured | NotMeasured) else value
 
     def artifact(self, key: str, path: Path) -> None:
         self.data["artifacts"][key] = {"path": str(path), "sha256": output_dir.sha256(path)}
@@ -240,8 +241,8 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
 
     runners = _runners(adapter, int8, fp32)
     if isinstance(runners, str):  # cannot run here (TensorRT without a GPU): say so, exit 0
-        report.set("accuracy", f"not measured: {runners}")
-        report.set("latency_ms", f"not measured: {runners}")
+        for key in ("accuracy", "latency_ms", "speedup"):
+            report.set(key, NotMeasured(runners))
         return
     try:
         _accuracy(report, progress, model, prepared, runners["int8"], evaluation, spec, o)
@@ -352,7 +353,7 @@ def _accuracy(
             "fakequant": verify.top1_accuracy(fake_quant, labels),
             "int8": verify.top1_accuracy(engine_out, labels),
         }
-    report.set("accuracy", results)
+    report.set("accuracy", Measured(results))
     _stage(report, progress, "accuracy")
     verify.check(results["int8_vs_fakequant"], thresholds["int8_vs_fakequant"], "int8_vs_fakequant")
     try:
@@ -370,8 +371,9 @@ def _accuracy(
 def _latency(report, progress, runners: dict, spec, calib: Dataset, o: BuildOptions) -> None:
     arrays, batch = calib.arrays(spec.inputs), spec.input_shape[0]
     calls = {name: runner_call(r, _feed(r, arrays, 0, batch)) for name, r in runners.items()}
-    latencies = time_interleaved(calls, TimingConfig(min_time_s=o.min_time_s))
-    summary = {name: summarize(values).to_dict() for name, values in latencies.items()}
-    report.set("latency_ms", summary)
-    report.set("speedup_p50", summary["fp32"]["p50"] / summary["int8"]["p50"])
+    config = TimingConfig(min_time_s=o.min_time_s)
+    latencies = time_interleaved(calls, config)
+    report.set("latency_ms", Measured({k: summarize(v).to_dict() for k, v in latencies.items()}))
+    speedup = paired_ratio(latencies["fp32"], latencies["int8"], config.block)
+    report.set("speedup", Measured({"value": speedup}))
     _stage(report, progress, "latency")

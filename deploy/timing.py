@@ -11,8 +11,10 @@ of the machine cancels out instead of favouring whichever engine runs first.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from deploy.errors import BadInputError
 
@@ -126,3 +128,23 @@ def _percentile(ordered: list[float], q: float) -> float:
     low = int(pos)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def block_medians(latencies_ms: Sequence[float], block: int) -> np.ndarray:
+    """Median of each timed block (time_interleaved fills whole blocks, in time order)."""
+    values = np.asarray(latencies_ms, dtype=np.float64)
+    count = len(values) // block
+    return np.median(values[: count * block].reshape(count, block), axis=1)
+
+
+def paired_ratio(a_ms: Sequence[float], b_ms: Sequence[float], block: int) -> float:
+    """a / b as the median over rounds of (a's block median / b's block median): the one
+    speedup every entry point reports (speedup = paired_ratio(fp32, int8)). time_interleaved
+    runs one block of each engine per round, so each ratio compares blocks timed
+    milliseconds apart, and load that comes and goes between rounds cancels out; a ratio of
+    two overall medians could take each from a different stretch of a shared machine."""
+    a, b = block_medians(a_ms, block), block_medians(b_ms, block)
+    rounds = min(len(a), len(b))
+    if rounds == 0:
+        raise BadInputError(f"no whole block of {block} timings to compare")
+    return float(np.median(a[:rounds] / b[:rounds]))

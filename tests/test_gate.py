@@ -29,7 +29,6 @@ from deploy.gate import (
     CheckRequest,
     RatioCI,
     Reference,
-    block_medians,
     bootstrap_ratio,
     decide,
     failed_result,
@@ -39,6 +38,7 @@ from deploy.gate import (
     run_check,
     write_junit,
 )
+from deploy.timing import block_medians
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 1, 16, 16)

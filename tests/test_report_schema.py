@@ -7,10 +7,11 @@ import json
 
 import pytest
 
+from deploy.pipeline import REPORT_SCHEMA_VERSION
 from tests.report_schema import read_report
 
 RUNNING = {
-    "schema_version": 1,
+    "schema_version": REPORT_SCHEMA_VERSION,
     "target": "onnxruntime",
     "status": "running",
     "pid": 4242,
@@ -28,8 +29,12 @@ RUNNING = {
         ({"status": "done"}, "status"),
         ({"artifacts": {"qdq_onnx": {"path": "m.onnx", "sha256": "abc"}}}, "sha256"),
         ({"latency_ms": "slow"}, "latency_ms"),
+        ({"latency_ms": {"measured": False, "reason": ""}}, "latency_ms"),  # no reason given
+        # a figure not taken carries no number that could be read as one
+        ({"speedup": {"measured": False, "reason": "no GPU", "value": 1.0}}, "speedup"),
+        ({"speedup": {"measured": True, "value": 0}}, "speedup"),
         ({"stages": {"prepare": "done", "deploy": "done"}}, "stages"),
-        ({"schema_version": 2}, "schema_version"),
+        ({"schema_version": 1}, "schema_version"),
     ],
 )
 def test_the_schema_refuses_reports_that_would_mislead(tmp_path, change, problem):

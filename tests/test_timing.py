@@ -12,6 +12,7 @@ import pytest
 from deploy.errors import BadInputError
 from deploy.timing import (
     TimingConfig,
+    paired_ratio,
     runner_call,
     summarize,
     time_callable,
@@ -148,3 +149,26 @@ def test_nothing_to_time_or_summarize_is_bad_input():
         time_interleaved({})
     with pytest.raises(BadInputError):
         summarize([])
+
+
+def test_paired_ratio_is_the_median_of_per_round_block_ratios():
+    """Load that slows a whole round scales both engines' blocks and cancels in their ratio;
+    one disturbed round (a neighbour's burst during one block) moves the median ratio not at
+    all, where a ratio of overall medians mixes blocks from different rounds."""
+    load = [1.0, 1.0, 3.0, 3.0, 3.0]  # the machine got busy after round 2
+    fp32 = [2.0 * x for x in load]
+    int8 = list(load)
+    int8[2] *= 5  # a burst hit int8's block in round 3 only
+    blocks = 4
+    fp32_ms = [v for v in fp32 for _ in range(blocks)]
+    int8_ms = [v for v in int8 for _ in range(blocks)]
+    assert paired_ratio(fp32_ms, int8_ms, block=blocks) == pytest.approx(2.0)
+    int8_ms = [v for v in [1.0, 1.0, 1.0, 3.0, 15.0] for _ in range(blocks)]  # other rounds
+    assert paired_ratio(fp32_ms, int8_ms, block=blocks) == pytest.approx(2.0)
+    assert sorted(fp32_ms)[10] / sorted(int8_ms)[10] == pytest.approx(6.0)  # unpaired: 3x off
+    assert paired_ratio([1.0] * 12, [2.0] * 12, block=5) == pytest.approx(0.5)  # whole blocks
+
+
+def test_paired_ratio_needs_a_whole_block():
+    with pytest.raises(BadInputError, match="no whole block"):
+        paired_ratio([1.0, 2.0], [1.0, 2.0], block=5)

@@ -83,25 +83,28 @@ def bench_command(
 
 def _print_table(rows) -> None:
     """p50, throughput and speedup per row; "not measured" reasons are long, so footnotes."""
+    from deploy.bench import speedup_cell
+
     table = Table(title="deploy bench (p50 ms; throughput = batch / p50)")
     for col in ("model", "target", "batch", "threads", "precision", "p50 ms", "samples/s"):
         table.add_column(col)
     table.add_column("int8 speedup")
     reasons: dict[str, int] = {}
     for r in rows:
-        if not r.measured:
-            reasons.setdefault(str(r.latency_ms), len(reasons) + 1)
+        latency = r.latency_ms
+        if not latency.measured:
+            reasons.setdefault(f"not measured: {latency.reason}", len(reasons) + 1)
         table.add_row(
             r.model,
             r.target,
             str(r.batch),
             str(r.threads),
             r.precision,
-            f"{r.latency_ms['p50']:.3f}"
-            if r.measured
-            else f"not measured [{reasons[r.latency_ms]}]",
-            f"{r.throughput_sps:.1f}" if r.measured else "-",
-            f"{r.speedup_p50:.2f}x" if r.speedup_p50 is not None else "-",
+            f"{latency.values['p50']:.3f}"
+            if latency.measured
+            else f"not measured [{reasons[f'not measured: {latency.reason}']}]",
+            f"{r.throughput_sps:.1f}" if latency.measured else "-",
+            speedup_cell(r),
         )
     console.print(table)
     for reason, n in reasons.items():

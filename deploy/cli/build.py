@@ -173,18 +173,18 @@ def summary_table(report: dict) -> Table:
     if kernels:
         total = kernels["int8"] + kernels["float"]
         table.add_row("int8 compute layers", f"{kernels['int8']}/{total}")
-    latency = report.get("latency_ms")
-    if isinstance(latency, dict):
+    latency, speedup = report.get("latency_ms"), report.get("speedup")
+    if latency and latency["measured"]:
         for precision in ("fp32", "int8"):
             row = latency[precision]
             table.add_row(
                 f"{precision} latency p50 / p99", f"{row['p50']:.3f} / {row['p99']:.3f} ms"
             )
-        table.add_row("int8 speedup (p50)", f"{report['speedup_p50']:.2f}x")
+        table.add_row("int8 speedup (paired)", f"{speedup['value']:.2f}x")
     elif latency:
-        table.add_row("latency", latency)
+        table.add_row("latency", f"not measured: {latency['reason']}")
     accuracy = report.get("accuracy")
-    if isinstance(accuracy, dict):
+    if accuracy and accuracy["measured"]:
         for label in ("int8_vs_fakequant", "reference_floor", "int8_vs_fp32"):
             m = accuracy[label]
             table.add_row(
@@ -199,6 +199,6 @@ def summary_table(report: dict) -> Table:
                 f"fp32 {t['fp32']:.4f}, fake-quant {t['fakequant']:.4f}, int8 {t['int8']:.4f}",
             )
     elif accuracy:
-        table.add_row("accuracy", accuracy)
+        table.add_row("accuracy", f"not measured: {accuracy['reason']}")
     table.add_row("status", report["status"])
     return table
