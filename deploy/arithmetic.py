@@ -31,7 +31,8 @@ def link(gm: fx.GraphModule, kinds, rules: BackendRules) -> None:
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in gm.graph.nodes:
         kind = kinds.get(node)
-        if kind in rules.int32_bias and kind in BIASED_KINDS:
+        quantized_layer = hasattr(modules.get(node.target), "weight_quant")  # not kept float
+        if kind in rules.int32_bias and kind in BIASED_KINDS and quantized_layer:
             source = _input_quantizer(node, modules)
             if source is not None and (kind != "linear" or _rank(node.args[0]) == 2):
                 modules[node.target].round_bias_with(source)  # 2-D Linear exports as Gemm
@@ -77,6 +78,7 @@ def _fused_conv_operand(add: fx.Node, kinds, modules, calls: Counter) -> FakeQua
         others = [a for a in add.args if a is not arg]
         if (
             kinds.get(producer) in _CONVS
+            and hasattr(modules.get(producer.target), "weight_quant")  # an int8 Conv fuses it
             and len(producer.users) == 1
             and set(arg.users) == {add}
             and not any(other in producer.args[:1] for other in others)

@@ -30,7 +30,7 @@ from torch import nn
 from deploy.artifacts import write_atomic
 from deploy.errors import BadInputError, one_line
 from deploy.export_passes import GraphIndex, drop_unused_initializers, run_passes
-from deploy.ops import ATEN_KINDS, KIND_KEY, MODE_KEY, OP_KEY
+from deploy.ops import ATEN_KINDS, FLOAT_KEY, KIND_KEY, MODE_KEY, OP_KEY
 from deploy.prepare import PreparedModel, split_inputs
 
 DEFAULT_OPSET = 18
@@ -72,7 +72,7 @@ def export(
     """Write `model` as QDQ ONNX to `path` (atomically) and return the path."""
     with export_mode(model):
         proto = _torch_export(model, example_inputs, opset, dynamic_batch)
-    tag_op_kinds(proto)
+    tag_op_kinds(proto, model.plan.kept_float)
     fold_weight_quantizers(proto)
     quantize_biases(proto, frozenset(_BIAS_OP_TYPES[k] for k in model.rules.int32_bias))
     run_passes(proto, model.rules.export_passes)
@@ -235,11 +235,13 @@ def quantize_biases(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
     return done
 
 
-def tag_op_kinds(model: onnx.ModelProto) -> int:
+def tag_op_kinds(model: onnx.ModelProto, kept_float: Sequence[str] = ()) -> int:
     """Write each node's op kind (deploy.ops) and the torch op it came from into its metadata,
     from the exporter's record of the ATen op behind it. lint() then sees the kinds prepare()
-    saw: a SiLU exported as Sigmoid + Mul is one "silu", not a Sigmoid and a Mul."""
+    saw: a SiLU exported as Sigmoid + Mul is one "silu", not a Sigmoid and a Mul. Nodes of the
+    layers in `kept_float` (module paths) are tagged FLOAT_KEY: float by the user's choice."""
     tagged = 0
+    scopes = tuple(f"/model.{path}: " for path in kept_float)  # PreparedModel holds `model`
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
         scope = props.get("namespace", "")
@@ -251,6 +253,9 @@ def tag_op_kinds(model: onnx.ModelProto) -> int:
         entry.key, entry.value = KIND_KEY, kind
         entry = node.metadata_props.add()
         entry.key, entry.value = OP_KEY, hashlib.sha1(scope.encode()).hexdigest()[:12]
+        if any(s in scope for s in scopes):
+            entry = node.metadata_props.add()
+            entry.key, entry.value = FLOAT_KEY, "1"
         tagged += 1
     return tagged
 
@@ -260,7 +265,9 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
     per-process counters, which would make identical models differ byte for byte. Our own
     op tags (tag_op_kinds) stay."""
     for node in model.graph.node:
-        ours = [(p.key, p.value) for p in node.metadata_props if p.key in (KIND_KEY, OP_KEY)]
+        ours = [
+            (p.key, p.value) for p in node.metadata_props if p.key in (KIND_KEY, OP_KEY, FLOAT_KEY)
+        ]
         del node.metadata_props[:]
         for key, value in ours:
             entry = node.metadata_props.add()

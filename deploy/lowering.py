@@ -363,6 +363,11 @@ FUSED_PROJECTION = "fused_projection"
 _RESHAPES = (aten.reshape.default, aten.view.default)
 
 
+#: node.meta key: the user's module path of a layer lowering made out of it (a fused
+#: projection's pieces live at fresh top-level paths such as "blocks_0_attn_qkv_0")
+SOURCE_MODULE = "qat_deploy_source_module"
+
+
 def _split_fused_projections(gm: fx.GraphModule) -> None:
     """Linear -> reshape (..., k, *rest) -> permute -> unbind of the k axis becomes k Linears
     on row slices of the weight, each reshaped and permuted like its part was. Exact: each
@@ -388,6 +393,7 @@ def _split_fused_projections(gm: fx.GraphModule) -> None:
             path = _place(gm, f"{node.target}_{i}", piece.eval())
             with graph.inserting_before(part):
                 out = graph.call_module(path, (node.args[0],))
+                out.meta[SOURCE_MODULE] = str(node.target)  # what keep_float globs match
                 out = graph.call_function(reshape.target, (out, shape))
                 out = graph.call_function(aten.permute.default, (out, dims))
             out.meta = dict(part.meta)

@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 #: ONNX metadata keys our exports carry: each node's kind and the torch op it came from (nodes
-#: of one op share an id), and the model's rule mode ("cnn" / "transformer").
+#: of one op share an id), the model's rule mode ("cnn" / "transformer"), and "1" on the nodes
+#: of a layer the user keeps float (prepare's keep_float), which no rule applies to.
 KIND_KEY, OP_KEY, MODE_KEY = "qat_deploy.kind", "qat_deploy.op", "qat_deploy.mode"
+FLOAT_KEY = "qat_deploy.float"
 
 #: Weighted ops: a data input plus a constant weight that gets a per-channel quantizer.
 WEIGHTED_KINDS = ("conv", "conv_transpose", "linear")

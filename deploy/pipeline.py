@@ -206,6 +206,7 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     prepared = recipe.quantize(loaded, o, lambda name: _stage(report, progress, name))
     report.set("quantizers", len(prepared.quantizers()))
     report.set("placement_mode", prepared.plan.mode)
+    report.set("kept_float", prepared.plan.kept_float)
 
     paths = recipe.export_onnx(loaded, prepared, out)
     fp32_path, qdq_path = paths["fp32"], paths["int8"]

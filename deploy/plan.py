@@ -34,6 +34,8 @@ class QuantPlan:
     sites: list[QuantizerSite] = field(default_factory=list)
     fused: list[tuple[str, ...]] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
+    #: module paths of the Conv/Linear layers prepare(keep_float=...) left float
+    kept_float: list[str] = field(default_factory=list)
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: the captured graph's inputs, in the order of input_shapes (forward() parameter names)
     input_names: list[str] = field(default_factory=list)

@@ -10,18 +10,20 @@ select (deploy.rules.selected_inputs, the interpreter lint() uses too) -> record
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from deploy import arithmetic
 from deploy.capture import capture, flat_inputs
 from deploy.environment import has_int8_dot_product
 from deploy.errors import BadInputError, one_line
-from deploy.lowering import lower, node_kind
+from deploy.lowering import SOURCE_MODULE, lower, node_kind
 from deploy.ops import WEIGHTED_KINDS, is_transformer
 from deploy.plan import QuantizerSite, QuantPlan
 from deploy.quant.fake_quant import FakeQuantize
@@ -81,6 +83,7 @@ def prepare(
     observer: str = "minmax",
     learnable: bool = False,
     reduce_range: bool | None = None,
+    keep_float: Sequence[str] = (),
 ) -> PreparedModel:
     """Return a fake-quantized copy of `model` laid out by `target`'s rules.
 
@@ -91,6 +94,9 @@ def prepare(
     observer, one of OBSERVERS. learnable: LSQ scales (QAT). reduce_range: 7-bit weights
     for engines that saturate int16 pair sums (BackendRules.int16_pair_sums_without_vnni);
     None decides from this machine's CPU, where the engine is built and checked.
+    keep_float: module-path globs ("classifier", "*.attention.*") of Conv/Linear layers that
+    stay float (mixed precision): no quantizer of their own, for every backend; the export tags
+    them so lint and the kernel reports count them as float on purpose.
     """
     rules = get_rules(target)
     if mode not in ("auto", "cnn", "transformer"):
@@ -108,6 +114,7 @@ def prepare(
     flat = flat_inputs(traced, args, kwargs)
     _propagate_shapes(traced, flat)
     kinds = _kinds(traced)
+    kept = _kept_float(traced, kinds, keep_float)
     transformer = mode == "transformer" or (mode == "auto" and is_transformer(kinds.values()))
     plan = QuantPlan(
         target=rules.name,
@@ -115,13 +122,15 @@ def prepare(
         input_shapes=[tuple(x.shape) for x in flat],
         input_names=[n.name for n in traced.graph.nodes if n.op == "placeholder"],
     )
-    op_rules = rules.op_rules(transformer)
+    plan.kept_float = sorted(str(node.target) for node in kept)
+    op_rules = _RulesOf(rules.op_rules(transformer), kept)
+    _fold_kept_bn(traced, kinds, kept)
     folded_bn = _quantize_weights(traced, kinds, op_rules, factory, plan)
     kinds = _kinds(traced)
     _place_activation_quantizers(traced, kinds, op_rules, factory, plan)
     arithmetic.link(traced, kinds, rules)
     plan.fused = _find_fusions(traced, kinds, folded_bn, rules.fusions)
-    plan.float_ops = _float_ops(traced, kinds, rules, transformer, plan)
+    plan.float_ops = _float_ops(traced, kinds, rules, transformer, plan, kept)
     traced.graph.lint()
     traced.recompile()
     if not plan.weight_layers and not plan.activation_edges:
@@ -142,6 +151,59 @@ def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     return tuple(example_inputs), {}
+
+
+class _RulesOf:
+    """The op rule of a node: its kind's rule, none for the layers the user keeps float."""
+
+    def __init__(self, by_kind: Mapping[str, OpRule], kept: set[fx.Node]) -> None:
+        self.by_kind, self.kept = by_kind, kept
+
+    def __call__(self, node: fx.Node, kind: str | None) -> OpRule | None:
+        return None if node in self.kept else self.by_kind.get(kind)
+
+
+def _kept_float(gm: fx.GraphModule, kinds, patterns: Sequence[str]) -> set[fx.Node]:
+    """The Conv/Linear layers whose module path matches a keep_float glob; a glob matching
+    none is the user's typo, not a no-op."""
+    layers = {
+        n: (str(n.target), n.meta.get(SOURCE_MODULE))
+        for n in gm.graph.nodes
+        if n.op == "call_module" and kinds.get(n) in WEIGHTED_KINDS
+    }
+    kept = set()
+    for pattern in patterns:
+        matched = {
+            n
+            for n, paths in layers.items()
+            if any(p is not None and fnmatch.fnmatchcase(p, pattern) for p in paths)
+        }
+        if not matched:
+            paths = [path for path, _ in layers.values()]
+            shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+            raise BadInputError(
+                f"--keep-float {pattern!r} matches no Conv/Linear layer; layers: {shown}"
+            )
+        kept |= matched
+    return kept
+
+
+def _fold_kept_bn(gm: fx.GraphModule, kinds, kept: set[fx.Node]) -> None:
+    """Fold the BN after a kept-float Conv into it, as for quantized ones: the engine runs one
+    Conv either way, and the exporter's own fold would name that Conv after the BN, hiding
+    which layer it is from the export's keep-float tags."""
+    modules = dict(gm.named_modules())
+    for node in kept:
+        users = list(node.users)
+        if kinds.get(node) == "linear" or len(users) != 1 or kinds.get(users[0]) != "bn":
+            continue
+        (bn_node,) = users
+        conv, bn = modules[node.target], modules[bn_node.target]
+        fused = fuse_conv_bn_eval(conv, bn, transpose=kinds.get(node) == "conv_transpose")
+        _set_module(gm, node.target, fused)
+        bn_node.replace_all_uses_with(node)
+        gm.graph.erase_node(bn_node)
+        _set_module(gm, bn_node.target, None)
 
 
 def _kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
@@ -212,7 +274,7 @@ def _quantize_weights(
     folded_bn = {}
     for node in list(gm.graph.nodes):
         kind = kinds.get(node)
-        if node.op != "call_module" or kind not in WEIGHTED_KINDS or kind not in op_rules:
+        if node.op != "call_module" or kind not in WEIGHTED_KINDS or op_rules(node, kind) is None:
             continue
         layer = modules[node.target]
         fq = factory.weight(layer, kind, f"{node.target}.weight")
@@ -260,9 +322,11 @@ def _find_fusions(gm, kinds, folded_bn: dict[str, str], patterns) -> list[tuple[
     return chains
 
 
-def _float_ops(gm, kinds, rules: BackendRules, transformer: bool, plan: QuantPlan) -> list[str]:
+def _float_ops(
+    gm, kinds, rules: BackendRules, transformer: bool, plan: QuantPlan, kept: set[fx.Node]
+) -> list[str]:
     """Compute ops left in float: no int8 rule, not quantization-agnostic, not fused into
-    a quantized chain. Unrecognised ops land here too."""
+    a quantized chain, or kept float by the user. Unrecognised ops land here too."""
     fused = {name for chain in plan.fused for name in chain}
     quantized = rules.op_rules(transformer)
     return [
@@ -270,7 +334,7 @@ def _float_ops(gm, kinds, rules: BackendRules, transformer: bool, plan: QuantPla
         for n in gm.graph.nodes
         if n.op in ("call_module", "call_function", "call_method")
         and n in kinds
-        and kinds[n] not in quantized
+        and (kinds[n] not in quantized or n in kept)
         and kinds[n] not in rules.pass_through
         and n.name not in fused
     ]
@@ -306,7 +370,7 @@ def _place_activation_quantizers(
     groups = _Groups()
     readers: dict[Key, list[fx.Node]] = {}
     for node in list(gm.graph.nodes):
-        rule = op_rules.get(kinds.get(node))
+        rule = op_rules(node, kinds.get(node))
         selected = _selected_inputs(node, rule, kinds) if rule is not None else []
         if not selected:
             continue
@@ -318,7 +382,7 @@ def _place_activation_quantizers(
         if rule.shared_scale:
             groups.union(*keys)
     for node in list(gm.graph.nodes):
-        rule = op_rules.get(kinds.get(node))
+        rule = op_rules(node, kinds.get(node))
         if rule is not None and rule.output:
             _quantize_output(node, rule, kinds, factory, readers, groups)
     if factory.rules.quantize_pass_through_inputs:
@@ -383,7 +447,7 @@ def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers,
     right at the producer, and every pass-through output on the way, all in the readers' group:
     the producer then writes int8 and the pass-through ops run on int8. Exact: those ops
     commute with per-tensor quantization."""
-    sources = set(op_rules) | set(FUSED_ACTIVATIONS)
+    sources = set(op_rules.by_kind) | set(FUSED_ACTIVATIONS)
     specs = list(dict.fromkeys(key[1] for key in readers))
     for value in list(kinds):  # graph order: deterministic quantizer names
         if kinds.get(value) not in sources or not _is_tensor(value):

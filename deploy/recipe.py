@@ -44,6 +44,8 @@ class Recipe:
     batch_size: int = 16  # calibration / QAT batch size
     #: activation range observer (deploy.prepare.OBSERVERS)
     calibration: str = "minmax"
+    #: module-path globs of Conv/Linear layers that stay float (deploy.prepare keep_float)
+    keep_float: tuple[str, ...] = ()
     qat_epochs: int = 0
     eval_samples: int = 1000
 
@@ -85,7 +87,13 @@ def quantize(
     after each of "prepare", "calibrate", "qat"."""
     spec, size = loaded.spec, recipe.batch_size
     arrays = loaded.calib.arrays(spec.inputs)
-    prepared = prepare(loaded.model, recipe.target, loaded.example, observer=recipe.calibration)
+    prepared = prepare(
+        loaded.model,
+        recipe.target,
+        loaded.example,
+        observer=recipe.calibration,
+        keep_float=recipe.keep_float,
+    )
     on_stage("prepare")
     batches = [tensors(spec, arrays, i, i + size) for i in range(0, len(loaded.calib), size)]
     calibrate(prepared, batches[: recipe.calib_batches], progress=False)

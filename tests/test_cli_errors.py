@@ -60,6 +60,10 @@ BAD_BUILDS = {
     "cosine above 1": (["--target", "openvino", "--min-cosine", "1.5"], "--min-cosine 1.5"),
     "negative steps": (["--target", "openvino", "--max-err-steps", "-1"], "--max-err-steps -1"),
     "nan agreement": (["--target", "openvino", "--min-agreement", "nan"], "--min-agreement nan"),
+    "keep-float typo": (
+        ["--target", "onnxruntime", "--keep-float", "clasifier"],
+        "--keep-float 'clasifier' matches no Conv/Linear layer",
+    ),
     "option of another backend": (
         ["--target", "openvino", "--sm", "sm86"],
         "openvino has no build option sm",

@@ -148,3 +148,16 @@ def test_quantization_loss_fails_with_a_hint_and_a_clipping_calibration_fixes_it
     report = build(BuildOptions(out_dir=tmp_path / "pct", calibration="percentile", **common))
     assert report["status"] == "ok" and report["calibration"] == "percentile"
     assert report["accuracy"]["int8_vs_fp32"]["cosine"] >= 0.9
+
+
+def test_a_layer_kept_float_builds_float_on_purpose_and_passes_the_checks(tmp_path):
+    report = build(
+        BuildOptions(target="onnxruntime", out_dir=tmp_path, keep_float=("fc", "layer2.*"), **FAST)
+    )
+    assert report["status"] == "ok"
+    assert report["kept_float"] == ["fc", "layer2.conv1", "layer2.conv2", "layer2.shortcut.0"]
+    kernels = report["kernels"]
+    # the digits net has 8 compute layers: the 4 kept ones run float on purpose, every other
+    # one int8, and the accuracy check held the engine to its mixed fake-quant model
+    assert kernels["int8"] == 4 and len(kernels["float_by_rule"]) == 4
+    assert kernels["int8_fraction_of_quantized"] == 1.0 and report["accuracy"]["measured"]

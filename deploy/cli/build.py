@@ -92,6 +92,10 @@ def build_command(
         str,
         Opt(help="Activation ranges: minmax, percentile or mse (these two clip outliers), ema."),
     ] = "minmax",
+    keep_float: Annotated[
+        list[str] | None,
+        Opt(help="Conv/Linear layers to keep float, module-path glob (classifier, *.attn.*)."),
+    ] = None,
     qat_epochs: Annotated[int, Opt(help="QAT fine-tuning epochs (needs labels).")] = 0,
     out: Annotated[Path, Opt("--out", help="Output directory.")] = Path("out"),
     export_only: Annotated[bool, Opt(help="Stop after the linted QDQ model.")] = False,
@@ -118,6 +122,7 @@ def build_command(
         data=data,
         calib_batches=calib_batches,
         calibration=calibration,
+        keep_float=tuple(keep_float or ()),
         qat_epochs=qat_epochs,
         out_dir=out,
         export_only=export_only,
@@ -173,6 +178,8 @@ def summary_table(report: dict) -> Table:
     if kernels:
         total = kernels["int8"] + kernels["float"]
         table.add_row("int8 compute layers", f"{kernels['int8']}/{total}")
+    if report.get("kept_float"):
+        table.add_row("kept float (--keep-float)", ", ".join(report["kept_float"]))
     latency, speedup = report.get("latency_ms"), report.get("speedup")
     if latency and latency["measured"]:
         for precision in ("fp32", "int8"):

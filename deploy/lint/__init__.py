@@ -70,13 +70,14 @@ def float_by_rule(
     model_or_path: onnx.ModelProto | str | os.PathLike, target: str | BackendRules
 ) -> list[str]:
     """The compute nodes (Conv, Gemm, MatMul, ...) the target's rules leave in float on
-    purpose, e.g. onnxruntime's attention MatMuls and ConvTranspose: an engine running them
-    in float is doing what was asked, not falling back."""
+    purpose, e.g. onnxruntime's attention MatMuls and ConvTranspose, and the layers the user
+    keeps float (prepare's keep_float): an engine running them in float is doing what was
+    asked, not falling back."""
     ctx = _context(model_or_path, target)
     return [
         Graph.label(node)
         for node in ctx.graph.nodes
-        if ctx.graph.kind(node) in COMPUTE_KINDS and ctx.graph.kind(node) not in ctx.op_rules
+        if ctx.graph.kind(node) in COMPUTE_KINDS and ctx.rule(node) is None
     ]
 
 

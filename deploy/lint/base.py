@@ -48,6 +48,10 @@ class Context:
     def op_rules(self) -> Mapping[str, OpRule]:
         return self.rules.op_rules(self.transformer)
 
+    def rule(self, node: NodeProto) -> OpRule | None:
+        """The op rule the node is held to: its kind's, none for a layer kept float."""
+        return None if self.graph.kept_float(node) else self.op_rules.get(self.graph.kind(node))
+
     @property
     def symmetric_only(self) -> bool:
         """A backend with symmetric activations (TensorRT) runs Q/DQ as plain int8 scaling: it

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, helper, numpy_helper
 
-from deploy.ops import KIND_KEY, MODE_KEY, ONNX_KINDS, OP_KEY
+from deploy.ops import FLOAT_KEY, KIND_KEY, MODE_KEY, ONNX_KINDS, OP_KEY
 
 #: Ops whose every input carries data; the others carry data on input 0 only (the rest are
 #: shapes, axes, pads or resize scales).
@@ -54,6 +54,7 @@ class Graph:
             if v.type.tensor_type.HasField("shape")
         }
         self._tags = {id(n): _tags(n) for n in self.nodes}
+        self._kept_float = {id(n) for n in self.nodes if _kept_float(n)}
         self.mode = next((p.value for p in model.metadata_props if p.key == MODE_KEY), None)
 
     def _find_constants(self) -> set[str]:
@@ -71,6 +72,10 @@ class Graph:
 
     def opset(self) -> int:
         return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+    def kept_float(self, node: NodeProto) -> bool:
+        """A node of a layer the user keeps float (FLOAT_KEY): no op rule applies to it."""
+        return id(node) in self._kept_float
 
     def kind(self, node: NodeProto) -> str | None:
         kind, _ = self._tags[id(node)]
@@ -148,6 +153,10 @@ class Graph:
     def label(node: NodeProto) -> str:
         """A node's name, or (names are optional in ONNX) its op type and first output."""
         return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
+def _kept_float(node: NodeProto) -> bool:
+    return any(p.key == FLOAT_KEY and p.value == "1" for p in node.metadata_props)
 
 
 def _tags(node: NodeProto) -> tuple[str | None, str | None]:

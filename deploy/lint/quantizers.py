@@ -82,7 +82,7 @@ def _role(ctx: Context, node: NodeProto, uses: tuple[Use, ...]) -> Role:
 def _spec(ctx: Context, role: Role, uses: tuple[Use, ...]) -> QuantSpec | None:
     """An op rule may override the activation spec (OpenVINO's transformer MatMul: int8)."""
     if role is Role.ACTIVATION:
-        rules = (ctx.op_rules.get(ctx.graph.kind(u.node)) for u in uses)
+        rules = (ctx.rule(u.node) for u in uses)
         overrides = (r.activation for r in rules if r is not None and r.activation is not None)
         return next(overrides, ctx.rules.activation)
     return ctx.rules.weight if role is Role.WEIGHT else None

@@ -49,7 +49,7 @@ def check_unquantized_inputs(ctx: Context) -> Iterator[Violation]:
     ops), or the backend runs that op in float."""
     for node in ctx.graph.nodes:
         kind = ctx.graph.kind(node)
-        rule = ctx.op_rules.get(kind)
+        rule = ctx.rule(node)
         if rule is None or rule.inputs is Inputs.SKIP_BRANCH:
             continue
         for name, what in _selected_inputs(ctx, node, kind, rule):
@@ -72,7 +72,7 @@ def check_quantized_outputs(ctx: Context) -> Iterator[Violation]:
         return [user for user, _ in graph.consumers.get(node.output[0], ())]
 
     for node in graph.nodes:
-        rule = ctx.op_rules.get(graph.kind(node))
+        rule = ctx.rule(node)
         if rule is None or not rule.output or _WEIGHT_INPUT.get(node.op_type) is None:
             continue
         last = fused_output(node, users, graph.kind)
@@ -112,7 +112,7 @@ def _selected_inputs(
 def check_concat_scales(ctx: Context) -> Iterator[Violation]:
     """A shared_scale op (Concat) needs one scale on all inputs, or it requantizes them."""
     for node in ctx.graph.nodes:
-        rule = ctx.op_rules.get(ctx.graph.kind(node))
+        rule = ctx.rule(node)
         if rule is None or not rule.shared_scale:
             continue
         scales = {

@@ -1,0 +1,90 @@
+"""Mixed precision: layers the user keeps float (prepare's keep_float, `--keep-float`).
+
+Expected placements are written by hand from the rules (see test_placement.py for the
+all-int8 ones): a kept layer loses its weight quantizer and the input/output quantizers its
+own rule asked for; quantizers other int8 ops need stay, and the kept layer reads those.
+"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from deploy.errors import BadInputError
+from deploy.export import export
+from deploy.lint import float_by_rule, lint
+from deploy.ops import FLOAT_KEY
+from deploy.prepare import prepare
+from tests.frontend.blocks import BasicBlock, FusedQKVAttention, randomize_bn
+from tests.frontend.test_placement import IMG, SEQ, TARGETS
+
+#: BasicBlock with conv2 kept float (its BN folds into it, so the Add reads "conv2")
+KEPT_CONV2 = {
+    # conv1's input; the residual Add quantizes its skip branch only, conv2 still fusible
+    "tensorrt": {("x", "conv1"), ("x", "add")},
+    # both Add inputs, as in the all-int8 block
+    "openvino": {("x", "conv1"), ("x", "add"), ("conv2", "add")},
+    # QLinearConv conv1 writes int8 (OpRule.output), so the float conv2 reads it dequantized
+    "onnxruntime": {("x", "conv1"), ("relu1", "conv2"), ("x", "add"), ("conv2", "add")},
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_kept_layer_has_no_quantizer_of_its_own(target):
+    prepared = prepare(
+        randomize_bn(BasicBlock()), target, IMG, reduce_range=False, keep_float=["conv2"]
+    )
+    assert prepared.plan.kept_float == ["conv2"]
+    assert prepared.plan.weight_layers == {"conv1"}
+    assert prepared.plan.activation_edges == KEPT_CONV2[target]
+    assert "conv2" in prepared.plan.float_ops
+
+
+#: BasicBlock with both convs kept float: only the residual Add's own rule still quantizes
+ADD_ONLY = {
+    "tensorrt": {("x", "add")},
+    "openvino": {("x", "add"), ("conv2", "add")},
+    "onnxruntime": {("x", "add"), ("conv2", "add")},
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_other_ops_keep_their_rules_when_every_layer_is_kept(target):
+    prepared = prepare(randomize_bn(BasicBlock()), target, IMG, keep_float=["conv*"])
+    assert prepared.plan.kept_float == ["conv1", "conv2"]
+    assert prepared.plan.weight_layers == set()
+    assert prepared.plan.activation_edges == ADD_ONLY[target]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_export_tags_kept_layers_and_lint_accepts_them(target, tmp_path):
+    prepared = prepare(randomize_bn(BasicBlock()), target, IMG, keep_float=["conv2"])
+    with torch.no_grad():
+        prepared(IMG)
+    path = export(prepared, tmp_path / "m.onnx", IMG)
+    model = onnx.load(path)
+    convs = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
+    tagged = [n for n in convs.values() if any(p.key == FLOAT_KEY for p in n.metadata_props)]
+    assert len(convs) == 2 and len(tagged) == 1
+    (kept,) = tagged
+    weights = {i.name for i in model.graph.initializer}
+    assert kept.input[1] in weights  # a float initializer, no DequantizeLinear in between
+    assert lint(model, target) == []
+    assert float_by_rule(model, target) == [kept.name]
+    # without its tag the same graph is a float Conv where the rules want int8: lint says so
+    del kept.metadata_props[:]
+    assert any(v.node == kept.name for v in lint(model, target))
+
+
+def test_a_pattern_matching_no_layer_is_bad_input_naming_it():
+    with pytest.raises(BadInputError, match=r"'classifier' matches no Conv/Linear layer.*conv1"):
+        prepare(BasicBlock(), "onnxruntime", IMG, keep_float=["classifier"])
+
+
+def test_a_glob_of_the_users_path_keeps_the_pieces_lowering_made_of_that_layer():
+    """TensorRT splits a fused qkv Linear into three (fresh paths qkv_0..2): --keep-float
+    'qkv' names the user's layer and keeps all three float."""
+    prepared = prepare(FusedQKVAttention(d=16), "tensorrt", SEQ, keep_float=["qkv"])
+    assert prepared.plan.kept_float == ["qkv_0", "qkv_1", "qkv_2"]
+    assert prepared.plan.weight_layers == {"proj"}
