@@ -281,8 +281,8 @@ def fake_measure(monkeypatch):
             for p in precisions
         }
 
-    monkeypatch.setattr(gate, "_measure", measure)
-    monkeypatch.setattr(gate, "export_model", export)
+    monkeypatch.setattr(gate.check, "_measure", measure)
+    monkeypatch.setattr(gate.check, "export_model", export)
     return state
 
 
@@ -309,7 +309,7 @@ def test_failed_update_leaves_the_old_baseline(tmp_path, fake_measure, monkeypat
     def broken(*args):
         raise BackendUnavailableError("engine vanished")
 
-    monkeypatch.setattr(gate, "_measure", broken)
+    monkeypatch.setattr(gate.check, "_measure", broken)
     with pytest.raises(BackendUnavailableError):
         run_check(CheckRequest(path, update=True))
     assert path.read_bytes() == before
@@ -387,7 +387,7 @@ def test_failed_pinning_writes_nothing(tmp_path, fake_measure, monkeypatch):
     def broken(*args):
         raise BackendUnavailableError("engine vanished")
 
-    monkeypatch.setattr(gate, "_measure", broken)
+    monkeypatch.setattr(gate.check, "_measure", broken)
     artifact = tiny_onnx(tmp_path / "release.onnx", qdq=True)
     request = CheckRequest(
         tmp_path / "b.json", update=True, model="mnist_cnn", target="onnxruntime",

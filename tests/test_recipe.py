@@ -9,7 +9,7 @@ from deploy.recipe import DEFAULT_MODEL
 
 
 def test_the_gated_artifact_is_the_built_one_byte_for_byte(tmp_path):
-    assert gate.export_model is export_model  # what `deploy check` exports from the repo
+    assert gate.check.export_model is export_model  # what `deploy check` exports from the repo
     files = export_model(DEFAULT_MODEL, "onnxruntime", tmp_path / "check")
     build(BuildOptions(target="onnxruntime", export_only=True, out_dir=tmp_path / "build"))
     assert files["int8"].read_bytes() == (tmp_path / "build" / "model.qdq.onnx").read_bytes()
