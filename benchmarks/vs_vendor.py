@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -28,18 +29,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 
-import deploy
+from deploy import recipe
 from deploy.data import default_dataset
 from deploy.engine import get_adapter
 from deploy.environment import environment
-from deploy.export import export, export_fp32
 from deploy.timing import TimingConfig, paired_ratio, runner_call, summarize, time_interleaved
 from models import load_model
 
 RUNTIMES = ("onnxruntime", "openvino")
 CALIB_SAMPLES = 32
+CALIB_BATCH = 8
 HELD_OUT = 16
 MIN_COSINE = 0.9  # below this an int8 variant counts as broken and cannot be "best"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "vs_vendor_results.json"
@@ -71,11 +71,18 @@ class Row:
 # ---- models ---------------------------------------------------------------------------------
 
 
-def our_variant(model, target: str, x: torch.Tensor, calib: np.ndarray, out: Path) -> Variant:
-    prepared = deploy.prepare(model, target, x)
-    batches = [torch.from_numpy(calib[i : i + 8]) for i in range(0, len(calib), 8)]
-    deploy.calibrate(prepared, batches, progress=False)
-    path = export(prepared, out / f"ours_{target}.onnx", x, dynamic_batch=False)
+def our_variant(loaded: recipe.Loaded, target: str, out: Path) -> Variant:
+    """The QDQ model `deploy build` would ship (deploy.recipe), calibrated on the samples
+    every vendor tool gets, in batches of CALIB_BATCH."""
+    plan = recipe.Recipe(
+        target=target,
+        model=loaded.spec.name,
+        batch_size=CALIB_BATCH,
+        calib_batches=math.ceil(len(loaded.calib) / CALIB_BATCH),
+    )
+    prepared = recipe.quantize(loaded, plan)
+    qdq_name = f"ours_{target}.onnx"
+    path = recipe.export_onnx(loaded, prepared, out, ["int8"], qdq_name=qdq_name)["int8"]
     return Variant(f"ours ({target} rules)", path, "int8", ours_for=target)
 
 
@@ -131,13 +138,13 @@ def nncf_variant(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) ->
 
 def make_variants(name: str, out: Path) -> tuple[list[Variant], np.ndarray, list[str]]:
     model, spec = load_model(name)
-    calib = default_dataset(spec, CALIB_SAMPLES, split="calib").inputs
+    loaded = recipe.Loaded(model, spec, default_dataset(spec, CALIB_SAMPLES, split="calib"), None)
+    calib = loaded.calib.inputs
     held_out = default_dataset(spec, HELD_OUT, split="eval").inputs
-    x = torch.from_numpy(calib[:1])
     transformer = name.startswith("bert")
-    fp32 = export_fp32(model, out / "fp32.onnx", x)
+    fp32 = recipe.export_onnx(loaded, None, out, ["fp32"])["fp32"]
     variants = [Variant("fp32", fp32, "fp32")]
-    variants += [our_variant(model, t, x, calib, out) for t in RUNTIMES]
+    variants += [our_variant(loaded, t, out) for t in RUNTIMES]
     notes: list[str] = []
     for label, make in (
         ("onnxruntime.quantization", lambda: ort_variants(fp32, calib, transformer, out)),
