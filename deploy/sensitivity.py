@@ -1,0 +1,114 @@
+"""Which layer costs the accuracy: each Conv/Linear layer's quantizer group (its weight
+quantizer and the quantizers on its inputs) switched on alone, and switched off alone, in the
+calibrated fake-quant model, scored against the float model's outputs on the same inputs.
+
+The fake-quant model computes what each engine computes (deploy.arithmetic), so this ranks
+layers without building an engine per choice. A quantizer shared by several layers (one per
+value, deploy.prepare) belongs to each of their groups: switching a group moves it for all of
+them, as keeping the layer float with --keep-float would not; the ranking is a guide for
+--keep-float, whose build then measures the real result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deploy.calibrate import call_model, first_tensor
+from deploy.errors import BadInputError
+from deploy.prepare import PreparedModel
+from deploy.quant.fake_quant import FakeQuantize
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    layer: str  # module path, what --keep-float takes
+    alone_quantized_sqnr_db: float  # only this group quantized: the error it brings in
+    alone_float_sqnr_db: float  # every group but this one quantized
+    quantizers: int  # size of the group
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    all_quantized_sqnr_db: float
+    layers: list[LayerSensitivity]  # most damaging first
+
+    def to_dict(self) -> dict:
+        return {
+            "metric": "output SQNR vs the float model, dB (higher is closer)",
+            "all_quantized_sqnr_db": self.all_quantized_sqnr_db,
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+
+def layer_groups(prepared: PreparedModel) -> dict[str, list[FakeQuantize]]:
+    """Module path of each quantized Conv/Linear layer -> its weight quantizer and the
+    activation quantizers on its inputs."""
+    modules = dict(prepared.named_modules())
+    groups: dict[str, list[FakeQuantize]] = {}
+    for site in prepared.plan.sites:
+        if site.role != "weight":
+            continue
+        inputs = [
+            s.module
+            for s in prepared.plan.sites
+            if s.role == "activation" and any(c == site.producer for _, c in s.edges)
+        ]
+        path = site.module.removeprefix("model.").removesuffix(".weight_quant")
+        groups[path] = [modules[name] for name in (site.module, *inputs)]
+    return groups
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """10 log10(signal power / error power); inf when they are equal."""
+    signal = float(reference.double().pow(2).sum())
+    noise = float((reference.double() - approximation.double()).pow(2).sum())
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def analyse(prepared: PreparedModel, float_model: nn.Module, batches: Sequence) -> Sensitivity:
+    """Rank the layers of a calibrated prepared model on `batches` (as calibrate takes them)."""
+    if not batches:
+        raise BadInputError("sensitivity analysis needs at least one batch of inputs")
+    groups = layer_groups(prepared)
+    if not groups:
+        raise BadInputError("the prepared model has no quantized Conv/Linear layer to rank")
+    quantizers = prepared.quantizers()
+    with torch.no_grad():
+        reference = torch.cat([first_tensor(call_model(float_model, b)) for b in batches])
+
+        def score(enabled: set[int]) -> float:
+            with _fake_quant_only(quantizers, enabled):
+                out = torch.cat([first_tensor(call_model(prepared, b)) for b in batches])
+            return sqnr_db(reference, out)
+
+        everything = {id(fq) for fq in quantizers}
+        layers = []
+        for path, group in groups.items():
+            members = {id(fq) for fq in group}
+            layers.append(
+                LayerSensitivity(path, score(members), score(everything - members), len(group))
+            )
+        total = score(everything)
+    layers.sort(key=lambda s: (s.alone_quantized_sqnr_db, s.layer))
+    return Sensitivity(total, layers)
+
+
+@contextlib.contextmanager
+def _fake_quant_only(quantizers: list[FakeQuantize], enabled: set[int]) -> Iterator[None]:
+    """Fake-quantize with exactly the quantizers in `enabled` (by id), then restore."""
+    before = [bool(fq.fake_quant_enabled) for fq in quantizers]
+    try:
+        for fq in quantizers:
+            fq.enable_observer(False).enable_fake_quant(id(fq) in enabled)
+        yield
+    finally:
+        for fq, was in zip(quantizers, before, strict=True):
+            fq.enable_fake_quant(was)
