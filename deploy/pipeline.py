@@ -160,6 +160,9 @@ def _warnings_recorded(report: Report, keep: int = 20) -> Iterator[None]:
 
 def _check_options(o: BuildOptions) -> None:
     get_rules(o.target)  # unknown targets fail first, with the list of known ones
+    budget = o.accuracy_budget
+    if budget is not None and not 0 < budget <= 1:  # NaN fails too
+        raise BadInputError(f"bad --accuracy-budget {budget}; expected a cosine in (0, 1]")
     if o.calibration not in OBSERVERS:
         raise BadInputError(f"unknown calibration '{o.calibration}'; known: {', '.join(OBSERVERS)}")
     for name in ("calib_batches", "batch_size", "threads", "eval_samples"):
@@ -207,6 +210,8 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     report.set("quantizers", len(prepared.quantizers()))
     report.set("placement_mode", prepared.plan.mode)
     report.set("kept_float", prepared.plan.kept_float)
+    if prepared.plan.accuracy_budget is not None:
+        report.set("accuracy_budget", prepared.plan.accuracy_budget)
 
     paths = recipe.export_onnx(loaded, prepared, out)
     fp32_path, qdq_path = paths["fp32"], paths["int8"]
@@ -232,9 +237,14 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     kernels.float_by_rule = float_by_rule(qdq_path, o.target)
     report.set("kernels", kernels.to_dict())
     _stage(report, progress, "kernels")
+    planned = len(kernels.compute_layers) - len(kernels.float_by_rule)
+    if planned <= 0:
+        raise CheckFailedError(
+            "no compute layer is left to run int8: the rules or --keep-float keep all "
+            f"{len(kernels.compute_layers)} float"
+        )
     if kernels.int8_fraction_of_quantized < o.min_int8_fraction:
         floats = ", ".join(kernels.fallback_layers)
-        planned = len(kernels.compute_layers) - len(kernels.float_by_rule)
         raise CheckFailedError(
             f"only {len(kernels.int8_compute)} of the {planned} compute layers the rules quantize "
             f"run int8 (required {o.min_int8_fraction:.0%}); float: {floats}"

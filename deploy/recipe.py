@@ -23,6 +23,7 @@ from deploy.errors import BadInputError, EnvironmentFaultError
 from deploy.export import export, export_fp32
 from deploy.prepare import PreparedModel, prepare
 from deploy.qat import train_qat
+from deploy.sensitivity import choose_keep_float
 from models import ModelSpec, load_model
 from models.inputs import InputSpec
 
@@ -46,6 +47,9 @@ class Recipe:
     calibration: str = "minmax"
     #: module-path globs of Conv/Linear layers that stay float (deploy.prepare keep_float)
     keep_float: tuple[str, ...] = ()
+    #: keep the fewest layers float for the fake-quant output to reach this mean cosine vs
+    #: fp32 on the calibration data (deploy.sensitivity.choose_keep_float)
+    accuracy_budget: float | None = None
     qat_epochs: int = 0
     eval_samples: int = 1000
 
@@ -87,21 +91,33 @@ def quantize(
     after each of "prepare", "calibrate", "qat"."""
     spec, size = loaded.spec, recipe.batch_size
     arrays = loaded.calib.arrays(spec.inputs)
-    prepared = prepare(
-        loaded.model,
-        recipe.target,
-        loaded.example,
-        observer=recipe.calibration,
-        keep_float=recipe.keep_float,
-    )
-    on_stage("prepare")
     batches = [tensors(spec, arrays, i, i + size) for i in range(0, len(loaded.calib), size)]
-    calibrate(prepared, batches[: recipe.calib_batches], progress=False)
+    batches = batches[: recipe.calib_batches]
+    prepared = _prepare(loaded, recipe, recipe.keep_float)
+    on_stage("prepare")
+    calibrate(prepared, batches, progress=False)
+    if recipe.accuracy_budget is not None:
+        # chosen on the calibration data, so every entry point picks the same layers
+        choice = choose_keep_float(prepared, loaded.model, batches, recipe.accuracy_budget)
+        if choice.layers:
+            prepared = _prepare(loaded, recipe, (*recipe.keep_float, *choice.layers))
+            calibrate(prepared, batches, progress=False)
+        prepared.plan.accuracy_budget = choice.to_dict()
     on_stage("calibrate")
     if recipe.qat_epochs:
         _qat(prepared, loaded, recipe)
         on_stage("qat")
     return prepared
+
+
+def _prepare(loaded: Loaded, recipe: Recipe, keep_float: tuple[str, ...]) -> PreparedModel:
+    return prepare(
+        loaded.model,
+        recipe.target,
+        loaded.example,
+        observer=recipe.calibration,
+        keep_float=keep_float,
+    )
 
 
 def export_onnx(

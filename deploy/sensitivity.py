@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from deploy.calibrate import call_model, first_tensor
-from deploy.errors import BadInputError
+from deploy.errors import BadInputError, CheckFailedError
 from deploy.prepare import PreparedModel
 from deploy.quant.fake_quant import FakeQuantize
 
@@ -112,3 +112,73 @@ def _fake_quant_only(quantizers: list[FakeQuantize], enabled: set[int]) -> Itera
     finally:
         for fq, was in zip(quantizers, before, strict=True):
             fq.enable_fake_quant(was)
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """The layers --accuracy-budget keeps float, and what the fake-quant model reaches."""
+
+    min_cosine: float
+    cosine_all_quantized: float
+    cosine: float  # with `layers` float
+    layers: list[str]  # in the order they were chosen
+
+    def to_dict(self) -> dict:
+        return {
+            "metric": "mean per-sample cosine of the fake-quant output vs fp32, calibration data",
+            "min_cosine": self.min_cosine,
+            "cosine_all_quantized": self.cosine_all_quantized,
+            "cosine": self.cosine,
+            "kept_float": self.layers,
+        }
+
+
+def choose_keep_float(
+    prepared: PreparedModel, float_model: nn.Module, batches: Sequence, min_cosine: float
+) -> BudgetChoice:
+    """The fewest layers to keep float, greedily: the layer whose quantizers off help the
+    output most first (analyse's alone-float score), until the fake-quant output reaches
+    `min_cosine` against fp32. Raises CheckFailedError when even every layer float does not."""
+    ranked = sorted(analyse(prepared, float_model, batches).layers, key=_gain)
+    groups = layer_groups(prepared)
+    quantizers = prepared.quantizers()
+    enabled = {id(fq) for fq in quantizers}
+    with torch.no_grad():
+        reference = torch.cat([first_tensor(call_model(float_model, b)) for b in batches])
+
+        def cosine() -> float:
+            with _fake_quant_only(quantizers, enabled):
+                out = torch.cat([first_tensor(call_model(prepared, b)) for b in batches])
+            return mean_cosine(reference, out)
+
+        start = current = cosine()
+        chosen: list[str] = []
+        for layer in ranked:
+            if current >= min_cosine:
+                break
+            enabled -= {id(fq) for fq in groups[layer.layer]}
+            chosen.append(layer.layer)
+            current = cosine()
+    if current >= min_cosine and len(chosen) == len(ranked):
+        raise CheckFailedError(
+            f"accuracy budget cosine {min_cosine} needs every Conv/Linear layer float "
+            f"(all int8: {start:.5f}): nothing would run int8; lower the budget"
+        )
+    if current < min_cosine:
+        raise CheckFailedError(
+            f"accuracy budget cosine {min_cosine} not reached: with every Conv/Linear layer "
+            f"float the fake-quant model reaches {current:.5f} (the other ops' quantizers); "
+            "lower the budget or try another --calibration"
+        )
+    return BudgetChoice(min_cosine, start, current, chosen)
+
+
+def _gain(layer: LayerSensitivity) -> tuple[float, str]:
+    return (-layer.alone_float_sqnr_db, layer.layer)
+
+
+def mean_cosine(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Per-sample cosine, averaged (as deploy.verify compares engines)."""
+    a = reference.double().reshape(len(reference), -1)
+    b = approximation.double().reshape(len(approximation), -1)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30).mean())

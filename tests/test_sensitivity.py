@@ -14,7 +14,7 @@ import torch
 from deploy import errors
 from deploy.calibrate import calibrate
 from deploy.prepare import prepare
-from deploy.sensitivity import analyse, layer_groups, sqnr_db
+from deploy.sensitivity import analyse, choose_keep_float, layer_groups, mean_cosine, sqnr_db
 from tests.frontend.blocks import Bottleneck, randomize_bn
 
 IMG = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -89,3 +89,59 @@ def test_the_cli_ranks_then_answers_from_its_cache(tmp_path):
         timeout=300,
     )
     assert other.returncode == errors.OK and "written to" in other.stdout
+
+
+def _sabotaged(target: str):
+    model, prepared = calibrated(target)
+    with torch.no_grad():
+        layer_groups(prepared)["conv2"][0].scale.mul_(128)
+    return model, prepared
+
+
+def _cosine_with(prepared, model, disabled: list) -> float:
+    """Output cosine vs fp32 with the given quantizers switched off, by hand."""
+    for fq in disabled:
+        fq.enable_fake_quant(False)
+    with torch.no_grad():
+        value = mean_cosine(model(IMG), prepared(IMG))
+    for fq in disabled:
+        fq.enable_fake_quant(True)
+    return value
+
+
+def test_the_budget_keeps_the_fewest_layers_float_that_reach_it():
+    model, prepared = _sabotaged("onnxruntime")
+    all_int8 = _cosine_with(prepared, model, [])
+    without_conv2 = _cosine_with(prepared, model, layer_groups(prepared)["conv2"])
+    assert without_conv2 > all_int8
+    budget = (all_int8 + without_conv2) / 2
+    choice = choose_keep_float(prepared, model, [IMG], budget)
+    assert choice.layers == ["conv2"] and choice.cosine == pytest.approx(without_conv2)
+    assert choice.cosine_all_quantized == pytest.approx(all_int8)
+    # already met: nothing kept float
+    assert choose_keep_float(prepared, model, [IMG], all_int8 - 1e-3).layers == []
+
+
+def test_a_budget_only_float_could_meet_is_a_failed_check():
+    model, prepared = _sabotaged("openvino")
+    with pytest.raises(errors.CheckFailedError, match="lower the budget"):
+        choose_keep_float(prepared, model, [IMG], 1.0)
+
+
+def test_a_build_with_a_budget_reports_what_it_kept(tmp_path):
+    from deploy.pipeline import BuildOptions, build
+
+    report = build(
+        BuildOptions(
+            target="onnxruntime",
+            out_dir=tmp_path,
+            accuracy_budget=0.9999,
+            eval_samples=200,
+            min_time_s=0.2,
+        )
+    )
+    budget = report["accuracy_budget"]
+    assert report["status"] == "ok" and budget["kept_float"] == report["kept_float"]
+    assert budget["cosine_all_quantized"] < 0.9999 <= budget["cosine"]
+    assert len(report["kept_float"]) < 8  # something still runs int8
+    assert report["kernels"]["int8"] == 8 - len(report["kept_float"])

@@ -71,23 +71,27 @@ def _named(text: str) -> InputSpec:
 
 Opt = typer.Option
 DEFAULT = DEFAULT_THRESHOLDS["int8_vs_fakequant"]
+#: the model and data options every command that runs the recipe takes
+ModelOption = Annotated[str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")]
+InputShapeOption = Annotated[
+    list[str] | None,
+    Opt(help="Input shape (1x3x224x224), or per input NAME:SHAPE:DTYPE; repeatable."),
+]
+InputSpecOption = Annotated[
+    Path | None, Opt(help="JSON: {name: {shape, dtype, range}} for each model input.")
+]
+DataOption = Annotated[Path | None, Opt(help="Calibration data: .npz file or image folder.")]
+CalibBatchesOption = Annotated[int, Opt(help="Calibration batches.")]
 
 
 @app.command("build")
 def build_command(
     target: Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or onnxruntime")],
-    model: Annotated[
-        str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")
-    ] = None,
-    input_shape: Annotated[
-        list[str] | None,
-        Opt(help="Input shape (1x3x224x224), or per input NAME:SHAPE:DTYPE; repeatable."),
-    ] = None,
-    input_spec: Annotated[
-        Path | None, Opt(help="JSON: {name: {shape, dtype, range}} for each model input.")
-    ] = None,
-    data: Annotated[Path | None, Opt(help="Calibration data: .npz file or image folder.")] = None,
-    calib_batches: Annotated[int, Opt(help="Calibration batches.")] = 8,
+    model: ModelOption = None,
+    input_shape: InputShapeOption = None,
+    input_spec: InputSpecOption = None,
+    data: DataOption = None,
+    calib_batches: CalibBatchesOption = 8,
     calibration: Annotated[
         str,
         Opt(help="Activation ranges: minmax, percentile or mse (these two clip outliers), ema."),
@@ -95,6 +99,10 @@ def build_command(
     keep_float: Annotated[
         list[str] | None,
         Opt(help="Conv/Linear layers to keep float, module-path glob (classifier, *.attn.*)."),
+    ] = None,
+    accuracy_budget: Annotated[
+        float | None,
+        Opt(help="Keep the fewest layers float for this output cosine vs fp32 (e.g. 0.99)."),
     ] = None,
     qat_epochs: Annotated[int, Opt(help="QAT fine-tuning epochs (needs labels).")] = 0,
     out: Annotated[Path, Opt("--out", help="Output directory.")] = Path("out"),
@@ -123,6 +131,7 @@ def build_command(
         calib_batches=calib_batches,
         calibration=calibration,
         keep_float=tuple(keep_float or ()),
+        accuracy_budget=accuracy_budget,
         qat_epochs=qat_epochs,
         out_dir=out,
         export_only=export_only,
@@ -179,7 +188,15 @@ def summary_table(report: dict) -> Table:
         total = kernels["int8"] + kernels["float"]
         table.add_row("int8 compute layers", f"{kernels['int8']}/{total}")
     if report.get("kept_float"):
-        table.add_row("kept float (--keep-float)", ", ".join(report["kept_float"]))
+        table.add_row("kept float", ", ".join(report["kept_float"]))
+    budget = report.get("accuracy_budget")
+    if budget:
+        table.add_row(
+            "accuracy budget",
+            f"cosine {budget['min_cosine']}: {budget['cosine_all_quantized']:.5f} all int8 -> "
+            f"{budget['cosine']:.5f} with {len(budget['kept_float'])} layer(s) float "
+            "(fake-quant, calibration data)",
+        )
     latency, speedup = report.get("latency_ms"), report.get("speedup")
     if latency and latency["measured"]:
         for precision in ("fp32", "int8"):

@@ -12,7 +12,14 @@ from rich.table import Table
 
 from deploy import errors
 from deploy.cli.app import app, console
-from deploy.cli.build import parse_inputs
+from deploy.cli.build import (
+    CalibBatchesOption,
+    DataOption,
+    InputShapeOption,
+    InputSpecOption,
+    ModelOption,
+    parse_inputs,
+)
 
 Opt = typer.Option
 RESULT = "sensitivity.json"
@@ -21,18 +28,11 @@ RESULT = "sensitivity.json"
 @app.command("sensitivity")
 def sensitivity_command(
     target: Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or onnxruntime")],
-    model: Annotated[
-        str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")
-    ] = None,
-    input_shape: Annotated[
-        list[str] | None,
-        Opt(help="Input shape (1x3x224x224), or per input NAME:SHAPE:DTYPE; repeatable."),
-    ] = None,
-    input_spec: Annotated[
-        Path | None, Opt(help="JSON: {name: {shape, dtype, range}} for each model input.")
-    ] = None,
-    data: Annotated[Path | None, Opt(help="Calibration data: .npz file or image folder.")] = None,
-    calib_batches: Annotated[int, Opt(help="Calibration batches.")] = 8,
+    model: ModelOption = None,
+    input_shape: InputShapeOption = None,
+    input_spec: InputSpecOption = None,
+    data: DataOption = None,
+    calib_batches: CalibBatchesOption = 8,
     calibration: Annotated[str, Opt(help="minmax, percentile, mse or ema.")] = "minmax",
     samples: Annotated[int, Opt(help="Held-out samples the layers are scored on.")] = 64,
     out: Annotated[Path, Opt("--out", help="Folder for sensitivity.json (the cache).")] = Path(
