@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ from deploy.calibrate import call_model, first_tensor
 from deploy.errors import BadInputError, CheckFailedError
 from deploy.prepare import PreparedModel
 from deploy.quant.fake_quant import FakeQuantize
+from deploy.verify import mean_cosine
 
 
 @dataclass(frozen=True)
@@ -73,32 +74,52 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
+class _Probe:
+    """The calibrated prepared model run with chosen quantizers on, beside the float model's
+    outputs on the same batches (computed once)."""
+
+    def __init__(self, prepared: PreparedModel, float_model: nn.Module, batches: Sequence):
+        if not batches:
+            raise BadInputError("sensitivity analysis needs at least one batch of inputs")
+        self.groups = layer_groups(prepared)
+        if not self.groups:
+            raise BadInputError("the prepared model has no quantized Conv/Linear layer to rank")
+        self.prepared, self.batches = prepared, batches
+        self.quantizers = prepared.quantizers()
+        self.everything = frozenset(id(fq) for fq in self.quantizers)
+        self.reference = _outputs(float_model, batches)
+        self.all_quantized = self.outputs(self.everything)
+
+    def outputs(self, enabled: Set[int]) -> torch.Tensor:
+        with _fake_quant_only(self.quantizers, enabled):
+            return _outputs(self.prepared, self.batches)
+
+    def members(self, layer: str) -> frozenset[int]:
+        return frozenset(id(fq) for fq in self.groups[layer])
+
+
+def _outputs(model: nn.Module, batches: Sequence) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([first_tensor(call_model(model, b)) for b in batches])
+
+
 def analyse(prepared: PreparedModel, float_model: nn.Module, batches: Sequence) -> Sensitivity:
     """Rank the layers of a calibrated prepared model on `batches` (as calibrate takes them)."""
-    if not batches:
-        raise BadInputError("sensitivity analysis needs at least one batch of inputs")
-    groups = layer_groups(prepared)
-    if not groups:
-        raise BadInputError("the prepared model has no quantized Conv/Linear layer to rank")
-    quantizers = prepared.quantizers()
-    with torch.no_grad():
-        reference = torch.cat([first_tensor(call_model(float_model, b)) for b in batches])
+    return _analyse(_Probe(prepared, float_model, batches))
 
-        def score(enabled: set[int]) -> float:
-            with _fake_quant_only(quantizers, enabled):
-                out = torch.cat([first_tensor(call_model(prepared, b)) for b in batches])
-            return sqnr_db(reference, out)
 
-        everything = {id(fq) for fq in quantizers}
-        layers = []
-        for path, group in groups.items():
-            members = {id(fq) for fq in group}
-            layers.append(
-                LayerSensitivity(path, score(members), score(everything - members), len(group))
-            )
-        total = score(everything)
+def _analyse(probe: _Probe) -> Sensitivity:
+    def score(enabled: Set[int]) -> float:
+        return sqnr_db(probe.reference, probe.outputs(enabled))
+
+    layers = []
+    for path, group in probe.groups.items():
+        members = probe.members(path)
+        layers.append(
+            LayerSensitivity(path, score(members), score(probe.everything - members), len(group))
+        )
     layers.sort(key=lambda s: (s.alone_quantized_sqnr_db, s.layer))
-    return Sensitivity(total, layers)
+    return Sensitivity(sqnr_db(probe.reference, probe.all_quantized), layers)
 
 
 @contextlib.contextmanager
@@ -139,26 +160,23 @@ def choose_keep_float(
     """The fewest layers to keep float, greedily: the layer whose quantizers off help the
     output most first (analyse's alone-float score), until the fake-quant output reaches
     `min_cosine` against fp32. Raises CheckFailedError when even every layer float does not."""
-    ranked = sorted(analyse(prepared, float_model, batches).layers, key=_gain)
-    groups = layer_groups(prepared)
-    quantizers = prepared.quantizers()
-    enabled = {id(fq) for fq in quantizers}
-    with torch.no_grad():
-        reference = torch.cat([first_tensor(call_model(float_model, b)) for b in batches])
+    probe = _Probe(prepared, float_model, batches)
+    ranked = sorted(_analyse(probe).layers, key=_gain)
 
-        def cosine() -> float:
-            with _fake_quant_only(quantizers, enabled):
-                out = torch.cat([first_tensor(call_model(prepared, b)) for b in batches])
-            return mean_cosine(reference, out)
+    reference = probe.reference.double().numpy()
 
-        start = current = cosine()
-        chosen: list[str] = []
-        for layer in ranked:
-            if current >= min_cosine:
-                break
-            enabled -= {id(fq) for fq in groups[layer.layer]}
-            chosen.append(layer.layer)
-            current = cosine()
+    def cosine(outputs: torch.Tensor) -> float:
+        return mean_cosine(reference, outputs.double().numpy())
+
+    enabled = probe.everything
+    start = current = cosine(probe.all_quantized)
+    chosen: list[str] = []
+    for layer in ranked:
+        if current >= min_cosine:
+            break
+        enabled -= probe.members(layer.layer)
+        chosen.append(layer.layer)
+        current = cosine(probe.outputs(enabled))
     if current >= min_cosine and len(chosen) == len(ranked):
         raise CheckFailedError(
             f"accuracy budget cosine {min_cosine} needs every Conv/Linear layer float "
@@ -175,10 +193,3 @@ def choose_keep_float(
 
 def _gain(layer: LayerSensitivity) -> tuple[float, str]:
     return (-layer.alone_float_sqnr_db, layer.layer)
-
-
-def mean_cosine(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Per-sample cosine, averaged (as deploy.verify compares engines)."""
-    a = reference.double().reshape(len(reference), -1)
-    b = approximation.double().reshape(len(approximation), -1)
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30).mean())

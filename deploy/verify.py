@@ -84,7 +84,7 @@ def compare(
         "decisive_margin_steps": float(decisive_margin_steps),
         "max_err_steps": float(err_steps.max()),
         "p999_err_steps": float(np.percentile(err_steps, 99.9)),
-        "cosine": _mean_cosine(engine.reshape(len(engine), -1), reference.reshape(len(engine), -1)),
+        "cosine": mean_cosine(engine, reference),
         "samples": len(engine),
     }
 
@@ -102,8 +102,10 @@ def _check_pair(engine: np.ndarray, reference: np.ndarray) -> None:
         raise BadInputError("reference output contains NaN or Inf")
 
 
-def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Per-sample cosine, averaged; two zero vectors agree (1), one zero vector does not (0)."""
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Per-sample cosine (each sample flattened), averaged; two zero vectors agree (1), one
+    zero vector does not (0)."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     dots = np.einsum("ij,ij->i", a, b)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     both_zero = ~a.any(axis=1) & ~b.any(axis=1)

@@ -14,7 +14,8 @@ import torch
 from deploy import errors
 from deploy.calibrate import calibrate
 from deploy.prepare import prepare
-from deploy.sensitivity import analyse, choose_keep_float, layer_groups, mean_cosine, sqnr_db
+from deploy.sensitivity import analyse, choose_keep_float, layer_groups, sqnr_db
+from deploy.verify import mean_cosine
 from tests.frontend.blocks import Bottleneck, randomize_bn
 
 IMG = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -103,7 +104,7 @@ def _cosine_with(prepared, model, disabled: list) -> float:
     for fq in disabled:
         fq.enable_fake_quant(False)
     with torch.no_grad():
-        value = mean_cosine(model(IMG), prepared(IMG))
+        value = mean_cosine(model(IMG).double().numpy(), prepared(IMG).double().numpy())
     for fq in disabled:
         fq.enable_fake_quant(True)
     return value
@@ -145,3 +146,4 @@ def test_a_build_with_a_budget_reports_what_it_kept(tmp_path):
     assert budget["cosine_all_quantized"] < 0.9999 <= budget["cosine"]
     assert len(report["kept_float"]) < 8  # something still runs int8
     assert report["kernels"]["int8"] == 8 - len(report["kept_float"])
+
