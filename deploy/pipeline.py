@@ -42,8 +42,6 @@ from deploy.errors import (
 )
 from deploy.lint import float_by_rule, lint
 from deploy.measured import Measured, NotMeasured
-from deploy.prepare import OBSERVERS
-from deploy.rules import get_rules
 from deploy.timing import TimingConfig, paired_ratio, runner_call, summarize, time_interleaved
 from models import ModelSpec
 
@@ -159,18 +157,9 @@ def _warnings_recorded(report: Report, keep: int = 20) -> Iterator[None]:
 
 
 def _check_options(o: BuildOptions) -> None:
-    get_rules(o.target)  # unknown targets fail first, with the list of known ones
-    budget = o.accuracy_budget
-    if budget is not None and not 0 < budget <= 1:  # NaN fails too
-        raise BadInputError(f"bad --accuracy-budget {budget}; expected a cosine in (0, 1]")
-    if o.calibration not in OBSERVERS:
-        raise BadInputError(f"unknown calibration '{o.calibration}'; known: {', '.join(OBSERVERS)}")
-    for name in ("calib_batches", "batch_size", "threads", "eval_samples"):
-        value = getattr(o, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer")
-    if o.qat_epochs < 0:
-        raise BadInputError("--qat-epochs must be >= 0")
+    recipe.check(o)
+    if isinstance(o.threads, bool) or not isinstance(o.threads, int) or o.threads < 1:
+        raise BadInputError("--threads must be a positive integer")
     t = o.thresholds
     for flag, value, low, high in (
         ("--min-agreement", t.min_top1_agreement, 0.0, 1.0),

@@ -21,8 +21,9 @@ from deploy.data import Dataset, default_dataset, load_calibration_data
 from deploy.environment import available_memory
 from deploy.errors import BadInputError, EnvironmentFaultError
 from deploy.export import export, export_fp32
-from deploy.prepare import PreparedModel, prepare
+from deploy.prepare import OBSERVERS, PreparedModel, prepare
 from deploy.qat import train_qat
+from deploy.rules import get_rules
 from deploy.sensitivity import choose_keep_float
 from models import ModelSpec, load_model
 from models.inputs import InputSpec
@@ -68,6 +69,24 @@ class Loaded:
     def example(self) -> torch.Tensor | dict[str, torch.Tensor]:
         """The first calibration batch at the model's batch size: what capture and export see."""
         return tensors(self.spec, self.calib.arrays(self.spec.inputs), 0, self.spec.input_shape[0])
+
+
+def check(recipe: Recipe) -> None:
+    """Bad recipe fields as one line naming the option, before any work; every entry point
+    that takes them from a user calls this."""
+    get_rules(recipe.target)  # unknown targets fail first, with the list of known ones
+    budget = recipe.accuracy_budget
+    if budget is not None and not 0 < budget <= 1:  # NaN fails too
+        raise BadInputError(f"bad --accuracy-budget {budget}; expected a cosine in (0, 1]")
+    if recipe.calibration not in OBSERVERS:
+        known = ", ".join(OBSERVERS)
+        raise BadInputError(f"unknown calibration '{recipe.calibration}'; known: {known}")
+    for name in ("calib_batches", "batch_size", "eval_samples"):
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer")
+    if recipe.qat_epochs < 0:
+        raise BadInputError("--qat-epochs must be >= 0")
 
 
 def load(recipe: Recipe, *, evaluation: bool = True) -> Loaded:

@@ -147,3 +147,15 @@ def test_a_build_with_a_budget_reports_what_it_kept(tmp_path):
     assert len(report["kept_float"]) < 8  # something still runs int8
     assert report["kernels"]["int8"] == 8 - len(report["kept_float"])
 
+
+def test_the_cli_checks_recipe_options_as_build_does(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "sensitivity", "--target", "onnxruntime"]
+        + ["--calib-batches", "0", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == errors.BAD_INPUT
+    assert proc.stderr.strip() == "error: --calib-batches must be a positive integer"
+    assert not (tmp_path / "sensitivity.json").exists()

@@ -61,6 +61,7 @@ def sensitivity_command(
         calibration=calibration,
         eval_samples=samples,
     )
+    recipe.check(plan)
     loaded = recipe.load(plan)
     key = _cache_key(plan, loaded.model)
     cached = _read(out / RESULT)
