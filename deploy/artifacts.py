@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(final)  # a failed write() names no file; the error should
         raise
+
+
+@contextlib.contextmanager
+def temp_folder(parent: Path, name: str) -> Iterator[Path]:
+    """A scratch folder in `parent` for the block, named like atomic_path's temp files so a
+    later build removes it if this process dies before the block ends."""
+    folder = Path(parent) / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_atomic(path: Path, data: bytes) -> Path:

@@ -30,7 +30,7 @@ from torch import nn
 from deploy.artifacts import write_atomic
 from deploy.errors import BadInputError, one_line
 from deploy.export_passes import GraphIndex, drop_unused_initializers, run_passes
-from deploy.ops import ATEN_KINDS, FLOAT_KEY, KIND_KEY, MODE_KEY, OP_KEY
+from deploy.ops import ATEN_KINDS, FLOAT_KEY, KIND_KEY, LAYER_KEY, MODE_KEY, OP_KEY
 from deploy.prepare import PreparedModel, split_inputs
 
 DEFAULT_OPSET = 18
@@ -68,12 +68,15 @@ def export(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
+    float_weights: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write `model` as QDQ ONNX to `path` (atomically) and return the path."""
+    """Write `model` as QDQ ONNX to `path` (atomically) and return the path. `float_weights`,
+    when given, receives each int8 weight initializer's float original by name (what per-layer
+    debugging compares against)."""
     with export_mode(model):
         proto = _torch_export(model, example_inputs, opset, dynamic_batch)
     tag_op_kinds(proto, model.plan.kept_float)
-    fold_weight_quantizers(proto)
+    fold_weight_quantizers(proto, float_weights)
     quantize_biases(proto, frozenset(_BIAS_OP_TYPES[k] for k in model.rules.int32_bias))
     run_passes(proto, model.rules.export_passes)
     strip_debug_info(proto)
@@ -177,8 +180,11 @@ def _quantize_initializer(
     return np.clip(q, info.min, info.max).astype(zero_point.dtype)
 
 
-def fold_weight_quantizers(model: onnx.ModelProto) -> int:
-    """Replace initializer -> QuantizeLinear with an integer initializer; returns how many."""
+def fold_weight_quantizers(
+    model: onnx.ModelProto, float_weights: dict[str, np.ndarray] | None = None
+) -> int:
+    """Replace initializer -> QuantizeLinear with an integer initializer; returns how many.
+    `float_weights` (if given) receives the float weight behind each integer initializer."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     folded = 0
@@ -196,6 +202,8 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
         )
         graph.initializer.append(q)
         graph.node.remove(node)
+        if float_weights is not None:
+            float_weights[node.output[0]] = weight
         folded += 1
     drop_unused_initializers(graph)
     return folded
@@ -253,11 +261,22 @@ def tag_op_kinds(model: onnx.ModelProto, kept_float: Sequence[str] = ()) -> int:
         entry.key, entry.value = KIND_KEY, kind
         entry = node.metadata_props.add()
         entry.key, entry.value = OP_KEY, hashlib.sha1(scope.encode()).hexdigest()[:12]
+        entry = node.metadata_props.add()
+        entry.key, entry.value = LAYER_KEY, layer_name(scope)
         if any(s in scope for s in scopes):
             entry = node.metadata_props.add()
             entry.key, entry.value = FLOAT_KEY, "1"
         tagged += 1
     return tagged
+
+
+def layer_name(scope: str) -> str:
+    """The user's layer behind an exporter scope such as "...PreparedModel/model.layer1.conv1:
+    QuantConvBn/conv2d_3: aten.conv2d.default": its module path ("layer1.conv1"), or for a
+    functional op outside any module the op's own name ("add_3")."""
+    segments = [part.split(": ", 1)[0] for part in scope.split("/")]
+    modules = [s.removeprefix("model.") for s in segments[1:-1] if s.startswith("model.")]
+    return modules[-1] if modules else segments[-1]
 
 
 def strip_debug_info(model: onnx.ModelProto) -> None:
@@ -266,7 +285,9 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
     op tags (tag_op_kinds) stay."""
     for node in model.graph.node:
         ours = [
-            (p.key, p.value) for p in node.metadata_props if p.key in (KIND_KEY, OP_KEY, FLOAT_KEY)
+            (p.key, p.value)
+            for p in node.metadata_props
+            if p.key in (KIND_KEY, OP_KEY, FLOAT_KEY, LAYER_KEY)
         ]
         del node.metadata_props[:]
         for key, value in ours:

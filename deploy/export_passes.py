@@ -77,6 +77,17 @@ class GraphIndex:
         drop_unused_initializers(self.graph)
 
 
+def drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads any more (a rewrite's leftovers)."""
+    while True:
+        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     """Remove initializers no node reads and no graph output names."""
     used = {name for node in graph.node for name in node.input}

@@ -13,9 +13,11 @@ from collections.abc import Iterable, Mapping
 
 #: ONNX metadata keys our exports carry: each node's kind and the torch op it came from (nodes
 #: of one op share an id), the model's rule mode ("cnn" / "transformer"), and "1" on the nodes
-#: of a layer the user keeps float (prepare's keep_float), which no rule applies to.
+#: of a layer the user keeps float (prepare's keep_float), which no rule applies to; LAYER_KEY
+#: names the user's layer a node belongs to (its module path, else the torch op's name), so
+#: reports speak of "layer1.conv2", not of the exporter's tensor names.
 KIND_KEY, OP_KEY, MODE_KEY = "qat_deploy.kind", "qat_deploy.op", "qat_deploy.mode"
-FLOAT_KEY = "qat_deploy.float"
+FLOAT_KEY, LAYER_KEY = "qat_deploy.float", "qat_deploy.layer"
 
 #: Weighted ops: a data input plus a constant weight that gets a per-channel quantizer.
 WEIGHTED_KINDS = ("conv", "conv_transpose", "linear")

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def _lock(fd: int, out: Path) -> None:
 
 
 def stale_temps(folder: Path) -> list[Path]:
-    """Temp files of atomic writes under `folder` whose writer is no longer running."""
+    """Temp files of atomic writes (and temp folders, deploy.artifacts.temp_folder) under
+    `folder` whose writer is no longer running."""
     return [
         path
         for path in Path(folder).rglob(".*.tmp")
@@ -73,7 +75,10 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete stale_temps(folder); returns them."""
     removed = stale_temps(folder)
     for path in removed:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return removed
 
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
-from deploy import output_dir, recipe, verify
+from deploy import layer_debug, output_dir, recipe, verify
 from deploy.artifacts import write_atomic
 from deploy.calibrate import call_model, first_tensor
 from deploy.data import Dataset
@@ -49,6 +50,7 @@ from models import ModelSpec
 #: produce); the version changes when a reader would have to change
 REPORT_SCHEMA = Path(__file__).with_name("report.schema.json")
 REPORT_SCHEMA_VERSION = 2
+LAYERS_PNG = "layers.png"
 #: calibrations that trade rare outliers for resolution of the rest of a tensor
 CLIPPING_OBSERVERS = ("percentile", "mse")
 STAGES = (
@@ -59,9 +61,12 @@ STAGES = (
     "lint",
     "build",
     "kernels",
+    "layers",
     "accuracy",
     "latency",
 )
+#: evaluation samples --debug-layers compares per layer (every quantized tensor of each is kept)
+DEBUG_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class BuildOptions(recipe.Recipe):
     min_int8_fraction: float = 0.5
     min_time_s: float = 1.0
     sm: str | None = None  # TensorRT compute capability for ahead-of-time builds
+    debug_layers: bool = False  # per-layer float / fake-quant / engine comparison
     #: int8-vs-fake-quant bounds, loosened to twice the model's float64 floor when it is noisier
     thresholds: verify.Thresholds = verify.DEFAULT_THRESHOLDS["int8_vs_fakequant"]
 
@@ -158,6 +164,8 @@ def _warnings_recorded(report: Report, keep: int = 20) -> Iterator[None]:
 
 def _check_options(o: BuildOptions) -> None:
     recipe.check(o)
+    if o.debug_layers and o.export_only:
+        raise BadInputError("--debug-layers compares the engine's layers; drop --export-only")
     if isinstance(o.threads, bool) or not isinstance(o.threads, int) or o.threads < 1:
         raise BadInputError("--threads must be a positive integer")
     t = o.thresholds
@@ -202,7 +210,8 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     if prepared.plan.accuracy_budget is not None:
         report.set("accuracy_budget", prepared.plan.accuracy_budget)
 
-    paths = recipe.export_onnx(loaded, prepared, out)
+    float_weights: dict[str, np.ndarray] | None = {} if o.debug_layers else None
+    paths = recipe.export_onnx(loaded, prepared, out, float_weights=float_weights)
     fp32_path, qdq_path = paths["fp32"], paths["int8"]
     report.artifact("fp32_onnx", fp32_path)
     report.artifact("qdq_onnx", qdq_path)
@@ -239,6 +248,12 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
             f"run int8 (required {o.min_int8_fraction:.0%}); float: {floats}"
         )
 
+    if float_weights is not None:
+        int8_layers = len(kernels.int8_compute)
+        _debug_layers(
+            report, progress, adapter, qdq_path, float_weights, int8_layers, evaluation, spec, o
+        )
+
     runners = _runners(adapter, int8, fp32)
     if isinstance(runners, str):  # cannot run here (TensorRT without a GPU): say so, exit 0
         for key in ("accuracy", "latency_ms", "speedup"):
@@ -250,6 +265,33 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     finally:
         for runner in runners.values():
             runner.deactivate()
+
+
+def _debug_layers(
+    report: Report,
+    progress: Progress,
+    adapter,
+    qdq_path: Path,
+    float_weights: dict[str, np.ndarray],
+    engine_int8_layers: int,
+    evaluation: Dataset,
+    spec: ModelSpec,
+    o: BuildOptions,
+) -> None:
+    """Per-layer errors into the report and layers.png, before the accuracy check can fail:
+    a failing build is when they are wanted."""
+    arrays, batch = evaluation.arrays(spec.inputs), spec.input_shape[0]
+    names = [i.name for i in onnx.load(str(qdq_path), load_external_data=False).graph.input]
+    pairs = _input_pairs(names, arrays)
+    n = max(batch, min(DEBUG_SAMPLES, (len(evaluation) // batch) * batch))
+    feeds = [{e: arrays[a][i : i + batch] for e, a in pairs} for i in range(0, n, batch)]
+    result = layer_debug.analyse(
+        qdq_path, float_weights, feeds, adapter, engine_int8_layers, o.threads
+    )
+    report.set("layers", result.to_dict())
+    title = f"{spec.name} on {o.target}: SQNR vs float per quantizer"
+    report.artifact("layers_png", layer_debug.plot(result, title, qdq_path.parent / LAYERS_PNG))
+    _stage(report, progress, "layers")
 
 
 def _model_report(spec: ModelSpec) -> dict:
@@ -273,9 +315,12 @@ def _runners(adapter, int8: BuiltEngine, fp32: BuiltEngine) -> dict | str:
 
 
 def _feed_pairs(runner, arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
+    return _input_pairs(list(runner.get_input_metadata().keys()), arrays)
+
+
+def _input_pairs(engine: list[str], arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
     """(engine input, model input) pairs: matched by name, by position when the names differ
     (a single input exported as "input"), model inputs the engine dropped left out."""
-    engine = list(runner.get_input_metadata().keys())
     if set(engine) <= set(arrays):
         return [(name, name) for name in engine]
     if len(engine) == len(arrays):
@@ -365,6 +410,7 @@ def _accuracy(
             f"{exc}; the engine matches its fake-quant model, so the quantization itself loses "
             f"this much: try --calibration {' or '.join(clipping)} (clips activation outliers), "
             "QAT, or a better-conditioned model"
+            + ("" if o.debug_layers else "; --debug-layers shows where the error enters")
         ) from exc
 
 

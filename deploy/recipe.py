@@ -145,15 +145,19 @@ def export_onnx(
     out_dir: Path,
     precisions: Iterable[str] = ("fp32", "int8"),
     qdq_name: str = QDQ_NAME,
+    float_weights: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Path]:
-    """fp32 and/or QDQ ONNX in out_dir (atomically), by precision."""
+    """fp32 and/or QDQ ONNX in out_dir (atomically), by precision; `float_weights` as in
+    deploy.export.export."""
     paths = {}
     if "fp32" in precisions:
         paths["fp32"] = export_fp32(loaded.model, Path(out_dir) / FP32_NAME, loaded.example)
     if "int8" in precisions:
         if prepared is None:
             raise ValueError("int8 export needs the prepared model")
-        paths["int8"] = export(prepared, Path(out_dir) / qdq_name, loaded.example)
+        paths["int8"] = export(
+            prepared, Path(out_dir) / qdq_name, loaded.example, float_weights=float_weights
+        )
     return paths
 
 

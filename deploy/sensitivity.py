@@ -12,18 +12,17 @@ them, as keeping the layer float with --keep-float would not; the ranking is a g
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from deploy import verify
 from deploy.calibrate import call_model, first_tensor
 from deploy.errors import BadInputError, CheckFailedError
 from deploy.prepare import PreparedModel
 from deploy.quant.fake_quant import FakeQuantize
-from deploy.verify import mean_cosine
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,8 @@ def layer_groups(prepared: PreparedModel) -> dict[str, list[FakeQuantize]]:
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """10 log10(signal power / error power); inf when they are equal."""
-    signal = float(reference.double().pow(2).sum())
-    noise = float((reference.double() - approximation.double()).pow(2).sum())
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+    """deploy.verify.sqnr_db of two tensors."""
+    return verify.sqnr_db(reference.double().numpy(), approximation.double().numpy())
 
 
 class _Probe:
@@ -166,7 +161,7 @@ def choose_keep_float(
     reference = probe.reference.double().numpy()
 
     def cosine(outputs: torch.Tensor) -> float:
-        return mean_cosine(reference, outputs.double().numpy())
+        return verify.mean_cosine(reference, outputs.double().numpy())
 
     enabled = probe.everything
     start = current = cosine(probe.all_quantized)

@@ -102,6 +102,16 @@ def _check_pair(engine: np.ndarray, reference: np.ndarray) -> None:
         raise BadInputError("reference output contains NaN or Inf")
 
 
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """10 log10(signal power / error power) in float64; inf when they are equal."""
+    reference = np.asarray(reference, np.float64)
+    signal = float(np.square(reference).sum())
+    noise = float(np.square(reference - np.asarray(approximation, np.float64)).sum())
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Per-sample cosine (each sample flattened), averaged; two zero vectors agree (1), one
     zero vector does not (0)."""

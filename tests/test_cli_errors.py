@@ -64,6 +64,10 @@ BAD_BUILDS = {
         ["--target", "onnxruntime", "--keep-float", "clasifier"],
         "--keep-float 'clasifier' matches no Conv/Linear layer",
     ),
+    "debug layers without an engine": (
+        ["--target", "onnxruntime", "--export-only", "--debug-layers"],
+        "--debug-layers compares the engine's layers; drop --export-only",
+    ),
     "option of another backend": (
         ["--target", "openvino", "--sm", "sm86"],
         "openvino has no build option sm",

@@ -96,14 +96,14 @@ def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
 
     real_export = recipe.export
 
-    def export_with_wrong_scales(prepared, path, example):
+    def export_with_wrong_scales(prepared, path, example, **options):
         saved = {}
         for m in prepared.modules():
             if isinstance(m, FakeQuantize) and not m.spec.per_channel:
                 saved[m] = m.scale.clone()
                 m.scale.mul_(10)
         try:
-            return real_export(prepared, path, example)
+            return real_export(prepared, path, example, **options)
         finally:
             for m, scale in saved.items():
                 m.scale.copy_(scale)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from deploy.export_passes import GraphIndex
+from deploy.export_passes import GraphIndex, drop_dead_nodes
 
 _INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 
@@ -57,7 +57,7 @@ def fuse_matmul_bias(model: onnx.ModelProto) -> int:
         graph.node.remove(add)
         fused += 1
     if fused:
-        _drop_dead_nodes(graph)
+        drop_dead_nodes(graph)
         g.drop_unused_inits()
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -114,14 +114,3 @@ def _bias(add, matmul, g: GraphIndex, columns: int) -> np.ndarray | None:
     if not bias.size == bias.shape[-1] == columns:
         return None
     return bias.reshape(-1)
-
-
-def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
-    """Remove nodes (the fused DequantizeLinears) whose outputs nothing reads any more."""
-    while True:
-        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            return
-        for node in dead:
-            graph.node.remove(node)

@@ -110,6 +110,10 @@ def build_command(
     threads: Annotated[int, Opt(help="Inference threads.")] = 2,
     eval_samples: Annotated[int, Opt(help="Held-out samples for the accuracy check.")] = 1000,
     sm: Annotated[str | None, Opt(help="TensorRT compute capability for AOT builds.")] = None,
+    debug_layers: Annotated[
+        bool,
+        Opt(help="Per quantizer: error entering vs arrived, engine vs fake-quant; layers.png."),
+    ] = False,
     min_agreement: Annotated[
         float, Opt(help="Accuracy check: min int8-vs-fake-quant top-1 agreement.")
     ] = DEFAULT.min_top1_agreement,
@@ -138,6 +142,7 @@ def build_command(
         threads=threads,
         eval_samples=eval_samples,
         sm=sm,
+        debug_layers=debug_layers,
         thresholds=Thresholds(min_agreement, min_cosine, max_err_steps),
     )
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
@@ -224,5 +229,18 @@ def summary_table(report: dict) -> Table:
             )
     elif accuracy:
         table.add_row("accuracy", f"not measured: {accuracy['reason']}")
+    if "layers" in report:
+        table.add_row("most error enters at", _worst_layers(report["layers"]))
     table.add_row("status", report["status"])
     return table
+
+
+def _worst_layers(layers: dict, shown: int = 3) -> str:
+    """The first rows of --debug-layers' ranking, e.g. "layer2.conv2 output 35.5 dB"."""
+    rows = {row["tensor"]: row for row in layers["quantizers"]}
+    worst = [rows[tensor] for tensor in layers["ranked"][:shown]]
+    return ", ".join(
+        f"{r['layer']} {'weight' if r['kind'] == 'weight' else 'output'} "
+        + ("exact" if r["entering_db"] is None else f"{r['entering_db']:.1f} dB")
+        for r in worst
+    )
