@@ -15,6 +15,7 @@ from deploy.errors import (
 )
 from deploy.prepare import PreparedModel, prepare
 from deploy.qat import train_qat
+from deploy.quant.smooth import smooth_linear_inputs
 from deploy.rules import available_targets, get_rules
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "calibrate",
     "get_rules",
     "prepare",
+    "smooth_linear_inputs",
     "train_qat",
 ]

@@ -38,6 +38,7 @@ from deploy.errors import BackendUnavailableError, BadInputError, one_line
 from deploy.export_passes import GraphIndex, drop_dead_nodes, drop_unused_initializers
 from deploy.measured import Measured, NotMeasured
 from deploy.ops import LAYER_KEY
+from deploy.quant.fake_quant import SMOOTH_ATTRIBUTE
 from deploy.verify import sqnr_db
 
 #: rows shown first: the quantizers where most error enters
@@ -114,11 +115,10 @@ def quantizers(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarray]) 
         if node.op_type == "QuantizeLinear" and node.input[0] not in g.inits:
             dequantized = [c for c in g.consumers.get(node.output[0], []) if _is_dq(c)]
             readers = [r for dq in dequantized for r in g.consumers.get(dq.output[0], [])]
-            producer = g.producer.get(node.input[0])
             found.append(
                 Quantizer(
                     "activation",
-                    _layer(producer) if producer is not None else node.input[0],
+                    _producer_layer(node.input[0], g),
                     node.input[0],
                     node.output[0],
                     tuple(dict.fromkeys(_layer(r) for r in readers)),
@@ -326,6 +326,17 @@ def _broadcast(p: Quantizer, ndim: int) -> tuple[np.ndarray, np.ndarray]:
         shape[p.axis % ndim] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return scale, zero
+
+
+def _producer_layer(tensor: str, g: GraphIndex) -> str:
+    """The layer writing `tensor`: a graph input's own name; through a SmoothQuant Mul
+    (deploy.quant.smooth), the layer before it."""
+    producer = g.producer.get(tensor)
+    if producer is None:
+        return tensor
+    if producer.op_type == "Mul" and _layer(producer).endswith(f".{SMOOTH_ATTRIBUTE}"):
+        return f"{_producer_layer(producer.input[0], g)} (smoothed)"
+    return _layer(producer)
 
 
 def _layer(node: onnx.NodeProto) -> str:

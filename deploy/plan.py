@@ -38,6 +38,8 @@ class QuantPlan:
     kept_float: list[str] = field(default_factory=list)
     #: what deploy.recipe's accuracy budget chose (deploy.sensitivity.BudgetChoice.to_dict)
     accuracy_budget: dict | None = None
+    #: SmoothQuant chosen by deploy.recipe: {"alpha", "cosine", "quantizers"}
+    smooth_quant: dict | None = None
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: the captured graph's inputs, in the order of input_shapes (forward() parameter names)
     input_names: list[str] = field(default_factory=list)

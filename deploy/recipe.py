@@ -23,6 +23,7 @@ from deploy.errors import BadInputError, EnvironmentFaultError
 from deploy.export import export, export_fp32
 from deploy.prepare import OBSERVERS, PreparedModel, prepare
 from deploy.qat import train_qat
+from deploy.quant.smooth import choose_alpha, smooth_linear_inputs
 from deploy.rules import get_rules
 from deploy.sensitivity import choose_keep_float
 from models import ModelSpec, load_model
@@ -114,19 +115,35 @@ def quantize(
     batches = batches[: recipe.calib_batches]
     prepared = _prepare(loaded, recipe, recipe.keep_float)
     on_stage("prepare")
-    calibrate(prepared, batches, progress=False)
+    _calibrate(prepared, loaded.model, batches)
     if recipe.accuracy_budget is not None:
         # chosen on the calibration data, so every entry point picks the same layers
         choice = choose_keep_float(prepared, loaded.model, batches, recipe.accuracy_budget)
         if choice.layers:
             prepared = _prepare(loaded, recipe, (*recipe.keep_float, *choice.layers))
-            calibrate(prepared, batches, progress=False)
+            _calibrate(prepared, loaded.model, batches)
         prepared.plan.accuracy_budget = choice.to_dict()
     on_stage("calibrate")
     if recipe.qat_epochs:
         _qat(prepared, loaded, recipe)
         on_stage("qat")
     return prepared
+
+
+def _calibrate(prepared: PreparedModel, model: nn.Module, batches: list) -> None:
+    """Observe ranges; where the target's rules offer SmoothQuant for a transformer, apply
+    the strength (if any) that brings the fake-quant output closest to `model`'s on the same
+    batches, and observe again."""
+    calibrate(prepared, batches, progress=False)
+    alphas = prepared.rules.smooth_quant_alphas
+    if not alphas or prepared.plan.mode != "transformer":
+        return
+    alpha, cosines = choose_alpha(prepared, model, batches, alphas)
+    smoothed = []
+    if alpha is not None:
+        smoothed = smooth_linear_inputs(prepared, batches, alpha)
+        calibrate(prepared, batches, progress=False)
+    prepared.plan.smooth_quant = {"alpha": alpha, "cosine": cosines, "quantizers": len(smoothed)}
 
 
 def _prepare(loaded: Loaded, recipe: Recipe, keep_float: tuple[str, ...]) -> PreparedModel:

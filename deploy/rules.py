@@ -86,6 +86,11 @@ class BackendRules:
     decompose: frozenset[str] = frozenset()
     #: ONNX post-passes (names in deploy/export_passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()
+    #: Transformer mode: SmoothQuant migration strengths to choose from, per activation
+    #: quantizer read only by Linear layers (deploy.quant.smooth); empty: off. It adds a
+    #: per-channel Mul before those quantizers, which the runtime must fold into its
+    #: quantization step to stay fast.
+    smooth_quant_alphas: tuple[float, ...] = ()
     notes: str = ""
 
     def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:

@@ -28,6 +28,8 @@ ObserverFactory = Callable[[QuantSpec, int | None], Observer]
 
 #: The integer ranges torch's ONNX exporter turns into QuantizeLinear/DequantizeLinear.
 _EXPORTABLE_RANGES = {(0, 255), (-128, 127), (0, 127)}
+#: the FakeQuantize attribute holding a SmoothQuant scale (exports name its Mul after it)
+SMOOTH_ATTRIBUTE = "smooth"
 
 
 class FakeQuantize(nn.Module):
@@ -50,6 +52,7 @@ class FakeQuantize(nn.Module):
         self.spec = spec
         self.learnable = learnable
         self._export: tuple[bool, torch.Tensor, torch.Tensor] | None = None
+        self._observer_factory = observer
         self.observer = observer(spec, channels)
         shape = (channels,) if spec.per_channel else ()
         scale = torch.ones(shape)
@@ -68,6 +71,16 @@ class FakeQuantize(nn.Module):
         #: True: round as the engine's multiply-add form does (per-tensor quantizers of
         #: engines with BackendRules.scale_shift_quantize), values only; gradients unchanged.
         self.scale_shift = False
+        #: a constant per-channel scale applied before quantizing (deploy.quant.smooth); it is
+        #: part of the float function, so it applies with fake quantization off too
+        self.smooth: nn.Module | None = None  # SMOOTH_ATTRIBUTE
+
+    def reset_observer(self) -> None:
+        """Forget observed ranges: the next calibration starts afresh (same observer kind)."""
+        channels = self.scale.numel() if self.spec.per_channel else None
+        location = self.location
+        self.observer = self._observer_factory(self.spec, channels)
+        self.location = location
 
     @property
     def location(self) -> str:
@@ -92,6 +105,8 @@ class FakeQuantize(nn.Module):
         return scale, zp.to(torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = self.smooth(x)
         if self._export is not None:
             return self._export_forward(x)
         if bool(self.observer_enabled):
