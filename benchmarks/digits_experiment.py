@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import deploy
-from deploy.data import digits_split
-from deploy.engine import get_adapter
-from deploy.export import export
-from models import load_model
+from qat_deploy import deploy
+from qat_deploy.deploy.data import digits_split
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.export import export
+from qat_deploy.models import load_model
 
 RULE_SETS = ("tensorrt", "onnxruntime")
 ENGINES = ("onnxruntime", "openvino")

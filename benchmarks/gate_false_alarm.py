@@ -36,9 +36,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from deploy.bench import export_model, time_engines
-from deploy.engine import get_adapter
-from deploy.gate import (
+from qat_deploy.deploy.bench import export_model, time_engines
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.gate import (
     GATE_TIMING,
     CheckRequest,
     CheckResult,
@@ -46,7 +46,7 @@ from deploy.gate import (
     bootstrap_ratio,
     run_check,
 )
-from deploy.timing import block_medians
+from qat_deploy.deploy.timing import block_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "ci" / "baselines" / "mnist_cnn-onnxruntime.json"

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deploy.output_dir import report_problems
+from qat_deploy.deploy.output_dir import report_problems
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"

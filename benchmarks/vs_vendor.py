@@ -30,12 +30,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from deploy import recipe
-from deploy.data import default_dataset
-from deploy.engine import get_adapter
-from deploy.environment import environment
-from deploy.timing import TimingConfig, paired_ratio, runner_call, summarize, time_interleaved
-from models import load_model
+from qat_deploy.deploy import recipe
+from qat_deploy.deploy.data import default_dataset
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.environment import environment
+from qat_deploy.deploy.timing import (
+    TimingConfig,
+    paired_ratio,
+    runner_call,
+    summarize,
+    time_interleaved,
+)
+from qat_deploy.models import load_model
 
 RUNTIMES = ("onnxruntime", "openvino")
 CALIB_SAMPLES = 32

@@ -25,7 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
-from models.thirdparty import HEAVY, ZOO
+from qat_deploy.models.thirdparty import HEAVY, ZOO
 
 TARGETS = ("tensorrt", "openvino", "onnxruntime")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -37,12 +37,12 @@ TIMEOUT_EXIT = "timeout"
 
 def worker(model: str, target: str, out: Path, args: argparse.Namespace) -> int:
     """One build in this process; the exit code is the pipeline's (1 for a crash)."""
-    from deploy.errors import DeployError, one_line
-    from deploy.pipeline import BuildOptions, build
+    from qat_deploy.deploy.errors import DeployError, one_line
+    from qat_deploy.deploy.pipeline import BuildOptions, build
 
     options = BuildOptions(
         target=target,
-        model=f"models.thirdparty:{model}",
+        model=f"qat_deploy.models.thirdparty:{model}",
         out_dir=out,
         threads=args.threads,
         calib_batches=args.calib_batches,

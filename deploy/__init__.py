@@ -4,8 +4,8 @@ Data flow: model -> prepare() (fake-quant, by the target's rules) -> calibrate()
 -> QDQ ONNX -> engine -> report.
 """
 
-from deploy.calibrate import calibrate
-from deploy.errors import (
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.errors import (
     BackendUnavailableError,
     BadInputError,
     CheckFailedError,
@@ -13,10 +13,10 @@ from deploy.errors import (
     EnvironmentFaultError,
     LatencyRegressionError,
 )
-from deploy.prepare import PreparedModel, prepare
-from deploy.qat import train_qat
-from deploy.quant.smooth import smooth_linear_inputs
-from deploy.rules import available_targets, get_rules
+from qat_deploy.deploy.prepare import PreparedModel, prepare
+from qat_deploy.deploy.qat import train_qat
+from qat_deploy.deploy.quant.smooth import smooth_linear_inputs
+from qat_deploy.deploy.rules import available_targets, get_rules
 
 __all__ = [
     "BackendUnavailableError",

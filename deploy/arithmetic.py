@@ -18,9 +18,9 @@ from collections import Counter
 
 from torch import fx
 
-from deploy.quant.fake_quant import FakeQuantize
-from deploy.quant_modules import BIASED_KINDS
-from deploy.rules import BackendRules
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.quant_modules import BIASED_KINDS
+from qat_deploy.deploy.rules import BackendRules
 
 _CONVS = ("conv", "conv_transpose")
 

@@ -28,13 +28,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from deploy import recipe
-from deploy.artifacts import write_atomic
-from deploy.engine import PRECISIONS, Adapter, BuiltEngine, get_adapter
-from deploy.environment import environment
-from deploy.errors import BackendUnavailableError, BadInputError, DeployError, one_line
-from deploy.measured import Measured, NotMeasured, Result
-from deploy.timing import TimingConfig, paired_ratio, runner_call, summarize, time_interleaved
+from qat_deploy.deploy import recipe
+from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.engine import PRECISIONS, Adapter, BuiltEngine, get_adapter
+from qat_deploy.deploy.environment import environment
+from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError, DeployError, one_line
+from qat_deploy.deploy.measured import Measured, NotMeasured, Result
+from qat_deploy.deploy.timing import (
+    TimingConfig,
+    paired_ratio,
+    runner_call,
+    summarize,
+    time_interleaved,
+)
 
 DEFAULT_MODELS = (recipe.DEFAULT_MODEL,)
 DEFAULT_TARGETS = ("onnxruntime", "openvino")
@@ -249,7 +255,7 @@ def run_bench(request: BenchRequest, out_dir: Path, progress=None) -> list[Bench
 
 def _check_names(request: BenchRequest) -> None:
     """Unknown targets and models, missing files: fail before any minutes are spent."""
-    from models import get_model_spec
+    from qat_deploy.models import get_model_spec
 
     for target in request.targets:
         get_adapter(target)
@@ -275,7 +281,7 @@ def _onnx_for(
     if request.onnx_files:
         files = {p: Path(request.onnx_files[p]) for p in request.precisions}
         return files, _static_batch_shape(files, batch), None
-    from models import get_model_spec
+    from qat_deploy.models import get_model_spec
 
     spec = get_model_spec(model)
     shape = (batch, *spec.input_shape[1:])

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from deploy.errors import BadInputError
-from deploy.prepare import PreparedModel
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.prepare import PreparedModel
 
 
 def as_inputs(batch) -> tuple[torch.Tensor, ...]:

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx import _pytree as fx_pytree
 
-from deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.errors import BadInputError, one_line
 
 #: Why torch.export fails on user code, and what the user can do about it.
 _FIXES: tuple[tuple[str, str, str], ...] = (

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deploy.errors import BadInputError, one_line
-from models.inputs import DTYPES, INTEGER_DTYPES, InputSpec
+from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.models.inputs import DTYPES, INTEGER_DTYPES, InputSpec
 
 if TYPE_CHECKING:
-    from models.registry import ModelSpec
+    from qat_deploy.models.registry import ModelSpec
 
 SPLITS = ("calib", "eval")
 INPUT_KEYS = ("x", "inputs")

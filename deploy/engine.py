@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from deploy.errors import BackendUnavailableError, BadInputError, interruption, one_line
-from deploy.rules import get_rules
+from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError, interruption, one_line
+from qat_deploy.deploy.rules import get_rules
 
 PRECISIONS = ("int8", "fp32")
 
@@ -157,7 +157,7 @@ def check_build_args(onnx_path: Path, precision: str, threads: int) -> None:
 def get_adapter(target: str) -> Adapter:
     """The ADAPTER of backends/<target>/adapter.py."""
     get_rules(target)  # unknown targets fail here with the list of known ones
-    name = f"backends.{target}.adapter"
+    name = f"qat_deploy.backends.{target}.adapter"
     try:
         module = importlib.import_module(name)
     except ImportError as exc:  # the adapter itself, or the runtime it imports

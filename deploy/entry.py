@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from deploy.errors import Interrupted
+from qat_deploy.deploy.errors import Interrupted
 
 #: signals that end a command with a report saying so (SIGKILL cannot be caught)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -29,7 +29,7 @@ def run() -> None:
     """Console-script entry (`deploy`, `python -m deploy`)."""
     for signum in HANDLED_SIGNALS:
         signal.signal(signum, exit_now)
-    from deploy.cli import main
+    from qat_deploy.deploy.cli import main
 
     try:
         main()

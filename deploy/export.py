@@ -27,11 +27,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from deploy.artifacts import write_atomic
-from deploy.errors import BadInputError, one_line
-from deploy.export_passes import GraphIndex, drop_unused_initializers, run_passes
-from deploy.ops import ATEN_KINDS, FLOAT_KEY, KIND_KEY, LAYER_KEY, MODE_KEY, OP_KEY
-from deploy.prepare import PreparedModel, split_inputs
+from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.export_passes import GraphIndex, drop_unused_initializers, run_passes
+from qat_deploy.deploy.ops import ATEN_KINDS, FLOAT_KEY, KIND_KEY, LAYER_KEY, MODE_KEY, OP_KEY
+from qat_deploy.deploy.prepare import PreparedModel, split_inputs
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13

@@ -32,14 +32,14 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from deploy.artifacts import temp_folder, write_atomic
-from deploy.engine import Adapter
-from deploy.errors import BackendUnavailableError, BadInputError, one_line
-from deploy.export_passes import GraphIndex, drop_dead_nodes, drop_unused_initializers
-from deploy.measured import Measured, NotMeasured
-from deploy.ops import LAYER_KEY
-from deploy.quant.fake_quant import SMOOTH_ATTRIBUTE
-from deploy.verify import sqnr_db
+from qat_deploy.deploy.artifacts import temp_folder, write_atomic
+from qat_deploy.deploy.engine import Adapter
+from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError, one_line
+from qat_deploy.deploy.export_passes import GraphIndex, drop_dead_nodes, drop_unused_initializers
+from qat_deploy.deploy.measured import Measured, NotMeasured
+from qat_deploy.deploy.ops import LAYER_KEY
+from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE
+from qat_deploy.deploy.verify import sqnr_db
 
 #: rows shown first: the quantizers where most error enters
 RANKED = 10

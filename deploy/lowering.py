@@ -26,7 +26,7 @@ import re
 import torch
 from torch import fx, nn
 
-from deploy.ops import WEIGHTED_KINDS, aten_kind
+from qat_deploy.deploy.ops import WEIGHTED_KINDS, aten_kind
 
 aten = torch.ops.aten
 

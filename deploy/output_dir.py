@@ -19,8 +19,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from deploy.artifacts import TEMP_PATTERN
-from deploy.errors import EnvironmentFaultError
+from qat_deploy.deploy.artifacts import TEMP_PATTERN
+from qat_deploy.deploy.errors import EnvironmentFaultError
 
 LOCK_NAME = ".deploy.lock"
 

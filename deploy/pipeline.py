@@ -28,23 +28,29 @@ import numpy as np
 import onnx
 import torch
 
-from deploy import layer_debug, output_dir, recipe, verify
-from deploy.artifacts import write_atomic
-from deploy.calibrate import call_model, first_tensor
-from deploy.data import Dataset
-from deploy.engine import BuiltEngine, get_adapter
-from deploy.environment import environment
-from deploy.errors import (
+from qat_deploy.deploy import layer_debug, output_dir, recipe, verify
+from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.calibrate import call_model, first_tensor
+from qat_deploy.deploy.data import Dataset
+from qat_deploy.deploy.engine import BuiltEngine, get_adapter
+from qat_deploy.deploy.environment import environment
+from qat_deploy.deploy.errors import (
     BackendUnavailableError,
     BadInputError,
     CheckFailedError,
     Interrupted,
     classify,
 )
-from deploy.lint import float_by_rule, lint
-from deploy.measured import Measured, NotMeasured
-from deploy.timing import TimingConfig, paired_ratio, runner_call, summarize, time_interleaved
-from models import ModelSpec
+from qat_deploy.deploy.lint import float_by_rule, lint
+from qat_deploy.deploy.measured import Measured, NotMeasured
+from qat_deploy.deploy.timing import (
+    TimingConfig,
+    paired_ratio,
+    runner_call,
+    summarize,
+    time_interleaved,
+)
+from qat_deploy.models import ModelSpec
 
 #: report.json's contract: deploy/report.schema.json (validated against every report the tests
 #: produce); the version changes when a reader would have to change

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from rich.table import Table
 from torch import nn
 
-from deploy.quant.fake_quant import FakeQuantize
-from deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.quant.spec import QuantSpec
 
 
 @dataclass(frozen=True)

@@ -19,23 +19,23 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from deploy import arithmetic
-from deploy.capture import capture, flat_inputs
-from deploy.environment import has_int8_dot_product
-from deploy.errors import BadInputError, one_line
-from deploy.lowering import SOURCE_MODULE, lower, node_kind
-from deploy.ops import WEIGHTED_KINDS, is_transformer
-from deploy.plan import QuantizerSite, QuantPlan
-from deploy.quant.fake_quant import FakeQuantize
-from deploy.quant.histogram_observers import MSEObserver, PercentileObserver
-from deploy.quant.observers import (
+from qat_deploy.deploy import arithmetic
+from qat_deploy.deploy.capture import capture, flat_inputs
+from qat_deploy.deploy.environment import has_int8_dot_product
+from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.lowering import SOURCE_MODULE, lower, node_kind
+from qat_deploy.deploy.ops import WEIGHTED_KINDS, is_transformer
+from qat_deploy.deploy.plan import QuantizerSite, QuantPlan
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.quant.histogram_observers import MSEObserver, PercentileObserver
+from qat_deploy.deploy.quant.observers import (
     CurrentMinMaxObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
 )
-from deploy.quant.spec import QuantSpec
-from deploy.quant_modules import QuantConv, QuantConvBn, QuantLinear
-from deploy.rules import (
+from qat_deploy.deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.quant_modules import QuantConv, QuantConvBn, QuantLinear
+from qat_deploy.deploy.rules import (
     FUSED_ACTIVATIONS,
     BackendRules,
     InputFacts,

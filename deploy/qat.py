@@ -14,10 +14,10 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from deploy.calibrate import call_model, first_tensor
-from deploy.errors import BadInputError
-from deploy.prepare import PreparedModel
-from deploy.quant_modules import QuantConvBn
+from qat_deploy.deploy.calibrate import call_model, first_tensor
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.prepare import PreparedModel
+from qat_deploy.deploy.quant_modules import QuantConvBn
 
 
 def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 
 
 def _conv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

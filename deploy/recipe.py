@@ -16,18 +16,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploy.calibrate import calibrate
-from deploy.data import Dataset, default_dataset, load_calibration_data
-from deploy.environment import available_memory
-from deploy.errors import BadInputError, EnvironmentFaultError
-from deploy.export import export, export_fp32
-from deploy.prepare import OBSERVERS, PreparedModel, prepare
-from deploy.qat import train_qat
-from deploy.quant.smooth import choose_alpha, smooth_linear_inputs
-from deploy.rules import get_rules
-from deploy.sensitivity import choose_keep_float
-from models import ModelSpec, load_model
-from models.inputs import InputSpec
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.data import Dataset, default_dataset, load_calibration_data
+from qat_deploy.deploy.environment import available_memory
+from qat_deploy.deploy.errors import BadInputError, EnvironmentFaultError
+from qat_deploy.deploy.export import export, export_fp32
+from qat_deploy.deploy.prepare import OBSERVERS, PreparedModel, prepare
+from qat_deploy.deploy.qat import train_qat
+from qat_deploy.deploy.quant.smooth import choose_alpha, smooth_linear_inputs
+from qat_deploy.deploy.rules import get_rules
+from qat_deploy.deploy.sensitivity import choose_keep_float
+from qat_deploy.models import ModelSpec, load_model
+from qat_deploy.models.inputs import InputSpec
 
 DEFAULT_MODEL = "digits_resnet"
 FP32_NAME = "model.fp32.onnx"

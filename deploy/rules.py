@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
-import backends
-from deploy.errors import BadInputError
-from deploy.quant.spec import QuantSpec
+from qat_deploy import backends
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.quant.spec import QuantSpec
 
 T = TypeVar("T")
 
@@ -101,7 +101,10 @@ def available_targets() -> list[str]:
     """Every sub-package of backends/ that ships a rules module."""
     names = []
     for info in pkgutil.iter_modules(backends.__path__):
-        if info.ispkg and importlib.util.find_spec(f"backends.{info.name}.rules") is not None:
+        if (
+            info.ispkg
+            and importlib.util.find_spec(f"qat_deploy.backends.{info.name}.rules") is not None
+        ):
             names.append(info.name)
     return sorted(names)
 
@@ -110,7 +113,7 @@ def get_rules(target: str) -> BackendRules:
     targets = available_targets()
     if target not in targets:
         raise BadInputError(f"unknown target '{target}'; known targets: {', '.join(targets)}")
-    return importlib.import_module(f"backends.{target}.rules").RULES
+    return importlib.import_module(f"qat_deploy.backends.{target}.rules").RULES
 
 
 #: Every backend quantizes the data input of weighted ops and both inputs of MatMul.

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from deploy.quant import QuantSpec, dequantize, quantize
+from qat_deploy.deploy.quant import QuantSpec, dequantize, quantize
 
 
 def onnxruntime_qdq(

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deploy import verify
-from deploy.calibrate import call_model, first_tensor
-from deploy.errors import BadInputError, CheckFailedError
-from deploy.prepare import PreparedModel
-from deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy import verify
+from qat_deploy.deploy.calibrate import call_model, first_tensor
+from qat_deploy.deploy.errors import BadInputError, CheckFailedError
+from qat_deploy.deploy.prepare import PreparedModel
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from deploy.errors import BadInputError
+from qat_deploy.deploy.errors import BadInputError
 
 Clock = Callable[[], int]  # nanoseconds, monotonic
 

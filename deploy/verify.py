@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploy.errors import BadInputError, CheckFailedError
+from qat_deploy.deploy.errors import BadInputError, CheckFailedError
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Model zoo: project-owned definitions (torchvision is not importable beside our torch)."""
 
-from models.registry import ModelSpec, get_model_spec, list_models, load_model
+from qat_deploy.models.registry import ModelSpec, get_model_spec, list_models, load_model
 
 __all__ = ["ModelSpec", "get_model_spec", "list_models", "load_model"]

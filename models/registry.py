@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deploy.errors import BadInputError, one_line
-from models.bert_tiny import BertConfig, bert_tiny
-from models.digits_resnet import INPUT_SIZE as DIGITS_RESNET_SIZE
-from models.digits_resnet import digits_resnet
-from models.inputs import (
+from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.models.bert_tiny import BertConfig, bert_tiny
+from qat_deploy.models.digits_resnet import INPUT_SIZE as DIGITS_RESNET_SIZE
+from qat_deploy.models.digits_resnet import digits_resnet
+from qat_deploy.models.inputs import (
     DTYPES,
     InputSpec,
     bind_to_forward,
@@ -36,9 +36,9 @@ from models.inputs import (
     specs_from_mapping,
     with_vocab_ranges,
 )
-from models.mnist_cnn import mnist_cnn
-from models.mobilenet_v2 import mobilenet_v2
-from models.resnet import resnet18, resnet50
+from qat_deploy.models.mnist_cnn import mnist_cnn
+from qat_deploy.models.mobilenet_v2 import mobilenet_v2
+from qat_deploy.models.resnet import resnet18, resnet50
 
 INPUT_DTYPES = DTYPES
 _WEIGHTS_DIR = Path(__file__).parent / "weights"

@@ -6,8 +6,9 @@ wrote them, so the pipeline meets SiLU/hardswish squeeze-excite, grouped and dep
 channel shuffle, concat branches, Ghost and RepVGG blocks, LayerNorm + GELU, ViT attention,
 nn.MultiheadAttention, ConvTranspose2d and HF BERT with an attention mask.
 
-Every factory takes no required argument (``deploy build --model models.thirdparty:NAME``) and
-returns ``(module.eval(), inputs)`` in the models/registry.py contract:
+Every factory takes no required argument
+(``deploy build --model qat_deploy.models.thirdparty:NAME``) and returns
+``(module.eval(), inputs)`` in the models/registry.py contract:
 
 * single-input models: ``inputs`` is the input shape, e.g. ``(1, 3, 224, 224)`` (float32);
 * multi-input models: ``inputs`` is a dict in forward() order,
@@ -40,7 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from models.registry import estimate_bn_statistics
+from qat_deploy.models.registry import estimate_bn_statistics
 
 IMAGE = (1, 3, 224, 224)
 InputDecl = tuple[int, ...] | dict[str, dict]

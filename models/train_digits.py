@@ -1,8 +1,8 @@
 """Train the digit classifiers shipped in models/weights/ on scikit-learn's digits (real, offline).
 
-`python -m models.train_digits [NAME ...]` regenerates their weights deterministically (all of
-them without a name). digits_resnet is the embedded default `deploy build` ships; mnist_cnn is
-the tiny model the tests and the CI gate use.
+`python -m qat_deploy.models.train_digits [NAME ...]` regenerates their weights deterministically
+(all of them without a name). digits_resnet is the embedded default `deploy build` ships;
+mnist_cnn is the tiny model the tests and the CI gate use.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deploy.artifacts import write_atomic
-from deploy.data import digits_split
-from models.digits_resnet import INPUT_SIZE, DigitsResNet
-from models.mnist_cnn import MnistCNN
+from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.data import digits_split
+from qat_deploy.models.digits_resnet import INPUT_SIZE, DigitsResNet
+from qat_deploy.models.mnist_cnn import MnistCNN
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jsonschema
 
-from deploy.pipeline import REPORT_SCHEMA
+from qat_deploy.deploy.pipeline import REPORT_SCHEMA
 
 
 @cache

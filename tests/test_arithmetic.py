@@ -19,12 +19,12 @@ from onnx import numpy_helper
 from rich.console import Console
 from torch import nn
 
-from deploy import verify
-from deploy.calibrate import calibrate
-from deploy.export import export
-from deploy.prepare import prepare
-from deploy.quant.fake_quant import FakeQuantize
-from deploy.quant_modules import BIASED_KINDS
+from qat_deploy.deploy import verify
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.export import export
+from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.quant_modules import BIASED_KINDS
 from tests.frontend.blocks import InvertedResidual, conv_bn, randomize_bn
 from tests.ort_outputs import ort_outputs
 

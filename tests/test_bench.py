@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy import bench
-from deploy.bench import BENCH_TIMING, BenchRequest, run_bench, write_reports
-from deploy.errors import BackendUnavailableError, BadInputError
+from qat_deploy.deploy import bench
+from qat_deploy.deploy.bench import BENCH_TIMING, BenchRequest, run_bench, write_reports
+from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError
 from tests.test_gate import tiny_onnx
 
 QUICK = replace(BENCH_TIMING, warmup=2, block=5, min_runs=10, min_time_s=0.05)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from deploy import errors
+from qat_deploy.deploy import errors
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "deploy.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "qat_deploy.deploy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

@@ -16,8 +16,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from deploy import errors
-from deploy.environment import environment
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.environment import environment
 from tests.test_gate import baseline_doc, tiny_onnx, write_doc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ COMMITTED = REPO / "ci" / "baselines" / "mnist_cnn-onnxruntime.json"
 
 def run_check(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "check", *map(str, args)],
+        [sys.executable, "-m", "qat_deploy.deploy.cli", "check", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from deploy import errors
-from deploy.cli import main
-from deploy.recipe import DEFAULT_MODEL
-from models import get_model_spec
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli import main
+from qat_deploy.deploy.recipe import DEFAULT_MODEL
+from qat_deploy.models import get_model_spec
 
 
 def run(args: list[str], capsys, monkeypatch) -> tuple[int, str]:

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from deploy import errors
+from qat_deploy.deploy import errors
 
 
 @pytest.mark.parametrize(

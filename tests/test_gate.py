@@ -22,10 +22,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deploy import gate
-from deploy.environment import cpu_difference, environment, parse_cpuinfo
-from deploy.errors import BackendUnavailableError, BadInputError, EnvironmentFaultError
-from deploy.gate import (
+from qat_deploy.deploy import gate
+from qat_deploy.deploy.environment import cpu_difference, environment, parse_cpuinfo
+from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError, EnvironmentFaultError
+from qat_deploy.deploy.gate import (
     CheckRequest,
     RatioCI,
     Reference,
@@ -38,7 +38,7 @@ from deploy.gate import (
     run_check,
     write_junit,
 )
-from deploy.timing import block_medians
+from qat_deploy.deploy.timing import block_medians
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 1, 16, 16)

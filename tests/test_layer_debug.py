@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from deploy import errors, layer_debug, recipe
-from deploy.engine import get_adapter
-from deploy.output_dir import owned
-from deploy.pipeline import BuildOptions, build
-from deploy.verify import mean_cosine, sqnr_db
+from qat_deploy.deploy import errors, layer_debug, recipe
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.output_dir import owned
+from qat_deploy.deploy.pipeline import BuildOptions, build
+from qat_deploy.deploy.verify import mean_cosine, sqnr_db
 from tests.report_schema import read_report
 from tests.test_pipeline import FAST, _outlier_data
 
@@ -203,3 +203,31 @@ def test_the_float_twin_matches_on_a_transformer_too(tmp_path):
     (float_out,) = session.run(None, feed)[:1]
     twin_out = _ort(twin, feed)[0]
     assert mean_cosine(twin_out.reshape(1, -1), float_out.reshape(1, -1)) > 0.99999
+
+
+def test_the_summary_names_the_worst_layers_and_says_when_marking_changed_fusions():
+    from rich.console import Console
+
+    from qat_deploy.deploy.cli.build import summary_table
+
+    def row(tensor, layer, kind, db):
+        return {"tensor": tensor, "layer": layer, "kind": kind, "entering_db": db}
+
+    layers = {
+        "engine": {"measured": True, "int8_compute_layers_marked": 32, "int8_compute_layers": 24},
+        "ranked": ["b", "a"],
+        "quantizers": [
+            row("a", "enc.0.fc", "weight", 30.0),
+            row("b", "gelu_2", "activation", 12.5),
+        ],
+    }
+    report = {"model": {"name": "m"}, "target": "openvino", "status": "ok", "layers": layers}
+    console = Console(record=True, width=200)
+    console.print(summary_table(report))
+    text = console.export_text()
+    assert "gelu_2 output 12.5 dB, enc.0.fc weight 30.0 dB" in text
+    assert "marking changed fusions: 32 int8 layers marked, 24 unmarked" in text
+    layers["engine"]["int8_compute_layers_marked"] = 24
+    console = Console(record=True, width=200)
+    console.print(summary_table(report))
+    assert "marking changed" not in console.export_text()

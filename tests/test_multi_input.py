@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from deploy.calibrate import calibrate, first_tensor
-from deploy.errors import CheckFailedError
-from deploy.pipeline import BuildOptions, _feed, build
-from deploy.prepare import prepare
-from models import load_model
+from qat_deploy.deploy.calibrate import calibrate, first_tensor
+from qat_deploy.deploy.errors import CheckFailedError
+from qat_deploy.deploy.pipeline import BuildOptions, _feed, build
+from qat_deploy.deploy.prepare import prepare
+from qat_deploy.models import load_model
 from tests.report_schema import read_report
 
 VOCAB, SEQ, BATCH = 50, 12, 2
@@ -172,7 +172,7 @@ def test_two_input_build_on_named_npz_data(tmp_path):
 
 
 def test_cli_named_input_shapes_export_a_two_input_graph(tmp_path, monkeypatch, capsys):
-    from deploy.cli import main
+    from qat_deploy.deploy.cli import main
 
     out = tmp_path / "out"
     args = ["--model", "tests.test_multi_input:bare_two_input_model", "--export-only"]

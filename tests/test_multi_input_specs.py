@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from deploy import errors
-from deploy.cli import main
-from deploy.cli.build import parse_inputs
-from deploy.data import default_dataset, load_calibration_data
-from models import load_model
-from models.inputs import InputSpec
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli import main
+from qat_deploy.deploy.cli.build import parse_inputs
+from qat_deploy.deploy.data import default_dataset, load_calibration_data
+from qat_deploy.models import load_model
+from qat_deploy.models.inputs import InputSpec
 
 MODEL = "tests.test_multi_input:bare_two_input_model"
 IDS = InputSpec("input_ids", (2, 12), "int64", (0, 50))
@@ -209,7 +209,7 @@ def test_synthetic_token_ids_and_padding_masks():
 
 
 def test_synthetic_ids_without_a_range_are_refused():
-    from models.registry import ModelSpec
+    from qat_deploy.models.registry import ModelSpec
 
     spec = ModelSpec("m", object, inputs=(InputSpec("ids", (2, 12), "int64"), MASK))
     with pytest.raises(errors.BadInputError, match="input 'ids' takes int64 token ids"):

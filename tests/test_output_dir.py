@@ -10,8 +10,14 @@ import time
 
 import pytest
 
-from deploy.errors import EnvironmentFaultError
-from deploy.output_dir import LOCK_NAME, owned, remove_stale_temps, report_problems, sha256
+from qat_deploy.deploy.errors import EnvironmentFaultError
+from qat_deploy.deploy.output_dir import (
+    LOCK_NAME,
+    owned,
+    remove_stale_temps,
+    report_problems,
+    sha256,
+)
 
 
 def _dead_pid() -> int:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from deploy import errors
-from deploy.pipeline import BuildOptions, build
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.pipeline import BuildOptions, build
 from tests.report_schema import read_report
 
 FAST = {"eval_samples": 200, "min_time_s": 0.2}
@@ -75,7 +75,7 @@ def test_tensorrt_builds_ahead_of_time_and_says_latency_is_not_measured(tmp_path
 
 
 def test_missing_backend_exits_3_before_any_work(tmp_path, monkeypatch):
-    from backends.tensorrt import adapter
+    from qat_deploy.backends.tensorrt import adapter
 
     monkeypatch.setattr(
         type(adapter.ADAPTER), "unavailable_reason", lambda self: "no tensorrt here (test)"
@@ -91,8 +91,8 @@ def test_missing_backend_exits_3_before_any_work(tmp_path, monkeypatch):
 
 def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
     """An engine whose activation scales are off by 10x must not pass as int8-equivalent."""
-    import deploy.recipe as recipe
-    from deploy.quant.fake_quant import FakeQuantize
+    import qat_deploy.deploy.recipe as recipe
+    from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 
     real_export = recipe.export
 

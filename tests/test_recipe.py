@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from deploy import gate
-from deploy.bench import export_model
-from deploy.pipeline import BuildOptions, build
-from deploy.recipe import DEFAULT_MODEL
+from qat_deploy.deploy import gate
+from qat_deploy.deploy.bench import export_model
+from qat_deploy.deploy.pipeline import BuildOptions, build
+from qat_deploy.deploy.recipe import DEFAULT_MODEL
 
 
 def test_the_gated_artifact_is_the_built_one_byte_for_byte(tmp_path):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy import errors
-from deploy.output_dir import owned, report_problems
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.output_dir import owned, report_problems
 from tests.report_schema import read_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _env(**extra: str) -> dict[str, str]:
 def start(args: list[str], **popen) -> subprocess.Popen:
     env = popen.pop("env", None) or _env()
     return subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", *args],
+        [sys.executable, "-m", "qat_deploy.deploy.cli", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deploy.pipeline import REPORT_SCHEMA_VERSION
+from qat_deploy.deploy.pipeline import REPORT_SCHEMA_VERSION
 from tests.report_schema import read_report
 
 RUNNING = {

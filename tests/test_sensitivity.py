@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-from deploy import errors
-from deploy.calibrate import calibrate
-from deploy.prepare import prepare
-from deploy.sensitivity import analyse, choose_keep_float, layer_groups, sqnr_db
-from deploy.verify import mean_cosine
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.sensitivity import analyse, choose_keep_float, layer_groups, sqnr_db
+from qat_deploy.deploy.verify import mean_cosine
 from tests.frontend.blocks import Bottleneck, randomize_bn
 
 IMG = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -66,7 +66,14 @@ def test_no_batches_is_bad_input():
 def test_the_cli_ranks_then_answers_from_its_cache(tmp_path):
     def run():
         return subprocess.run(
-            [sys.executable, "-m", "deploy.cli", "sensitivity", "--target", "onnxruntime"]
+            [
+                sys.executable,
+                "-m",
+                "qat_deploy.deploy.cli",
+                "sensitivity",
+                "--target",
+                "onnxruntime",
+            ]
             + ["--model", "mnist_cnn", "--samples", "64", "--out", str(tmp_path)],
             capture_output=True,
             text=True,
@@ -83,7 +90,7 @@ def test_the_cli_ranks_then_answers_from_its_cache(tmp_path):
     assert json.loads((tmp_path / "sensitivity.json").read_text()) == result
     # other settings are another result, never the cached one
     other = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "sensitivity", "--target", "onnxruntime"]
+        [sys.executable, "-m", "qat_deploy.deploy.cli", "sensitivity", "--target", "onnxruntime"]
         + ["--model", "mnist_cnn", "--samples", "32", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
@@ -130,7 +137,7 @@ def test_a_budget_only_float_could_meet_is_a_failed_check():
 
 
 def test_a_build_with_a_budget_reports_what_it_kept(tmp_path):
-    from deploy.pipeline import BuildOptions, build
+    from qat_deploy.deploy.pipeline import BuildOptions, build
 
     report = build(
         BuildOptions(
@@ -150,7 +157,7 @@ def test_a_build_with_a_budget_reports_what_it_kept(tmp_path):
 
 def test_the_cli_checks_recipe_options_as_build_does(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "sensitivity", "--target", "onnxruntime"]
+        [sys.executable, "-m", "qat_deploy.deploy.cli", "sensitivity", "--target", "onnxruntime"]
         + ["--calib-batches", "0", "--out", str(tmp_path)],
         capture_output=True,
         text=True,

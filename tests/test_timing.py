@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from deploy.errors import BadInputError
-from deploy.timing import (
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.timing import (
     TimingConfig,
     paired_ratio,
     runner_call,

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from deploy import errors
-from deploy.errors import BadInputError, CheckFailedError
-from deploy.verify import (
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.errors import BadInputError, CheckFailedError
+from qat_deploy.deploy.verify import (
     DEFAULT_THRESHOLDS,
     FLOOR_FACTOR,
     METRICS,
@@ -86,7 +86,7 @@ def test_missing_step_is_derived_from_the_reference_range_and_said(caplog):
     ref = np.array([[0.0, 2.55], [1.0, 1.0]])
     eng = ref + np.array([[0.0, 0.03], [0.0, 0.0]])
     assert range_step(ref) == pytest.approx(0.01)
-    with caplog.at_level(logging.WARNING, logger="deploy.verify"):
+    with caplog.at_level(logging.WARNING, logger="qat_deploy.deploy.verify"):
         metrics = compare(eng, ref, step=None)
     assert metrics["max_err_steps"] == pytest.approx(3.0)
     assert "(max - min) / 255" in caplog.text
@@ -217,7 +217,7 @@ def test_a_quiet_floor_never_tightens_the_bounds():
 def test_the_decisive_margin_grows_with_the_error_the_thresholds_allow():
     """A flip across a 20-step margin is decisive while each logit may move 4 steps; where the
     model's own float noise loosened that to 12 steps, both logits may move 12, so it is not."""
-    from deploy.verify import decisive_margin
+    from qat_deploy.deploy.verify import decisive_margin
 
     ref = np.array([[0.0, 2.0, 0.0]])
     flip = np.array([[2.0, 0.0, 0.0]])

@@ -35,8 +35,8 @@
   the kernel report counts them as float by rule, not as fallbacks.
 """
 
-from deploy.quant.spec import INT8_WEIGHT, UINT8_AFFINE_ACT
-from deploy.rules import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
+from qat_deploy.deploy.quant.spec import INT8_WEIGHT, UINT8_AFFINE_ACT
+from qat_deploy.deploy.rules import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
 
 #: QLinearConv: a quantized input and a quantized output
 CONV = OpRule(Inputs.ACTIVATION, output=True)

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import openvino as ov
 
-from backends.openvino.runner import (
+from qat_deploy.backends.openvino.runner import (
     DEVICE,
     INFERENCE_PRECISION,
     OpenvinoRunner,
     import_blob,
     ov_message,
 )
-from deploy.artifacts import write_atomic
-from deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision
-from deploy.errors import BadInputError
+from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision
+from qat_deploy.deploy.errors import BadInputError
 
 #: Runtime layerType -> compute kind, as the CPU plugin names its layers (FullyConnected is a
 #: MatMul or Gemm with constant weights; depthwise convolutions are reported as Convolution).

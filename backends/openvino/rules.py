@@ -15,8 +15,8 @@
   too, 3.8x).
 """
 
-from deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT, UINT8_AFFINE_ACT
-from deploy.rules import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
+from qat_deploy.deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT, UINT8_AFFINE_ACT
+from qat_deploy.deploy.rules import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
 
 RULES = BackendRules(
     name="openvino",

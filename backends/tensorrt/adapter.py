@@ -21,18 +21,18 @@ from typing import ClassVar
 
 import onnx
 
-from backends.tensorrt import datacenter, rtx
-from backends.tensorrt.gpu import probe_gpu
-from backends.tensorrt.layer_info import (
+from qat_deploy.backends.tensorrt import datacenter, rtx
+from qat_deploy.backends.tensorrt.gpu import probe_gpu
+from qat_deploy.backends.tensorrt.layer_info import (
     layer_precisions,
     layers_from_json,
     layers_from_text,
     onnx_compute_nodes,
 )
-from backends.tensorrt.plan_build import PlanBuild
-from deploy.artifacts import write_atomic
-from deploy.engine import Adapter, BuiltEngine, KernelReport
-from deploy.errors import BackendUnavailableError, BadInputError, CheckFailedError
+from qat_deploy.backends.tensorrt.plan_build import PlanBuild
+from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.engine import Adapter, BuiltEngine, KernelReport
+from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError, CheckFailedError
 
 PLAN_NAME = "engine.tensorrt.plan"
 DEFAULT_SM = "SM89"

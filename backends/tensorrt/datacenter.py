@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from backends.tensorrt.onnx_parser import parse_onnx
-from backends.tensorrt.plan_build import PlanBuild
-from deploy.errors import CheckFailedError, one_line
+from qat_deploy.backends.tensorrt.onnx_parser import parse_onnx
+from qat_deploy.backends.tensorrt.plan_build import PlanBuild
+from qat_deploy.deploy.errors import CheckFailedError, one_line
 
 MODULE = "tensorrt"
 

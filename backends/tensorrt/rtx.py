@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from backends.tensorrt.onnx_parser import parse_onnx
-from backends.tensorrt.plan_build import PlanBuild
-from deploy.errors import BadInputError, CheckFailedError
+from qat_deploy.backends.tensorrt.onnx_parser import parse_onnx
+from qat_deploy.backends.tensorrt.plan_build import PlanBuild
+from qat_deploy.deploy.errors import BadInputError, CheckFailedError
 
 MODULE = "tensorrt_rtx_bindings"  # import name of pip's tensorrt-rtx-cu12-bindings
 _LAYER_INFO_HEADER = "Layers:"

@@ -12,9 +12,9 @@ import threading
 
 import typer
 
-from deploy import errors
-from deploy.cli.app import _state, app, err_console
-from deploy.entry import HANDLED_SIGNALS, exit_now
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli.app import _state, app, err_console
+from qat_deploy.deploy.entry import HANDLED_SIGNALS, exit_now
 
 # every other module in this package defines commands on `app`; importing registers them
 for _module in pkgutil.iter_modules(__path__):

@@ -1,3 +1,3 @@
-from deploy.entry import run
+from qat_deploy.deploy.entry import run
 
 run()

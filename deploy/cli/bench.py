@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from deploy.cli.app import app, console, err_console
+from qat_deploy.deploy.cli.app import app, console, err_console
 
 DEFAULT_OUT = Path("bench-results")
 
@@ -57,9 +57,9 @@ def bench_command(
     """
     from dataclasses import replace
 
-    from deploy import bench
-    from deploy.engine import PRECISIONS
-    from deploy.output_dir import owned
+    from qat_deploy.deploy import bench
+    from qat_deploy.deploy.engine import PRECISIONS
+    from qat_deploy.deploy.output_dir import owned
 
     onnx_files = {p: f for p, f in (("int8", qdq), ("fp32", fp32)) if f is not None}
     request = bench.BenchRequest(
@@ -83,7 +83,7 @@ def bench_command(
 
 def _print_table(rows) -> None:
     """p50, throughput and speedup per row; "not measured" reasons are long, so footnotes."""
-    from deploy.bench import speedup_cell
+    from qat_deploy.deploy.bench import speedup_cell
 
     table = Table(title="deploy bench (p50 ms; throughput = batch / p50)")
     for col in ("model", "target", "batch", "threads", "precision", "p50 ms", "samples/s"):

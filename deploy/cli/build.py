@@ -9,13 +9,13 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deploy import errors
-from deploy.cli.app import app, console
-from deploy.pipeline import STAGES, BuildOptions, build
-from deploy.recipe import DEFAULT_MODEL, QDQ_NAME
-from deploy.rules import available_targets
-from deploy.verify import DEFAULT_THRESHOLDS, Thresholds
-from models.inputs import InputSpec, check_batch, check_dtype, load_spec_file
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli.app import app, console
+from qat_deploy.deploy.pipeline import STAGES, BuildOptions, build
+from qat_deploy.deploy.recipe import DEFAULT_MODEL, QDQ_NAME
+from qat_deploy.deploy.rules import available_targets
+from qat_deploy.deploy.verify import DEFAULT_THRESHOLDS, Thresholds
+from qat_deploy.models.inputs import InputSpec, check_batch, check_dtype, load_spec_file
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -231,6 +231,15 @@ def summary_table(report: dict) -> Table:
         table.add_row("accuracy", f"not measured: {accuracy['reason']}")
     if "layers" in report:
         table.add_row("most error enters at", _worst_layers(report["layers"]))
+        engine = report["layers"]["engine"]
+        if engine["measured"] and (
+            engine["int8_compute_layers_marked"] != engine["int8_compute_layers"]
+        ):
+            table.add_row(
+                "debug engine",
+                f"marking changed fusions: {engine['int8_compute_layers_marked']} int8 layers "
+                f"marked, {engine['int8_compute_layers']} unmarked",
+            )
     table.add_row("status", report["status"])
     return table
 

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from deploy import errors
-from deploy.cli.app import app, console
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli.app import app, console
 
 
 @app.command("check")
@@ -78,7 +78,7 @@ def check_command(
 
     Exit codes: 0 pass, 5 regression, 2 bad input, 3 backend cannot be timed here.
     """
-    from deploy.gate import CheckRequest, failed_result, run_check, write_junit
+    from qat_deploy.deploy.gate import CheckRequest, failed_result, run_check, write_junit
 
     request = CheckRequest(
         baseline=baseline,

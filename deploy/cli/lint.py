@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from deploy import errors
-from deploy.cli.app import app, console
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli.app import app, console
 
 
 @app.command("lint")
@@ -21,7 +21,7 @@ def lint_command(
 
     from rich.text import Text
 
-    from deploy.lint import lint
+    from qat_deploy.deploy.lint import lint
 
     violations = lint(model, target)
     if as_json:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from deploy import errors
-from deploy.cli.app import app, console
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli.app import app, console
 
 
 @app.command()
 def selfcheck(seed: int = 0) -> None:
     """Check the quantization core bit for bit against onnxruntime's QuantizeLinear."""
-    from deploy.selfcheck import run_selfcheck
+    from qat_deploy.deploy.selfcheck import run_selfcheck
 
     results = run_selfcheck(seed=seed)
     table = Table(title="quantize/dequantize vs onnxruntime QuantizeLinear/DequantizeLinear")

@@ -10,9 +10,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from deploy import errors
-from deploy.cli.app import app, console
-from deploy.cli.build import (
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli.app import app, console
+from qat_deploy.deploy.cli.build import (
     CalibBatchesOption,
     DataOption,
     InputShapeOption,
@@ -44,9 +44,9 @@ def sensitivity_command(
     OUT/sensitivity.json per model, weights, data and settings."""
     import torch
 
-    from deploy import recipe
-    from deploy.artifacts import write_atomic
-    from deploy.sensitivity import analyse
+    from qat_deploy.deploy import recipe
+    from qat_deploy.deploy.artifacts import write_atomic
+    from qat_deploy.deploy.sensitivity import analyse
 
     if samples < 1:
         raise errors.BadInputError(f"bad --samples {samples}; expected a positive integer")

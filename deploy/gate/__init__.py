@@ -48,10 +48,16 @@ here imports the CLI.
 
 from __future__ import annotations
 
-from deploy.gate.baseline import Baseline, Pinned, Reference, load_baseline
-from deploy.gate.check import GATE_TIMING, MIN_BLOCKS, CheckRequest, run_check
-from deploy.gate.report import CheckResult, failed_result, junit_xml, write_junit
-from deploy.gate.statistics import RatioCI, Verdict, bootstrap_ratio, decide, parse_tolerance
+from qat_deploy.deploy.gate.baseline import Baseline, Pinned, Reference, load_baseline
+from qat_deploy.deploy.gate.check import GATE_TIMING, MIN_BLOCKS, CheckRequest, run_check
+from qat_deploy.deploy.gate.report import CheckResult, failed_result, junit_xml, write_junit
+from qat_deploy.deploy.gate.statistics import (
+    RatioCI,
+    Verdict,
+    bootstrap_ratio,
+    decide,
+    parse_tolerance,
+)
 
 __all__ = [
     "GATE_TIMING",

@@ -8,8 +8,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from deploy.errors import BadInputError
-from deploy.gate.statistics import RatioCI
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.gate.statistics import RatioCI
 
 SCHEMA = 1
 REFERENCE_KINDS = ("fp32", "artifact")

@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deploy.artifacts import atomic_path
-from deploy.bench import export_model, has_qdq, onnx_input_shapes, time_engines
-from deploy.engine import get_adapter
-from deploy.environment import environment
-from deploy.errors import (
+from qat_deploy.deploy.artifacts import atomic_path
+from qat_deploy.deploy.bench import export_model, has_qdq, onnx_input_shapes, time_engines
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.environment import environment
+from qat_deploy.deploy.errors import (
     BackendUnavailableError,
     BadInputError,
     EnvironmentFaultError,
 )
-from deploy.gate.baseline import Baseline, Pinned, Reference, load_baseline
-from deploy.gate.report import CheckResult, check_result, describe, format_ci
-from deploy.gate.statistics import (
+from qat_deploy.deploy.gate.baseline import Baseline, Pinned, Reference, load_baseline
+from qat_deploy.deploy.gate.report import CheckResult, check_result, describe, format_ci
+from qat_deploy.deploy.gate.statistics import (
     CONFIDENCE,
     DEFAULT_TOLERANCE,
     RatioCI,
@@ -34,11 +34,11 @@ from deploy.gate.statistics import (
     decide,
     parse_tolerance,
 )
-from deploy.output_dir import sha256
-from deploy.timing import TimingConfig, block_medians
+from qat_deploy.deploy.output_dir import sha256
+from qat_deploy.deploy.timing import TimingConfig, block_medians
 
 if TYPE_CHECKING:
-    from models import ModelSpec
+    from qat_deploy.models import ModelSpec
 
 DEFAULT_THREADS = 2
 MIN_BLOCKS = 30
@@ -223,7 +223,7 @@ def _model_spec(request: CheckRequest, ref: str, reference: Reference) -> ModelS
     module on load: it is imported only when the command line names the same model (--model)
     or trusts the baseline (--trust-baseline-model). Without that, a run that needs no export
     (given --candidate and reference files) goes ahead on files alone; any other is refused."""
-    from models import get_model_spec
+    from qat_deploy.models import get_model_spec
 
     if not _is_code_reference(ref) or request.trust_model or request.model == ref:
         return get_model_spec(ref)

@@ -7,15 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.artifacts import write_atomic
-from deploy.environment import cpu_difference, environment
-from deploy.errors import (
+from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.environment import cpu_difference, environment
+from qat_deploy.deploy.errors import (
     BackendUnavailableError,
     BadInputError,
     DeployError,
 )
-from deploy.gate.baseline import Baseline
-from deploy.gate.statistics import RatioCI, Verdict
+from qat_deploy.deploy.gate.baseline import Baseline
+from qat_deploy.deploy.gate.statistics import RatioCI, Verdict
 
 
 @dataclass

@@ -9,7 +9,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from deploy.errors import BadInputError
+from qat_deploy.deploy.errors import BadInputError
 
 DEFAULT_TOLERANCE = 0.10
 RESAMPLES = 2000

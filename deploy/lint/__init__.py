@@ -29,11 +29,11 @@ from pathlib import Path
 
 import onnx
 
-from deploy.errors import BadInputError, one_line
-from deploy.lint.base import Context, Violation
-from deploy.lint.graph import Graph
-from deploy.lint.quantizers import check_quantizers
-from deploy.lint.structure import (
+from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.lint.base import Context, Violation
+from qat_deploy.deploy.lint.graph import Graph
+from qat_deploy.deploy.lint.quantizers import check_quantizers
+from qat_deploy.deploy.lint.structure import (
     check_concat_scales,
     check_opset,
     check_qoperators,
@@ -41,8 +41,8 @@ from deploy.lint.structure import (
     check_residual_adds,
     check_unquantized_inputs,
 )
-from deploy.ops import COMPUTE_KINDS
-from deploy.rules import BackendRules, get_rules
+from qat_deploy.deploy.ops import COMPUTE_KINDS
+from qat_deploy.deploy.rules import BackendRules, get_rules
 
 __all__ = ["Violation", "float_by_rule", "lint", "load_model"]
 

@@ -9,9 +9,9 @@ from functools import cached_property
 
 from onnx import NodeProto
 
-from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
-from deploy.ops import is_transformer
-from deploy.rules import BackendRules, OpRule
+from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
+from qat_deploy.deploy.ops import is_transformer
+from qat_deploy.deploy.rules import BackendRules, OpRule
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, helper, numpy_helper
 
-from deploy.ops import FLOAT_KEY, KIND_KEY, MODE_KEY, ONNX_KINDS, OP_KEY
+from qat_deploy.deploy.ops import FLOAT_KEY, KIND_KEY, MODE_KEY, ONNX_KINDS, OP_KEY
 
 #: Ops whose every input carries data; the others carry data on input 0 only (the rest are
 #: shapes, axes, pads or resize scales).

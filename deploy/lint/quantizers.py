@@ -11,9 +11,9 @@ from enum import Enum
 import numpy as np
 from onnx import NodeProto, TensorProto
 
-from deploy.lint.base import Context, Use, Violation
-from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph, attribute
-from deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.lint.base import Context, Use, Violation
+from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph, attribute
+from qat_deploy.deploy.quant.spec import QuantSpec
 
 #: Which input of an ONNX op holds its weight, and which its bias.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}

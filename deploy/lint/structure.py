@@ -7,10 +7,17 @@ from collections.abc import Iterator
 
 from onnx import NodeProto
 
-from deploy.lint.base import Context, Violation
-from deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
-from deploy.lint.quantizers import WEIGHT_INPUT as _WEIGHT_INPUT
-from deploy.rules import BackendRules, InputFacts, Inputs, OpRule, fused_output, selected_inputs
+from qat_deploy.deploy.lint.base import Context, Violation
+from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
+from qat_deploy.deploy.lint.quantizers import WEIGHT_INPUT as _WEIGHT_INPUT
+from qat_deploy.deploy.rules import (
+    BackendRules,
+    InputFacts,
+    Inputs,
+    OpRule,
+    fused_output,
+    selected_inputs,
+)
 
 #: onnxruntime's QOperator format: integer ops with the quantization folded in, no Q/DQ.
 _QOPERATORS = frozenset(

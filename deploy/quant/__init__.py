@@ -1,16 +1,21 @@
 """Quantization core: specs, integer arithmetic, observers and fake-quantize modules."""
 
-from deploy.quant.fake_quant import FakeQuantize
-from deploy.quant.functional import dequantize, fake_quantize, fake_quantize_lsq, quantize
-from deploy.quant.histogram_observers import MSEObserver, PercentileObserver
-from deploy.quant.observers import (
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.quant.functional import (
+    dequantize,
+    fake_quantize,
+    fake_quantize_lsq,
+    quantize,
+)
+from qat_deploy.deploy.quant.histogram_observers import MSEObserver, PercentileObserver
+from qat_deploy.deploy.quant.observers import (
     CurrentMinMaxObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     Observer,
     qparams_from_range,
 )
-from deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT, UINT8_AFFINE_ACT, QuantSpec
+from qat_deploy.deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT, UINT8_AFFINE_ACT, QuantSpec
 
 __all__ = [
     "INT8_SYM_ACT",

@@ -13,16 +13,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from deploy.errors import BadInputError
-from deploy.quant.functional import (
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.quant.functional import (
     clamp_to_range,
     fake_quantize,
     fake_quantize_lsq,
     lsq_grad_scale,
     scale_shift_fake_quantize,
 )
-from deploy.quant.observers import MIN_SCALE, MinMaxObserver, Observer
-from deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.quant.observers import MIN_SCALE, MinMaxObserver, Observer
+from qat_deploy.deploy.quant.spec import QuantSpec
 
 ObserverFactory = Callable[[QuantSpec, int | None], Observer]
 

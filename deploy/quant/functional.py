@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.quant.spec import QuantSpec
 
 
 def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:

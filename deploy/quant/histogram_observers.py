@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from deploy.errors import BadInputError
-from deploy.quant.observers import MIN_SCALE, Observer, qparams_from_range
-from deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.quant.observers import MIN_SCALE, Observer, qparams_from_range
+from qat_deploy.deploy.quant.spec import QuantSpec
 
 
 class HistogramObserver(Observer):

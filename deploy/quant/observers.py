@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deploy.errors import BadInputError
-from deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.quant.spec import QuantSpec
 
 #: Smallest scale we hand out; keeps x / scale finite for any float32 x.
 MIN_SCALE = float(torch.finfo(torch.float32).eps)

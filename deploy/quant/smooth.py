@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from deploy.calibrate import calibrate, call_model, first_tensor
-from deploy.quant.fake_quant import SMOOTH_ATTRIBUTE, FakeQuantize
-from deploy.quant_modules import QuantLinear
-from deploy.verify import mean_cosine
+from qat_deploy.deploy.calibrate import calibrate, call_model, first_tensor
+from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE, FakeQuantize
+from qat_deploy.deploy.quant_modules import QuantLinear
+from qat_deploy.deploy.verify import mean_cosine
 
 #: floor of the activation / weight channel maxima: a channel that is all zero keeps s = 1-ish
 _FLOOR = 1e-5

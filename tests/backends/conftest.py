@@ -21,9 +21,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from deploy.data import digits_split
-from deploy.environment import has_int8_dot_product
-from models.registry import load_model
+from qat_deploy.deploy.data import digits_split
+from qat_deploy.deploy.environment import has_int8_dot_product
+from qat_deploy.models.registry import load_model
 
 EVAL_SAMPLES = 120
 

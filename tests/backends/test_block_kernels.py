@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from deploy import verify
-from deploy.calibrate import calibrate
-from deploy.engine import get_adapter
-from deploy.export import export
-from deploy.prepare import prepare
+from qat_deploy.deploy import verify
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.export import export
+from qat_deploy.deploy.prepare import prepare
 from tests.frontend.blocks import GhostBlock, InceptionStem, TokenMeanHead, randomize_bn
 
 

@@ -9,15 +9,15 @@ import textwrap
 
 import pytest
 
-import backends
-from deploy.lint import lint
-from deploy.pipeline import BuildOptions, build
-from deploy.rules import available_targets, get_rules
+from qat_deploy import backends
+from qat_deploy.deploy.lint import lint
+from qat_deploy.deploy.pipeline import BuildOptions, build
+from qat_deploy.deploy.rules import available_targets, get_rules
 
 RULES = '''
 """Minimal rules: int8 Conv (input and output, as QLinearConv wants) and Linear only."""
-from deploy.quant.spec import INT8_WEIGHT, UINT8_AFFINE_ACT
-from deploy.rules import CONV_FUSIONS, BackendRules, Inputs, OpRule
+from qat_deploy.deploy.quant.spec import INT8_WEIGHT, UINT8_AFFINE_ACT
+from qat_deploy.deploy.rules import CONV_FUSIONS, BackendRules, Inputs, OpRule
 
 RULES = BackendRules(
     name="plain_ort",
@@ -38,9 +38,9 @@ from pathlib import Path
 import onnx
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
-from backends.onnxruntime.adapter import create_session, graph_precisions
-from deploy.artifacts import atomic_path
-from deploy.engine import Adapter, BuiltEngine, KernelReport
+from qat_deploy.backends.onnxruntime.adapter import create_session, graph_precisions
+from qat_deploy.deploy.artifacts import atomic_path
+from qat_deploy.deploy.engine import Adapter, BuiltEngine, KernelReport
 
 
 class PlainOrtAdapter(Adapter):
@@ -77,7 +77,7 @@ def fourth_backend(tmp_path, monkeypatch):
     (folder / "adapter.py").write_text(textwrap.dedent(ADAPTER))
     monkeypatch.setattr(backends, "__path__", [*backends.__path__, str(tmp_path)])
     yield "plain_ort"
-    for name in [m for m in sys.modules if m.startswith("backends.plain_ort")]:
+    for name in [m for m in sys.modules if m.startswith("qat_deploy.backends.plain_ort")]:
         del sys.modules[name]
 
 

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from backends.onnxruntime.adapter import ADAPTER, graph_precisions
-from deploy import verify
-from deploy.engine import get_adapter
-from deploy.errors import BadInputError, CheckFailedError
+from qat_deploy.backends.onnxruntime.adapter import ADAPTER, graph_precisions
+from qat_deploy.deploy import verify
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.errors import BadInputError, CheckFailedError
 from tests.ort_outputs import ort_outputs
 
 

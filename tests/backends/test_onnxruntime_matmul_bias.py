@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from backends.onnxruntime.adapter import ADAPTER
-from backends.onnxruntime.matmul_bias import fuse_matmul_bias
-from deploy.calibrate import calibrate
-from deploy.export import export
-from deploy.prepare import prepare
+from qat_deploy.backends.onnxruntime.adapter import ADAPTER
+from qat_deploy.backends.onnxruntime.matmul_bias import fuse_matmul_bias
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.export import export
+from qat_deploy.deploy.prepare import prepare
 from tests.frontend.blocks import EncoderBlock
 from tests.ort_outputs import ort_outputs
 

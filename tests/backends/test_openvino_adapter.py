@@ -6,12 +6,12 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from backends.onnxruntime.adapter import ADAPTER as ORT_ADAPTER
-from backends.openvino import adapter as openvino_adapter
-from backends.openvino.adapter import ADAPTER
-from deploy import verify
-from deploy.engine import get_adapter
-from deploy.errors import BadInputError
+from qat_deploy.backends.onnxruntime.adapter import ADAPTER as ORT_ADAPTER
+from qat_deploy.backends.openvino import adapter as openvino_adapter
+from qat_deploy.backends.openvino.adapter import ADAPTER
+from qat_deploy.deploy import verify
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.errors import BadInputError
 
 
 def test_registered_under_its_target_and_available_on_this_cpu():
@@ -122,9 +122,9 @@ def test_pooled_features_stay_u8_into_the_classifier(tmp_path):
     pooling and no float layer is left between the convolution and the classifier."""
     import torch
 
-    from deploy.calibrate import calibrate
-    from deploy.export import export
-    from deploy.prepare import prepare
+    from qat_deploy.deploy.calibrate import calibrate
+    from qat_deploy.deploy.export import export
+    from qat_deploy.deploy.prepare import prepare
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(

@@ -18,22 +18,22 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import backends.tensorrt.adapter as trt_adapter
-from backends.tensorrt.gpu import GpuProbe, probe_gpu
-from backends.tensorrt.layer_info import (
+import qat_deploy.backends.tensorrt.adapter as trt_adapter
+from qat_deploy.backends.tensorrt.gpu import GpuProbe, probe_gpu
+from qat_deploy.backends.tensorrt.layer_info import (
     EngineLayer,
     layer_precisions,
     layers_from_json,
     layers_from_text,
 )
-from deploy.engine import get_adapter
-from deploy.errors import (
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.errors import (
     BACKEND_UNAVAILABLE,
     BackendUnavailableError,
     BadInputError,
     CheckFailedError,
 )
-from models.registry import load_model
+from qat_deploy.models.registry import load_model
 
 ADAPTER = trt_adapter.ADAPTER
 HAS_RTX = trt_adapter.installed("tensorrt_rtx_bindings")

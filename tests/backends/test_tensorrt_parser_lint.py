@@ -18,9 +18,9 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from backends.tensorrt.adapter import ADAPTER
-from deploy.errors import CheckFailedError
-from deploy.lint import lint
+from qat_deploy.backends.tensorrt.adapter import ADAPTER
+from qat_deploy.deploy.errors import CheckFailedError
+from qat_deploy.deploy.lint import lint
 from tests.backends.test_tensorrt_adapter import qdq_residual_net, qlinearconv_net, rtx_path
 
 pytest.importorskip(

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deploy.calibrate import calibrate
-from deploy.engine import get_adapter
-from deploy.export import export
-from deploy.prepare import prepare
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.engine import get_adapter
+from qat_deploy.deploy.export import export
+from qat_deploy.deploy.prepare import prepare
 from tests.frontend.blocks import (
     BasicBlock,
     Bottleneck,

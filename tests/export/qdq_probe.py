@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 
 
 def activation_dq_outputs(model: onnx.ModelProto) -> dict[float, list[str]]:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from deploy.calibrate import calibrate
-from deploy.errors import BadInputError
-from deploy.export import export, export_fp32
-from deploy.prepare import prepare
-from deploy.quant.fake_quant import FakeQuantize
-from models import load_model
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.export import export, export_fp32
+from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.models import load_model
 from tests.export.qdq_probe import compare_per_quantizer
 from tests.frontend.blocks import (
     BasicBlock,

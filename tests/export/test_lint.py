@@ -19,11 +19,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from deploy import errors
-from deploy.cli import app
-from deploy.lint import lint
-from deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT
-from deploy.rules import BackendRules, OpRule
+from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli import app
+from qat_deploy.deploy.lint import lint
+from qat_deploy.deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT
+from qat_deploy.deploy.rules import BackendRules, OpRule
 
 TARGETS = ("tensorrt", "onnxruntime", "openvino")
 AFFINE_TARGETS = ("onnxruntime", "openvino")
@@ -617,7 +617,7 @@ def test_ort_signed_symmetric_model_breaks_onnxruntime_rules(ort_models):
 
 def run_lint(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "lint", *args],
+        [sys.executable, "-m", "qat_deploy.deploy.cli", "lint", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -699,9 +699,9 @@ def test_our_tensorrt_conv_transpose_export_is_lint_clean(tmp_path):
     from the ONNX op, not from the torch op's kind."""
     import torch
 
-    from deploy.calibrate import calibrate
-    from deploy.export import export
-    from deploy.prepare import prepare
+    from qat_deploy.deploy.calibrate import calibrate
+    from qat_deploy.deploy.export import export
+    from qat_deploy.deploy.prepare import prepare
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
@@ -719,11 +719,11 @@ def test_our_zoo_exports_are_lint_clean(name, target, tmp_path):
     consumer's rule asks for."""
     import torch
 
-    from deploy.calibrate import calibrate
-    from deploy.data import default_dataset
-    from deploy.export import export
-    from deploy.prepare import prepare
-    from models import load_model
+    from qat_deploy.deploy.calibrate import calibrate
+    from qat_deploy.deploy.data import default_dataset
+    from qat_deploy.deploy.export import export
+    from qat_deploy.deploy.prepare import prepare
+    from qat_deploy.models import load_model
 
     model, spec = load_model(name)
     data = torch.from_numpy(default_dataset(spec, 16, split="calib").inputs)
@@ -744,9 +744,9 @@ def test_float_by_rule_names_the_compute_ops_the_rules_keep_float(target, tmp_pa
     nodes of the two attention MatMuls and of the ConvTranspose."""
     import torch
 
-    from deploy.export import export
-    from deploy.lint import float_by_rule
-    from deploy.prepare import prepare
+    from qat_deploy.deploy.export import export
+    from qat_deploy.deploy.lint import float_by_rule
+    from qat_deploy.deploy.prepare import prepare
     from tests.frontend.blocks import EncoderBlock
 
     encoder = prepare(EncoderBlock().eval(), target, torch.randn(1, 5, 16))

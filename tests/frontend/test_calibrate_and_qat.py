@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deploy.calibrate import calibrate
-from deploy.data import digits_split
-from deploy.errors import BadInputError
-from deploy.prepare import prepare
-from deploy.qat import train_qat
-from models import load_model
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.data import digits_split
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.qat import train_qat
+from qat_deploy.models import load_model
 from tests.frontend.blocks import BasicBlock
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploy.errors import BadInputError
-from deploy.prepare import prepare
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.prepare import prepare
 
 
 class DataDependentGate(nn.Module):
@@ -204,8 +204,8 @@ def test_summary_lists_every_quantizer_with_its_scales():
 def test_a_fused_qkv_linear_is_written_out_as_one_linear_per_part_where_the_rules_ask():
     """TensorRT's rules decompose timm's fused qkv projection: three Linears on row slices of
     its weight, which compute exactly what the one Linear and the unbind did."""
-    from deploy.capture import capture
-    from deploy.lowering import lower
+    from qat_deploy.deploy.capture import capture
+    from qat_deploy.deploy.lowering import lower
     from tests.frontend.blocks import FusedQKVAttention
 
     torch.manual_seed(0)
@@ -236,8 +236,8 @@ def test_an_upsampling_conv_transpose_is_written_out_as_conv_and_pixel_shuffle(
 ):
     """TensorRT's rules decompose ConvTranspose: a Conv with stride^2 x the channels whose
     channel c*s*s + a*s + b is output phase (a, b) of channel c, then a pixel shuffle."""
-    from deploy.capture import capture
-    from deploy.lowering import lower
+    from qat_deploy.deploy.capture import capture
+    from qat_deploy.deploy.lowering import lower
 
     torch.manual_seed(0)
     up = nn.ConvTranspose2d(8, 6, kernel, stride, padding, output_padding=output_padding)

@@ -11,11 +11,11 @@ import onnx
 import pytest
 import torch
 
-from deploy.errors import BadInputError
-from deploy.export import export
-from deploy.lint import float_by_rule, lint
-from deploy.ops import FLOAT_KEY
-from deploy.prepare import prepare
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.export import export
+from qat_deploy.deploy.lint import float_by_rule, lint
+from qat_deploy.deploy.ops import FLOAT_KEY
+from qat_deploy.deploy.prepare import prepare
 from tests.frontend.blocks import BasicBlock, FusedQKVAttention, randomize_bn
 from tests.frontend.test_placement import IMG, SEQ, TARGETS
 

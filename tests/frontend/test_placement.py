@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deploy.prepare import prepare
-from deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.quant.spec import QuantSpec
 from tests.frontend.blocks import (
     BasicBlock,
     Bottleneck,
@@ -156,7 +156,7 @@ def test_fusion_chains_follow_each_backend():
 def test_relu_before_an_affine_quantizer_folds_into_its_range():
     """onnxruntime drops a ReLU whose following Q has zero point qmin: calibration must give
     exactly that for post-ReLU quantizers."""
-    from deploy.calibrate import calibrate
+    from qat_deploy.deploy.calibrate import calibrate
 
     prepared = prepare(randomize_bn(BasicBlock()), "onnxruntime", IMG)
     calibrate(prepared, [torch.randn(4, 8, 8, 8)], progress=False)

@@ -7,9 +7,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from deploy.data import Dataset, default_dataset, digits_split, load_calibration_data
-from deploy.errors import BAD_INPUT, BadInputError
-from models import get_model_spec
+from qat_deploy.deploy.data import Dataset, default_dataset, digits_split, load_calibration_data
+from qat_deploy.deploy.errors import BAD_INPUT, BadInputError
+from qat_deploy.models import get_model_spec
 
 MNIST_SHAPE = (1, 1, 16, 16)
 
@@ -210,7 +210,7 @@ def test_token_ids_must_be_whole_and_non_negative(tmp_path):
 
 
 def test_token_ids_are_checked_against_the_vocab_but_may_be_zero(tmp_path):
-    from models import load_model
+    from qat_deploy.models import load_model
 
     (ids,) = load_model("bert_tiny")[1].inputs  # vocab 1000 (models/bert_tiny.py)
     np.savez(tmp_path / "big.npz", x=np.full((2, 128), 1000))

@@ -19,17 +19,17 @@ import pytest
 import torch
 from torch import nn
 
-from models import thirdparty
+from qat_deploy.models import thirdparty
 
 thirdparty.install_torchvision_shim()  # before any import of torchvision, timm, transformers
 pytest.importorskip("torchvision")
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-from deploy.calibrate import calibrate  # noqa: E402
-from deploy.export import export  # noqa: E402
-from deploy.lint import lint  # noqa: E402
-from deploy.prepare import prepare  # noqa: E402
+from qat_deploy.deploy.calibrate import calibrate  # noqa: E402
+from qat_deploy.deploy.export import export  # noqa: E402
+from qat_deploy.deploy.lint import lint  # noqa: E402
+from qat_deploy.deploy.prepare import prepare  # noqa: E402
 
 TARGETS = ("tensorrt", "openvino", "onnxruntime")
 SEQ = 32

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from deploy.errors import BAD_INPUT, BadInputError
-from models import ModelSpec, get_model_spec, list_models, load_model
+from qat_deploy.deploy.errors import BAD_INPUT, BadInputError
+from qat_deploy.models import ModelSpec, get_model_spec, list_models, load_model
 
 NUM_CLASSES = {
     "resnet18": 1000,
@@ -197,8 +197,12 @@ def test_user_ref_with_caller_shape(user_module):
     [
         ("resnt18", {}, "unknown model 'resnt18' (did you mean 'resnet18'?); known: bert_tiny"),
         ("no_such_package_xyz.models:net", {}, "cannot import module 'no_such_package_xyz.models'"),
-        ("models.resnet:resnet34", {}, "module 'models.resnet' has no attribute 'resnet34'"),
-        ("models.resnet:", {}, "bad model reference"),
+        (
+            "qat_deploy.models.resnet:resnet34",
+            {},
+            "module 'qat_deploy.models.resnet' has no attribute 'resnet34'",
+        ),
+        ("qat_deploy.models.resnet:", {}, "bad model reference"),
         ("{user}:NOT_CALLABLE", {}, "is not callable"),
         ("{user}:not_a_module", {}, "returned dict; expected an nn.Module"),
         ("{user}:broken", {}, "failed: RuntimeError: weights file missing"),

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from deploy.errors import BadInputError
-from deploy.quant import (
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.quant import (
     INT8_SYM_ACT,
     INT8_WEIGHT,
     UINT8_AFFINE_ACT,

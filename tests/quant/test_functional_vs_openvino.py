@@ -12,8 +12,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from deploy.quant import QuantSpec, fake_quantize
-from deploy.quant.functional import scale_shift_fake_quantize
+from qat_deploy.deploy.quant import QuantSpec, fake_quantize
+from qat_deploy.deploy.quant.functional import scale_shift_fake_quantize
 
 
 def _openvino_qdq(x: np.ndarray, scale: float, zero_point: int, spec: QuantSpec) -> np.ndarray:

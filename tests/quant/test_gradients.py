@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from deploy.quant import QuantSpec, fake_quantize, fake_quantize_lsq
-from deploy.quant.functional import lsq_grad_scale
+from qat_deploy.deploy.quant import QuantSpec, fake_quantize, fake_quantize_lsq
+from qat_deploy.deploy.quant.functional import lsq_grad_scale
 
 INT8 = QuantSpec(bits=8, signed=True, symmetric=True)
 UINT4_AFFINE = QuantSpec(bits=4, signed=False, symmetric=False)

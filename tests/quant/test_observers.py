@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from deploy.errors import BadInputError
-from deploy.quant import (
+from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.quant import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MSEObserver,

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deploy.quant import QuantSpec, dequantize, quantize
+from qat_deploy.deploy.quant import QuantSpec, dequantize, quantize
 
 
 @settings(max_examples=200, deadline=None)

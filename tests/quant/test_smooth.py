@@ -8,20 +8,20 @@ import dataclasses
 import onnx
 import torch
 
-from deploy import recipe
-from deploy.calibrate import calibrate
-from deploy.pipeline import BuildOptions, build
-from deploy.prepare import prepare
-from deploy.quant.smooth import (
+from qat_deploy.deploy import recipe
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.pipeline import BuildOptions, build
+from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.quant.smooth import (
     CLEAR_GAIN,
     SmoothScale,
     choose_alpha,
     linear_only_quantizers,
     smooth_linear_inputs,
 )
-from deploy.quant_modules import QuantLinear
-from deploy.verify import sqnr_db
-from models.bert_tiny import BertConfig, bert_tiny
+from qat_deploy.deploy.quant_modules import QuantLinear
+from qat_deploy.deploy.verify import sqnr_db
+from qat_deploy.models.bert_tiny import BertConfig, bert_tiny
 from tests.report_schema import read_report
 
 
