@@ -127,3 +127,23 @@ def test_prepares_exports_and_lints_clean(name: str, target: str, tmp_path: Path
     assert any(node.op_type == "QuantizeLinear" for node in graph.node)
     violations = lint(path, target)
     assert violations == [], "\n".join(str(v) for v in violations[:10])
+
+
+def test_minilm_embedding_is_what_sentence_transformers_encodes() -> None:
+    """The embedding factory against the vendor's own pipeline (tokenize, encode, pool,
+    normalise) on real sentences: the figures benchmarks/minilm_sentences.py reports are of
+    the model users run."""
+    from benchmarks.minilm_sentences import sentences
+
+    text = sentences(4)
+    assert len(text) == 4 and all(len(s.split()) >= 6 for s in text)
+    encoder = thirdparty.minilm_sentence_transformer()
+    expected = encoder.encode(text, convert_to_tensor=True, normalize_embeddings=True)
+    model, inputs = thirdparty.minilm_l6_embedding(seq_len=64)
+    tokens = encoder.tokenizer(
+        text, padding="max_length", truncation=True, max_length=64, return_tensors="pt"
+    )
+    with torch.no_grad():
+        ours = model(tokens["input_ids"], tokens["attention_mask"])
+    assert list(inputs) == ["input_ids", "attention_mask"]
+    torch.testing.assert_close(ours, expected.to(ours.dtype), rtol=1e-4, atol=1e-5)
