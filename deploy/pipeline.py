@@ -217,6 +217,8 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
         report.set("accuracy_budget", prepared.plan.accuracy_budget)
     if prepared.plan.smooth_quant is not None:
         report.set("smooth_quant", prepared.plan.smooth_quant)
+    if prepared.plan.qat is not None:
+        report.set("qat", prepared.plan.qat)
 
     float_weights: dict[str, np.ndarray] | None = {} if o.debug_layers else None
     paths = recipe.export_onnx(loaded, prepared, out, float_weights=float_weights)

@@ -43,13 +43,15 @@ def train_qat(
     lr: float = 1e-3,
     freeze_bn_after: int | None = None,
     freeze_observers_after: int | None = None,
+    dropout: bool = True,
     progress: bool = True,
 ) -> list[float]:
     """Fine-tune with fake quantization on; returns the mean loss of each epoch.
 
-    `batches` is re-iterated every epoch (a DataLoader or a list of (inputs, labels)); inputs
+    `batches` is re-iterated every epoch (a DataLoader or a list of (inputs, targets)); inputs
     may be a dict of keyword tensors, and the loss is on the model's first tensor output.
-    Defaults: Adam over all prepared parameters, cross-entropy loss.
+    Defaults: Adam over all prepared parameters, cross-entropy loss. dropout=False keeps
+    Dropout layers off while training (distillation toward a deterministic teacher).
     """
     if epochs < 1:
         raise BadInputError(f"epochs must be >= 1, got {epochs}")
@@ -63,6 +65,10 @@ def train_qat(
         # LSQ scales learn by gradient; an observer would overwrite them every step
         fq.enable_observer(not fq.learnable)
     model.train()
+    if not dropout:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
     step, history = 0, []
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("QAT", total=epochs)
@@ -90,6 +96,12 @@ def train_qat(
             bar.advance(task)
     _freeze_ranges(model, activation_quantizers, inputs)
     return history
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error to the float model's outputs over their mean square: the same
+    scale for logits, embeddings or hidden states, and no labels needed."""
+    return nn.functional.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
 
 
 def _freeze_ranges(model: PreparedModel, activation_quantizers, inputs) -> None:

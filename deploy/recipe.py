@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.calibrate import calibrate, call_model, first_tensor
 from qat_deploy.deploy.data import Dataset, default_dataset, load_calibration_data
 from qat_deploy.deploy.environment import available_memory
 from qat_deploy.deploy.errors import BadInputError, EnvironmentFaultError
 from qat_deploy.deploy.export import export, export_fp32
 from qat_deploy.deploy.prepare import OBSERVERS, PreparedModel, prepare
-from qat_deploy.deploy.qat import train_qat
+from qat_deploy.deploy.qat import distillation_loss, train_qat
 from qat_deploy.deploy.quant.smooth import choose_alpha, smooth_linear_inputs
 from qat_deploy.deploy.rules import get_rules
 from qat_deploy.deploy.sensitivity import choose_keep_float
@@ -30,6 +30,12 @@ from qat_deploy.models import ModelSpec, load_model
 from qat_deploy.models.inputs import InputSpec
 
 DEFAULT_MODEL = "digits_resnet"
+QAT_LOSSES = ("auto", "cross_entropy", "distill")
+#: Distillation nudges the model toward its own float outputs: small steps, ranges frozen at
+#: calibration. 3 epochs on 32 real sentences, pretrained MiniLM embedding cosine vs fp32 on 64
+#: held out: OpenVINO 0.9971 -> 0.9975 at 1e-5, 0.990 at 1e-4 (its loss rose); mnist_cnn on
+#: 128 unlabelled digits: error (1 - cosine) 2.4e-5 -> 0.6e-5 at 1e-5, 1.3e-5 at 1e-4.
+DISTILL_LR = 1e-5
 FP32_NAME = "model.fp32.onnx"
 QDQ_NAME = "model.qdq.onnx"
 
@@ -53,6 +59,9 @@ class Recipe:
     #: fp32 on the calibration data (deploy.sensitivity.choose_keep_float)
     accuracy_budget: float | None = None
     qat_epochs: int = 0
+    #: QAT loss (QAT_LOSSES): "auto" = cross-entropy on labels where the data has them, else
+    #: distillation toward the float model's outputs
+    qat_loss: str = "auto"
     eval_samples: int = 1000
 
 
@@ -88,6 +97,10 @@ def check(recipe: Recipe) -> None:
             raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer")
     if recipe.qat_epochs < 0:
         raise BadInputError("--qat-epochs must be >= 0")
+    if recipe.qat_loss not in QAT_LOSSES:
+        raise BadInputError(
+            f"unknown --qat-loss '{recipe.qat_loss}'; known: {', '.join(QAT_LOSSES)}"
+        )
 
 
 def load(recipe: Recipe, *, evaluation: bool = True) -> Loaded:
@@ -221,12 +234,36 @@ def _datasets(
 
 
 def _qat(prepared: PreparedModel, loaded: Loaded, recipe: Recipe) -> None:
+    """Fine-tune on the calibration rows: on their labels, or (no labels, or --qat-loss
+    distill) toward the float model's outputs with its BatchNorm statistics frozen and Dropout
+    off."""
     calib, spec, size = loaded.calib, loaded.spec, recipe.batch_size
-    if calib.labels is None:
-        raise BadInputError("--qat-epochs needs labelled data (an .npz with 'y' or 'labels')")
+    distill = recipe.qat_loss == "distill" or (recipe.qat_loss == "auto" and calib.labels is None)
+    if not distill and calib.labels is None:
+        raise BadInputError(
+            "--qat-loss cross_entropy needs labelled data (an .npz with 'y' or 'labels')"
+        )
     arrays = calib.arrays(spec.inputs)
-    pairs = [
-        (tensors(spec, arrays, i, i + size), torch.from_numpy(calib.labels[i : i + size]))
-        for i in range(0, len(calib), size)
-    ]
-    train_qat(prepared, pairs, epochs=recipe.qat_epochs, lr=1e-4, progress=False)
+    inputs = [tensors(spec, arrays, i, i + size) for i in range(0, len(calib), size)]
+    if distill:
+        with torch.no_grad():
+            targets = [first_tensor(call_model(loaded.model, batch)) for batch in inputs]
+    else:
+        targets = [torch.from_numpy(calib.labels[i : i + size]) for i in range(0, len(calib), size)]
+    history = train_qat(
+        prepared,
+        list(zip(inputs, targets, strict=True)),
+        epochs=recipe.qat_epochs,
+        lr=DISTILL_LR if distill else 1e-4,
+        loss_fn=distillation_loss if distill else None,
+        # toward the float model: its BatchNorm statistics and no Dropout noise
+        freeze_bn_after=0 if distill else None,
+        freeze_observers_after=0 if distill else None,
+        dropout=not distill,
+        progress=False,
+    )
+    prepared.plan.qat = {
+        "epochs": recipe.qat_epochs,
+        "loss": "distill" if distill else "cross_entropy",
+        "loss_per_epoch": history,
+    }

@@ -53,6 +53,10 @@ BAD_BUILDS = {
     "missing data": (["--target", "openvino", "--data", "/nonexistent/x.npz"], "not found"),
     "zero batches": (["--target", "onnxruntime", "--calib-batches", "0"], "--calib-batches"),
     "zero threads": (["--target", "onnxruntime", "--threads", "0"], "--threads"),
+    "unknown qat loss": (
+        ["--target", "onnxruntime", "--qat-epochs", "1", "--qat-loss", "kl"],
+        "unknown --qat-loss 'kl'",
+    ),
     "unknown calibration": (
         ["--target", "onnxruntime", "--calibration", "kl"],
         "unknown calibration 'kl'",
@@ -129,6 +133,8 @@ def test_qat_without_labels(tmp_path, capsys, monkeypatch):
             str(path),
             "--qat-epochs",
             "1",
+            "--qat-loss",
+            "cross_entropy",
             "--out",
             str(tmp_path / "o"),
         ],

@@ -161,3 +161,26 @@ def test_a_layer_kept_float_builds_float_on_purpose_and_passes_the_checks(tmp_pa
     # one int8, and the accuracy check held the engine to its mixed fake-quant model
     assert kernels["int8"] == 4 and len(kernels["float_by_rule"]) == 4
     assert kernels["int8_fraction_of_quantized"] == 1.0 and report["accuracy"]["measured"]
+
+
+def test_qat_without_labels_distills_toward_the_float_model(tmp_path):
+    """Unlabelled data: --qat-epochs fine-tunes toward the fp32 model's outputs, its loss
+    falls, and the int8 engine ends closer to fp32 on held-out data than without QAT."""
+    from qat_deploy.deploy.data import default_dataset
+    from qat_deploy.models import get_model_spec
+
+    spec = get_model_spec("mnist_cnn")
+    rows = default_dataset(spec, 400, split="calib").arrays(spec.inputs)
+    data = tmp_path / "unlabelled.npz"
+    np.savez(data, x=next(iter(rows.values())))
+    common = {"target": "onnxruntime", "model": "mnist_cnn", "data": data, **FAST}
+    ptq = build(BuildOptions(out_dir=tmp_path / "ptq", **common))
+    qat = build(BuildOptions(out_dir=tmp_path / "qat", qat_epochs=3, **common))
+    assert "qat" not in ptq and read_report(tmp_path / "qat")["qat"]["loss"] == "distill"
+    losses = qat["qat"]["loss_per_epoch"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    error = {
+        name: 1 - report["accuracy"]["int8_vs_fp32"]["cosine"]
+        for name, report in (("ptq", ptq), ("qat", qat))
+    }
+    assert error["qat"] < error["ptq"], error
