@@ -57,6 +57,8 @@ from qat_deploy.models import ModelSpec
 REPORT_SCHEMA = Path(__file__).with_name("report.schema.json")
 REPORT_SCHEMA_VERSION = 2
 LAYERS_PNG = "layers.png"
+#: the accuracy budget's reference engine: every layer the rules quantize in int8
+ALL_INT8 = "all_int8"
 #: calibrations that trade rare outliers for resolution of the rest of a tensor
 CLIPPING_OBSERVERS = ("percentile", "mse")
 STAGES = (
@@ -264,7 +266,10 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
             report, progress, adapter, qdq_path, float_weights, int8_layers, evaluation, spec, o
         )
 
-    runners = _runners(adapter, int8, fp32)
+    engines = {"fp32": fp32, "int8": int8}
+    if prepared.plan.accuracy_budget and prepared.plan.accuracy_budget["kept_float"]:
+        engines[ALL_INT8] = _all_int8_engine(loaded, adapter, out / ALL_INT8, o)
+    runners = _runners(adapter, engines)
     if isinstance(runners, str):  # cannot run here (TensorRT without a GPU): say so, exit 0
         for key in ("accuracy", "latency_ms", "speedup"):
             report.set(key, NotMeasured(runners))
@@ -313,15 +318,24 @@ def _model_report(spec: ModelSpec) -> dict:
     return out
 
 
-def _runners(adapter, int8: BuiltEngine, fp32: BuiltEngine) -> dict | str:
-    """Activated runners, or the reason engines cannot run on this machine."""
+def _runners(adapter, engines: Mapping[str, BuiltEngine]) -> dict | str:
+    """Activated runners by name, or the reason engines cannot run on this machine."""
     try:
-        runners = {"fp32": adapter.runner(fp32), "int8": adapter.runner(int8)}
+        runners = {name: adapter.runner(engine) for name, engine in engines.items()}
     except BackendUnavailableError as exc:
         return str(exc)
     for runner in runners.values():
         runner.activate()
     return runners
+
+
+def _all_int8_engine(loaded, adapter, folder: Path, o: BuildOptions) -> BuiltEngine:
+    """The engine of the same recipe without the accuracy budget's float layers: what the
+    budget's choice is timed against (in its own folder; the report vouches for the main
+    artifacts only)."""
+    every_layer = recipe.quantize(loaded, dataclasses.replace(o, accuracy_budget=None))
+    path = recipe.export_onnx(loaded, every_layer, folder, precisions=("int8",))["int8"]
+    return adapter.build(path, folder, precision="int8", threads=o.threads)
 
 
 def _feed_pairs(runner, arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
@@ -429,7 +443,16 @@ def _latency(report, progress, runners: dict, spec, calib: Dataset, o: BuildOpti
     calls = {name: runner_call(r, _feed(r, arrays, 0, batch)) for name, r in runners.items()}
     config = TimingConfig(min_time_s=o.min_time_s)
     latencies = time_interleaved(calls, config)
-    report.set("latency_ms", Measured({k: summarize(v).to_dict() for k, v in latencies.items()}))
+    main = {k: latencies[k] for k in ("fp32", "int8")}
+    report.set("latency_ms", Measured({k: summarize(v).to_dict() for k, v in main.items()}))
     speedup = paired_ratio(latencies["fp32"], latencies["int8"], config.block)
     report.set("speedup", Measured({"value": speedup}))
+    if ALL_INT8 in latencies:  # what keeping the budget's layers float costs, same run
+        report.data["accuracy_budget"]["latency"] = {
+            "speedup_all_int8": paired_ratio(latencies["fp32"], latencies[ALL_INT8], config.block),
+            "speedup": speedup,
+            "slowdown_vs_all_int8": paired_ratio(
+                latencies["int8"], latencies[ALL_INT8], config.block
+            ),
+        }
     _stage(report, progress, "latency")

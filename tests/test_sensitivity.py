@@ -17,6 +17,7 @@ from qat_deploy.deploy.prepare import prepare
 from qat_deploy.deploy.sensitivity import analyse, choose_keep_float, layer_groups, sqnr_db
 from qat_deploy.deploy.verify import mean_cosine
 from tests.frontend.blocks import Bottleneck, randomize_bn
+from tests.report_schema import read_report
 
 IMG = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -153,6 +154,13 @@ def test_a_build_with_a_budget_reports_what_it_kept(tmp_path):
     assert budget["cosine_all_quantized"] < 0.9999 <= budget["cosine"]
     assert len(report["kept_float"]) < 8  # something still runs int8
     assert report["kernels"]["int8"] == 8 - len(report["kept_float"])
+    # what the choice costs, timed beside the all-int8 engine of the same recipe: the three
+    # paired ratios describe one run (all-int8 / chosen speedups ~ the chosen engine's slowdown)
+    cost = read_report(tmp_path)["accuracy_budget"]["latency"]
+    assert cost["speedup"] == report["speedup"]["value"]
+    implied = cost["speedup_all_int8"] / cost["speedup"]
+    assert cost["slowdown_vs_all_int8"] == pytest.approx(implied, rel=0.25)
+    assert (tmp_path / "all_int8" / "model.qdq.onnx").is_file()
 
 
 def test_the_cli_checks_recipe_options_as_build_does(tmp_path):

@@ -207,6 +207,14 @@ def summary_table(report: dict) -> Table:
             f"{budget['cosine']:.5f} with {len(budget['kept_float'])} layer(s) float "
             "(fake-quant, calibration data)",
         )
+        if "latency" in budget:
+            cost = budget["latency"]
+            table.add_row(
+                "accuracy budget cost",
+                f"int8 speedup {cost['speedup_all_int8']:.2f}x all int8 -> "
+                f"{cost['speedup']:.2f}x chosen ({cost['slowdown_vs_all_int8']:.2f}x the "
+                "all-int8 engine's time, same run)",
+            )
     latency, speedup = report.get("latency_ms"), report.get("speedup")
     if latency and latency["measured"]:
         for precision in ("fp32", "int8"):
