@@ -60,6 +60,7 @@ def test_entering_error_is_onnxruntimes_quantize_dequantize_error(exported):
         paths["int8"], weights, feeds, get_adapter("onnxruntime"), 0, threads=1
     )
     row = next(r for r in result.rows if r.tensor == "input")
+    assert result.flagged() == []  # a clean model: nothing far below the rest
     model = onnx.load(str(paths["int8"]))
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
     inits = {t.name: t for t in model.graph.initializer}
@@ -87,14 +88,14 @@ def test_entering_error_is_onnxruntimes_quantize_dequantize_error(exported):
 def test_a_quantizer_spoiled_on_purpose_ranks_first_and_the_engine_follows_it(
     exported, target, tmp_path
 ):
-    """One activation quantizer's scale times 40: its values round to a few steps, so most
-    error enters there; the engine (built from the same file) still computes its codes."""
+    """One activation quantizer's scale times 10: most error enters there and only there is
+    flagged; the engine (built from the same file) still computes its codes."""
     paths, weights, feeds = exported
     model = onnx.load(str(paths["int8"]))
     acts = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     spoiled = acts[len(acts) // 2]
     inits = {t.name: t for t in model.graph.initializer}
-    scale = numpy_helper.to_array(inits[spoiled.input[1]]) * np.float32(40)
+    scale = numpy_helper.to_array(inits[spoiled.input[1]]) * np.float32(10)
     model.graph.initializer.append(numpy_helper.from_array(scale, "spoiled_scale"))
     for node in model.graph.node:  # the Q and the DQ(s) reading its codes
         if node is spoiled or (
@@ -110,6 +111,7 @@ def test_a_quantizer_spoiled_on_purpose_ranks_first_and_the_engine_follows_it(
 
     first = result.ranked()[0]
     assert first.tensor == spoiled.input[0]
+    assert [row.tensor for row in result.flagged()] == [spoiled.input[0]]
     rows = [r for r in result.rows if r.kind == "activation"]
     at = next(i for i, r in enumerate(rows) if r.tensor == spoiled.input[0])
     assert rows[at].arrived_db < rows[at - 1].arrived_db - 10  # the drop is there, not before
@@ -216,6 +218,7 @@ def test_the_summary_names_the_worst_layers_and_says_when_marking_changed_fusion
     layers = {
         "engine": {"measured": True, "int8_compute_layers_marked": 32, "int8_compute_layers": 24},
         "ranked": ["b", "a"],
+        "flagged": ["b"],
         "quantizers": [
             row("a", "enc.0.fc", "weight", 30.0),
             row("b", "gelu_2", "activation", 12.5),
@@ -227,6 +230,7 @@ def test_the_summary_names_the_worst_layers_and_says_when_marking_changed_fusion
     text = console.export_text()
     assert "gelu_2 output 12.5 dB, enc.0.fc weight 30.0 dB" in text
     assert "marking changed fusions: 32 int8 layers marked, 24 unmarked" in text
+    assert "1 quantizer(s) 12+ dB below the median" in text
     layers["engine"]["int8_compute_layers_marked"] = 24
     console = Console(record=True, width=200)
     console.print(summary_table(report))

@@ -244,6 +244,11 @@ def summary_table(report: dict) -> Table:
         table.add_row("accuracy", f"not measured: {accuracy['reason']}")
     if "layers" in report:
         table.add_row("most error enters at", _worst_layers(report["layers"]))
+        flagged = report["layers"]["flagged"]
+        table.add_row(
+            "flagged layers",
+            f"{len(flagged)} quantizer(s) 12+ dB below the median" if flagged else "none",
+        )
         engine = report["layers"]["engine"]
         if engine["measured"] and (
             engine["int8_compute_layers_marked"] != engine["int8_compute_layers"]
