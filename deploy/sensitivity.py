@@ -11,8 +11,7 @@ them, as keeping the layer float with --keep-float would not; the ranking is a g
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from qat_deploy.deploy import verify
 from qat_deploy.deploy.calibrate import call_model, first_tensor
 from qat_deploy.deploy.errors import BadInputError, CheckFailedError
 from qat_deploy.deploy.prepare import PreparedModel
-from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize, fake_quant_only
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class _Probe:
         self.all_quantized = self.outputs(self.everything)
 
     def outputs(self, enabled: Set[int]) -> torch.Tensor:
-        with _fake_quant_only(self.quantizers, enabled):
+        with fake_quant_only(self.quantizers, enabled):
             return _outputs(self.prepared, self.batches)
 
     def members(self, layer: str) -> frozenset[int]:
@@ -115,19 +114,6 @@ def _analyse(probe: _Probe) -> Sensitivity:
         )
     layers.sort(key=lambda s: (s.alone_quantized_sqnr_db, s.layer))
     return Sensitivity(sqnr_db(probe.reference, probe.all_quantized), layers)
-
-
-@contextlib.contextmanager
-def _fake_quant_only(quantizers: list[FakeQuantize], enabled: set[int]) -> Iterator[None]:
-    """Fake-quantize with exactly the quantizers in `enabled` (by id), then restore."""
-    before = [bool(fq.fake_quant_enabled) for fq in quantizers]
-    try:
-        for fq in quantizers:
-            fq.enable_observer(False).enable_fake_quant(id(fq) in enabled)
-        yield
-    finally:
-        for fq, was in zip(quantizers, before, strict=True):
-            fq.enable_fake_quant(was)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,10 @@ def _named(text: str) -> InputSpec:
 Opt = typer.Option
 DEFAULT = DEFAULT_THRESHOLDS["int8_vs_fakequant"]
 #: the model and data options every command that runs the recipe takes
+TargetOption = Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or onnxruntime")]
+CalibrationOption = Annotated[
+    str, Opt(help="Activation ranges: minmax, percentile or mse (these two clip outliers), ema.")
+]
 ModelOption = Annotated[str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")]
 InputShapeOption = Annotated[
     list[str] | None,
@@ -86,16 +90,13 @@ CalibBatchesOption = Annotated[int, Opt(help="Calibration batches.")]
 
 @app.command("build")
 def build_command(
-    target: Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or onnxruntime")],
+    target: TargetOption,
     model: ModelOption = None,
     input_shape: InputShapeOption = None,
     input_spec: InputSpecOption = None,
     data: DataOption = None,
     calib_batches: CalibBatchesOption = 8,
-    calibration: Annotated[
-        str,
-        Opt(help="Activation ranges: minmax, percentile or mse (these two clip outliers), ema."),
-    ] = "minmax",
+    calibration: CalibrationOption = "minmax",
     keep_float: Annotated[
         list[str] | None,
         Opt(help="Conv/Linear layers to keep float, module-path glob (classifier, *.attn.*)."),

@@ -14,10 +14,12 @@ from qat_deploy.deploy import errors
 from qat_deploy.deploy.cli.app import app, console
 from qat_deploy.deploy.cli.build import (
     CalibBatchesOption,
+    CalibrationOption,
     DataOption,
     InputShapeOption,
     InputSpecOption,
     ModelOption,
+    TargetOption,
     parse_inputs,
 )
 
@@ -27,13 +29,13 @@ RESULT = "sensitivity.json"
 
 @app.command("sensitivity")
 def sensitivity_command(
-    target: Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or onnxruntime")],
+    target: TargetOption,
     model: ModelOption = None,
     input_shape: InputShapeOption = None,
     input_spec: InputSpecOption = None,
     data: DataOption = None,
     calib_batches: CalibBatchesOption = 8,
-    calibration: Annotated[str, Opt(help="minmax, percentile, mse or ema.")] = "minmax",
+    calibration: CalibrationOption = "minmax",
     samples: Annotated[int, Opt(help="Held-out samples the layers are scored on.")] = 64,
     out: Annotated[Path, Opt("--out", help="Folder for sensitivity.json (the cache).")] = Path(
         "out-sensitivity"

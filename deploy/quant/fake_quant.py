@@ -8,7 +8,8 @@ defines its behaviour is a buffer or parameter, so state_dict round-trips it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -196,3 +197,19 @@ class FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         mode = "LSQ" if self.learnable else type(self.observer).__name__
         return f"{self.spec.describe()}, {mode}"
+
+
+@contextlib.contextmanager
+def fake_quant_only(
+    quantizers: Sequence[FakeQuantize], enabled: set[int] = frozenset()
+) -> Iterator[None]:
+    """For the block: observers off, and only the quantizers in `enabled` (by id) fake-
+    quantizing (none: the float model); both switches restored afterwards."""
+    before = [(bool(q.observer_enabled), bool(q.fake_quant_enabled)) for q in quantizers]
+    try:
+        for q in quantizers:
+            q.enable_observer(False).enable_fake_quant(id(q) in enabled)
+        yield
+    finally:
+        for q, (observing, quantizing) in zip(quantizers, before, strict=True):
+            q.enable_observer(observing).enable_fake_quant(quantizing)

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from qat_deploy.deploy.calibrate import calibrate, call_model, first_tensor
-from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE, FakeQuantize
+from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE, FakeQuantize, fake_quant_only
 from qat_deploy.deploy.quant_modules import QuantLinear
 from qat_deploy.deploy.verify import mean_cosine
 
@@ -135,8 +135,6 @@ def _outputs(model: nn.Module, batches: list) -> np.ndarray:
 
 def _float_input_maxima(prepared, targets, batches) -> dict[str, torch.Tensor]:
     """max |x| per last-axis channel at each target quantizer's input, every quantizer off."""
-    quantizers = prepared.quantizers()
-    states = [(q.observer_enabled.clone(), q.fake_quant_enabled.clone()) for q in quantizers]
     maxima: dict[str, torch.Tensor] = {}
 
     def record(path):
@@ -152,15 +150,11 @@ def _float_input_maxima(prepared, targets, batches) -> dict[str, torch.Tensor]:
         for path in targets
     ]
     try:
-        for q in quantizers:
-            q.enable_observer(False).enable_fake_quant(False)
-        prepared.eval()
-        for batch in batches:
-            call_model(prepared, batch)
+        with fake_quant_only(prepared.quantizers()):
+            prepared.eval()
+            for batch in batches:
+                call_model(prepared, batch)
     finally:
         for hook in hooks:
             hook.remove()
-        for q, (observing, quantizing) in zip(quantizers, states, strict=True):
-            q.observer_enabled.copy_(observing)
-            q.fake_quant_enabled.copy_(quantizing)
     return maxima
