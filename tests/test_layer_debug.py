@@ -49,7 +49,9 @@ def test_the_float_twin_computes_the_float_model(exported):
     for feed in feeds[:3]:
         (float_out,) = _ort(str(paths["fp32"]), feed)
         (twin_out,) = _ort(twin, feed)
-        np.testing.assert_allclose(twin_out, float_out, rtol=1e-4, atol=1e-4)
+        # summation order differs by CPU (2e-4 on outputs of ~1-10 on an AVX2-only EPYC); a
+        # weight left quantized would be off by about a weight step, 1e-2
+        np.testing.assert_allclose(twin_out, float_out, rtol=1e-3, atol=1e-3)
 
 
 def test_entering_error_is_onnxruntimes_quantize_dequantize_error(exported):

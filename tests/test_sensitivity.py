@@ -150,7 +150,7 @@ def test_a_build_with_a_budget_reports_what_it_kept(tmp_path):
         )
     )
     budget = report["accuracy_budget"]
-    assert report["status"] == "ok" and budget["kept_float"] == report["kept_float"]
+    assert report["status"] == "ok" and sorted(budget["kept_float"]) == report["kept_float"]
     assert budget["cosine_all_quantized"] < 0.9999 <= budget["cosine"]
     assert len(report["kept_float"]) < 8  # something still runs int8
     assert report["kernels"]["int8"] == 8 - len(report["kept_float"])

@@ -75,9 +75,10 @@ def test_qdq_onnx_matches_fake_quant_model(name, target, tmp_path):
         # torch and onnxruntime sum convolutions in different orders; that flips a few
         # roundings, which each later layer amplifies. Measured (16 samples): the first 8
         # quantized tensors 100% within one step, then a gradual drift to 68-85% at the last
-        # ones, cosine 0.99987-0.99993. A wrong scale or zero point would break the early
-        # layers outright, so those are held to the strict bound.
-        assert min(within[:8]) >= 0.999, within
+        # ones, cosine 0.99987-0.99993 (an AVX2-only EPYC: 99.90% of one early tensor). A wrong
+        # scale or zero point would break the early layers outright, so those are held to a
+        # strict bound.
+        assert min(within[:8]) >= 0.998, within
         assert min(within) >= 0.5, within
     cos = (got * expected).sum() / (np.linalg.norm(got) * np.linalg.norm(expected))
     assert cos > (0.999 if name == "resnet18" else 0.9999)
