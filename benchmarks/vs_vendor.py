@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ class Variant:
     precision: str  # "fp32" or "int8"
     ours_for: str | None = None  # the runtime whose rules made it (our models only)
     vendor: bool = False
+    note: str = ""
 
 
 @dataclass
@@ -77,19 +78,40 @@ class Row:
 # ---- models ---------------------------------------------------------------------------------
 
 
-def our_variant(loaded: recipe.Loaded, target: str, out: Path) -> Variant:
+def our_variant(
+    loaded: recipe.Loaded, target: str, out: Path, tuning: Tuning | None = None
+) -> Variant:
     """The QDQ model `deploy build` would ship (deploy.recipe), calibrated on the samples
-    every vendor tool gets, in batches of CALIB_BATCH."""
+    every vendor tool gets, in batches of CALIB_BATCH; with `tuning`, as `deploy build
+    --tune-latency` ships it (placement timed on `target`'s runtime)."""
     plan = recipe.Recipe(
         target=target,
         model=loaded.spec.name,
         batch_size=CALIB_BATCH,
         calib_batches=math.ceil(len(loaded.calib) / CALIB_BATCH),
+        tune_latency=tuning is not None,
+        tune_budget_s=tuning.budget_s if tuning else recipe.DEFAULT_TUNE_BUDGET_S,
+        tune_cache=tuning.cache if tuning else None,
+        threads=tuning.threads if tuning else 2,
     )
     prepared = recipe.quantize(loaded, plan)
-    qdq_name = f"ours_{target}.onnx"
+    label = "ours tuned" if tuning else "ours"
+    qdq_name = f"{label.replace(' ', '_')}_{target}.onnx"
     path = recipe.export_onnx(loaded, prepared, out, ["int8"], qdq_name=qdq_name)["int8"]
-    return Variant(f"ours ({target} rules)", path, "int8", ours_for=target)
+    note = ""
+    if tuning:
+        t = prepared.plan.latency_tuning
+        note = f"tuned: {len(t['float_layers'])}/{t['regions']} layers float, {t['seconds']:.0f} s"
+    return Variant(f"{label} ({target} rules)", path, "int8", ours_for=target, note=note)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """--tuned: our variant with deploy build --tune-latency's search, on each runtime."""
+
+    budget_s: float
+    cache: Path | None
+    threads: int
 
 
 def ort_variants(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) -> list[Variant]:
@@ -142,7 +164,9 @@ def nncf_variant(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) ->
     return Variant("nncf quantize", path, "int8", vendor=True)
 
 
-def make_variants(name: str, out: Path) -> tuple[list[Variant], np.ndarray, list[str]]:
+def make_variants(
+    name: str, out: Path, tuning: Tuning | None = None
+) -> tuple[list[Variant], np.ndarray, list[str]]:
     model, spec = load_model(name)
     loaded = recipe.Loaded(model, spec, default_dataset(spec, CALIB_SAMPLES, split="calib"), None)
     calib = loaded.calib.inputs
@@ -151,6 +175,8 @@ def make_variants(name: str, out: Path) -> tuple[list[Variant], np.ndarray, list
     fp32 = recipe.export_onnx(loaded, None, out, ["fp32"])["fp32"]
     variants = [Variant("fp32", fp32, "fp32")]
     variants += [our_variant(loaded, t, out) for t in RUNTIMES]
+    if tuning is not None:
+        variants += [our_variant(loaded, t, out, tuning) for t in RUNTIMES]
     notes: list[str] = []
     for label, make in (
         ("onnxruntime.quantization", lambda: ort_variants(fp32, calib, transformer, out)),
@@ -236,11 +262,34 @@ def measure(
                 cosine=cos[v.name],
                 centred_cosine=centred[v.name],
                 note=("" if ok else "BROKEN (cosine)")
+                + (f" {v.note}" if v.note and v.ours_for == runtime else "")
                 + (" <- target runtime" if v.ours_for == runtime else "")
                 + (" best vendor" if v.name == best else ""),
             )
         )
     return rows, notes
+
+
+def median_rows(runs: list[list[Row]]) -> list[Row]:
+    """One row per variant: the median of each timing figure over the runs (the engines are
+    rebuilt and re-timed each run), the other columns from the first run."""
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for first in runs[0]:
+        same = [r for run in runs for r in run if r.variant == first.variant]
+        vs_best = [r.vs_best_vendor for r in same if r.vs_best_vendor is not None]
+        out.append(
+            replace(
+                first,
+                p50=float(np.median([r.p50 for r in same])),
+                p90=float(np.median([r.p90 for r in same])),
+                speedup=float(np.median([r.speedup for r in same])),
+                vs_best_vendor=float(np.median(vs_best)) if vs_best else None,
+                note=f"{first.note} (median of {len(same)} runs)".strip(),
+            )
+        )
+    return out
 
 
 def first_output(runner, x: np.ndarray) -> np.ndarray:
@@ -295,22 +344,31 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, default=1.5)
     parser.add_argument("--load-tries", type=int, default=5)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per runtime (medians)")
+    parser.add_argument("--tuned", action="store_true", help="add ours with --tune-latency")
+    parser.add_argument("--tune-budget", type=float, default=recipe.DEFAULT_TUNE_BUDGET_S)
+    parser.add_argument("--tune-cache", type=Path, default=None)
     args = parser.parse_args()
+    tuning = Tuning(args.tune_budget, args.tune_cache, args.threads) if args.tuned else None
     cfg = TimingConfig(warmup=20, block=20, min_runs=100, min_time_s=args.seconds, rewarm=5)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results["machine"] = machine()
     warnings.filterwarnings("ignore")
     for name in args.models or ["resnet18"]:
         with tempfile.TemporaryDirectory() as tmp:
-            variants, held_out, notes = make_variants(name, Path(tmp))
+            variants, held_out, notes = make_variants(name, Path(tmp), tuning)
             rows: list[Row] = []
             loads = []
             for runtime in RUNTIMES:
-                before = wait_for_quiet(args.max_load, args.load_tries)
-                got, more = measure(runtime, variants, held_out, args.threads, cfg)
-                rows += got
-                notes += more
-                loads.append({"runtime": runtime, "before": before, "after": os.getloadavg()[0]})
+                runs = []
+                for _ in range(args.repeat):
+                    before = wait_for_quiet(args.max_load, args.load_tries)
+                    got, more = measure(runtime, variants, held_out, args.threads, cfg)
+                    runs.append(got)
+                    notes += [n for n in more if n not in notes]
+                    after = os.getloadavg()[0]
+                    loads.append({"runtime": runtime, "before": before, "after": after})
+                rows += median_rows(runs)
         print(f"\n## {name} (batch 1, {args.threads} threads)\n\n{table(rows)}")
         for line in notes:
             print(f"- {line}")

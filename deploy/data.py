@@ -9,7 +9,7 @@ because NaN, Inf, all-zero or mis-shaped calibration data silently produces usel
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.errors import BadInputError, CheckFailedError, one_line
 from qat_deploy.models.inputs import DTYPES, INTEGER_DTYPES, InputSpec
 
 if TYPE_CHECKING:
@@ -448,3 +448,15 @@ def _validated_labels(labels: np.ndarray | None, n: int, where: str) -> np.ndarr
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape) or "scalar"
+
+
+def input_pairs(engine: list[str], arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
+    """(engine input, model input) pairs: matched by name, by position when the names differ
+    (a single input exported as "input"), model inputs the engine dropped left out."""
+    if set(engine) <= set(arrays):
+        return [(name, name) for name in engine]
+    if len(engine) == len(arrays):
+        return list(zip(engine, arrays, strict=True))
+    raise CheckFailedError(
+        f"the engine takes inputs {', '.join(engine)}; the model's are {', '.join(arrays)}"
+    )

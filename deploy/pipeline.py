@@ -31,7 +31,7 @@ import torch
 from qat_deploy.deploy import layer_debug, output_dir, recipe, verify
 from qat_deploy.deploy.artifacts import write_atomic
 from qat_deploy.deploy.calibrate import call_model, first_tensor
-from qat_deploy.deploy.data import Dataset
+from qat_deploy.deploy.data import Dataset, input_pairs
 from qat_deploy.deploy.engine import BuiltEngine, get_adapter
 from qat_deploy.deploy.environment import environment
 from qat_deploy.deploy.errors import (
@@ -64,6 +64,7 @@ CLIPPING_OBSERVERS = ("percentile", "mse")
 STAGES = (
     "prepare",
     "calibrate",
+    "tune",
     "qat",
     "export",
     "lint",
@@ -84,7 +85,6 @@ class BuildOptions(recipe.Recipe):
 
     out_dir: Path = Path("out")
     export_only: bool = False
-    threads: int = 2
     min_int8_fraction: float = 0.5
     min_time_s: float = 1.0
     sm: str | None = None  # TensorRT compute capability for ahead-of-time builds
@@ -174,8 +174,6 @@ def _check_options(o: BuildOptions) -> None:
     recipe.check(o)
     if o.debug_layers and o.export_only:
         raise BadInputError("--debug-layers compares the engine's layers; drop --export-only")
-    if isinstance(o.threads, bool) or not isinstance(o.threads, int) or o.threads < 1:
-        raise BadInputError("--threads must be a positive integer")
     t = o.thresholds
     for flag, value, low, high in (
         ("--min-agreement", t.min_top1_agreement, 0.0, 1.0),
@@ -217,6 +215,8 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     report.set("kept_float", prepared.plan.kept_float)
     if prepared.plan.accuracy_budget is not None:
         report.set("accuracy_budget", prepared.plan.accuracy_budget)
+    if prepared.plan.latency_tuning is not None:
+        report.set("latency_tuning", prepared.plan.latency_tuning)
     if prepared.plan.smooth_quant is not None:
         report.set("smooth_quant", prepared.plan.smooth_quant)
     if prepared.plan.qat is not None:
@@ -297,7 +297,7 @@ def _debug_layers(
     a failing build is when they are wanted."""
     arrays, batch = evaluation.arrays(spec.inputs), spec.input_shape[0]
     names = [i.name for i in onnx.load(str(qdq_path), load_external_data=False).graph.input]
-    pairs = _input_pairs(names, arrays)
+    pairs = input_pairs(names, arrays)
     n = max(batch, min(DEBUG_SAMPLES, (len(evaluation) // batch) * batch))
     feeds = [{e: arrays[a][i : i + batch] for e, a in pairs} for i in range(0, n, batch)]
     result = layer_debug.analyse(
@@ -333,25 +333,15 @@ def _all_int8_engine(loaded, adapter, folder: Path, o: BuildOptions) -> BuiltEng
     """The engine of the same recipe without the accuracy budget's float layers: what the
     budget's choice is timed against (in its own folder; the report vouches for the main
     artifacts only)."""
-    every_layer = recipe.quantize(loaded, dataclasses.replace(o, accuracy_budget=None))
+    every_layer = recipe.quantize(
+        loaded, dataclasses.replace(o, accuracy_budget=None, tune_latency=False)
+    )
     path = recipe.export_onnx(loaded, every_layer, folder, precisions=("int8",))["int8"]
     return adapter.build(path, folder, precision="int8", threads=o.threads)
 
 
 def _feed_pairs(runner, arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
-    return _input_pairs(list(runner.get_input_metadata().keys()), arrays)
-
-
-def _input_pairs(engine: list[str], arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
-    """(engine input, model input) pairs: matched by name, by position when the names differ
-    (a single input exported as "input"), model inputs the engine dropped left out."""
-    if set(engine) <= set(arrays):
-        return [(name, name) for name in engine]
-    if len(engine) == len(arrays):
-        return list(zip(engine, arrays, strict=True))
-    raise CheckFailedError(
-        f"the engine takes inputs {', '.join(engine)}; the model's are {', '.join(arrays)}"
-    )
+    return input_pairs(list(runner.get_input_metadata().keys()), arrays)
 
 
 def _feed(runner, arrays: Mapping[str, np.ndarray], start: int, stop: int) -> dict:

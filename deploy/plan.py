@@ -42,6 +42,8 @@ class QuantPlan:
     smooth_quant: dict | None = None
     #: QAT run by deploy.recipe: {"epochs", "loss", "loss_per_epoch"}
     qat: dict | None = None
+    #: the latency tuner's search (deploy.tune.search.TuneResult.to_dict)
+    latency_tuning: dict | None = None
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: the captured graph's inputs, in the order of input_shapes (forward() parameter names)
     input_names: list[str] = field(default_factory=list)

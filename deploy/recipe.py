@@ -8,24 +8,29 @@ build ships: same trained weights, same calibration data, same example input.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from qat_deploy.deploy.calibrate import calibrate, call_model, first_tensor
-from qat_deploy.deploy.data import Dataset, default_dataset, load_calibration_data
+from qat_deploy.deploy.data import Dataset, default_dataset, input_pairs, load_calibration_data
+from qat_deploy.deploy.engine import get_adapter
 from qat_deploy.deploy.environment import available_memory
-from qat_deploy.deploy.errors import BadInputError, EnvironmentFaultError
+from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError, EnvironmentFaultError
 from qat_deploy.deploy.export import export, export_fp32
 from qat_deploy.deploy.prepare import OBSERVERS, PreparedModel, prepare
 from qat_deploy.deploy.qat import distillation_loss, train_qat
 from qat_deploy.deploy.quant.smooth import choose_alpha, smooth_linear_inputs
 from qat_deploy.deploy.rules import get_rules
 from qat_deploy.deploy.sensitivity import choose_keep_float
+from qat_deploy.deploy.tune.cache import TimingCache, default_cache_path
+from qat_deploy.deploy.tune.search import EngineTimer, search
 from qat_deploy.models import ModelSpec, load_model
 from qat_deploy.models.inputs import InputSpec
 
@@ -36,6 +41,8 @@ QAT_LOSSES = ("auto", "cross_entropy", "distill")
 #: held out: OpenVINO 0.9971 -> 0.9975 at 1e-5, 0.990 at 1e-4 (its loss rose); mnist_cnn on
 #: 128 unlabelled digits: error (1 - cosine) 2.4e-5 -> 0.6e-5 at 1e-5, 1.3e-5 at 1e-4.
 DISTILL_LR = 1e-5
+#: seconds of latency tuning: MobileNetV3-Large's 64 regions take about 2 minutes on 2 cores
+DEFAULT_TUNE_BUDGET_S = 300.0
 FP32_NAME = "model.fp32.onnx"
 QDQ_NAME = "model.qdq.onnx"
 
@@ -58,6 +65,13 @@ class Recipe:
     #: keep the fewest layers float for the fake-quant output to reach this mean cosine vs
     #: fp32 on the calibration data (deploy.sensitivity.choose_keep_float)
     accuracy_budget: float | None = None
+    #: keep float the layers that time faster float on the target runtime (deploy.tune)
+    tune_latency: bool = False
+    tune_budget_s: float = DEFAULT_TUNE_BUDGET_S
+    #: the tuner's timing cache; None = deploy.tune.cache.default_cache_path()
+    tune_cache: Path | None = None
+    #: inference threads: engines are timed (--tune-latency) and built with this many
+    threads: int = 2
     qat_epochs: int = 0
     #: QAT loss (QAT_LOSSES): "auto" = cross-entropy on labels where the data has them, else
     #: distillation toward the float model's outputs
@@ -95,6 +109,12 @@ def check(recipe: Recipe) -> None:
         value = getattr(recipe, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BadInputError(f"--{name.replace('_', '-')} must be a positive integer")
+    budget = recipe.tune_budget_s
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+        raise BadInputError(f"bad --tune-budget {budget!r}; expected seconds > 0")
+    threads = recipe.threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise BadInputError("--threads must be a positive integer")
     if recipe.qat_epochs < 0:
         raise BadInputError("--qat-epochs must be >= 0")
     if recipe.qat_loss not in QAT_LOSSES:
@@ -120,8 +140,8 @@ def load(recipe: Recipe, *, evaluation: bool = True) -> Loaded:
 def quantize(
     loaded: Loaded, recipe: Recipe, on_stage: Callable[[str], None] = lambda name: None
 ) -> PreparedModel:
-    """prepare for the target's rules, calibrate, and fine-tune when asked; on_stage(name)
-    after each of "prepare", "calibrate", "qat"."""
+    """prepare for the target's rules, calibrate, tune the placement and fine-tune when
+    asked; on_stage(name) after each of "prepare", "calibrate", "tune", "qat"."""
     spec, size = loaded.spec, recipe.batch_size
     arrays = loaded.calib.arrays(spec.inputs)
     batches = [tensors(spec, arrays, i, i + size) for i in range(0, len(loaded.calib), size)]
@@ -137,6 +157,9 @@ def quantize(
             _calibrate(prepared, loaded.model, batches)
         prepared.plan.accuracy_budget = choice.to_dict()
     on_stage("calibrate")
+    if recipe.tune_latency:
+        prepared = _tune(loaded, recipe, prepared, batches)
+        on_stage("tune")
     if recipe.qat_epochs:
         _qat(prepared, loaded, recipe)
         on_stage("qat")
@@ -157,6 +180,49 @@ def _calibrate(prepared: PreparedModel, model: nn.Module, batches: list) -> None
         smoothed = smooth_linear_inputs(prepared, batches, alpha)
         calibrate(prepared, batches, progress=False)
     prepared.plan.smooth_quant = {"alpha": alpha, "cosine": cosines, "quantizers": len(smoothed)}
+
+
+def _tune(loaded: Loaded, recipe: Recipe, prepared: PreparedModel, batches: list) -> PreparedModel:
+    """Time placements of the calibrated model on the target runtime (deploy.tune.search);
+    when some layers run faster float, prepare again with them kept float, and keep that
+    model only if its own export times faster than the untuned one."""
+    adapter = get_adapter(recipe.target)
+    cache = TimingCache(recipe.tune_cache or default_cache_path())
+    with tempfile.TemporaryDirectory(prefix="qat_deploy_tune_") as work:
+        untuned = onnx.load(str(export(prepared, Path(work) / QDQ_NAME, loaded.example)))
+        names = [i.name for i in untuned.graph.input]
+        arrays = {k: v.numpy() for k, v in _keyword(loaded, loaded.example).items()}
+        feed = {e: arrays[a] for e, a in input_pairs(names, arrays)}
+        timer = EngineTimer(adapter, feed, recipe.threads, Path(work) / "engines", cache)
+        try:
+            result = search(untuned, prepared.rules, timer, recipe.tune_budget_s)
+            tuned = prepared
+            if result.float_layers:
+                tuned = _prepare(loaded, recipe, (*prepared.plan.kept_float, *result.float_layers))
+                _calibrate(tuned, loaded.model, batches)
+                tuned.plan.accuracy_budget = prepared.plan.accuracy_budget
+                final = export(tuned, Path(work) / "tuned" / QDQ_NAME, loaded.example)
+                ratio = timer.ratio(final.read_bytes(), untuned.SerializeToString())
+                result.time_ratio = ratio
+                if ratio >= 1 - result.threshold:  # the rewrite's gain did not hold
+                    result.reverted = {"float_layers": result.float_layers, "time_ratio": ratio}
+                    result.float_layers, result.time_ratio, tuned = [], 1.0, prepared
+        except BackendUnavailableError as exc:
+            raise BackendUnavailableError(
+                f"--tune-latency times engines on the target runtime, which cannot run here: {exc}"
+            ) from exc
+        finally:
+            timer.close()
+            cache.save()
+    tuned.plan.latency_tuning = result.to_dict()
+    return tuned
+
+
+def _keyword(loaded: Loaded, batch) -> dict[str, torch.Tensor]:
+    """A batch as {input name: tensor}."""
+    if isinstance(batch, dict):
+        return batch
+    return {loaded.spec.inputs[0].name: batch}
 
 
 def _prepare(loaded: Loaded, recipe: Recipe, keep_float: tuple[str, ...]) -> PreparedModel:

@@ -137,6 +137,18 @@ def block_medians(latencies_ms: Sequence[float], block: int) -> np.ndarray:
     return np.median(values[: count * block].reshape(count, block), axis=1)
 
 
+def fastest_block_ratio(a_ms: Sequence[float], b_ms: Sequence[float], block: int) -> float:
+    """a / b as the ratio of each engine's fastest block median: for decisions made from a
+    few seconds of timing on a shared machine (deploy.tune). Interference only ever adds time,
+    and on a shared 2-core EPYC block medians of one engine ranged 5.4-16.6 ms within 2 s, so
+    per-round paired ratios of an engine against itself swung 0.57-1.94; the fastest blocks
+    agreed within 2% (A/A 1.007 over the same timings)."""
+    a, b = block_medians(a_ms, block), block_medians(b_ms, block)
+    if len(a) == 0 or len(b) == 0:
+        raise BadInputError(f"no whole block of {block} timings to compare")
+    return float(a.min() / b.min())
+
+
 def paired_ratio(a_ms: Sequence[float], b_ms: Sequence[float], block: int) -> float:
     """a / b as the median over rounds of (a's block median / b's block median): the one
     speedup every entry point reports (speedup = paired_ratio(fp32, int8)). time_interleaved

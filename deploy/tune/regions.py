@@ -1,0 +1,164 @@
+"""Regions of a QDQ graph and the graph with some of them float, rewritten in ONNX.
+
+A region is one weighted layer (Conv, Gemm, MatMul with a constant weight) named by the layer
+tag our export writes (deploy.ops.LAYER_KEY, the module path keep_float globs match), with the
+quantizers only it needs. Rewriting the exported graph costs milliseconds where re-preparing
+and exporting the model costs seconds, so the search times candidates made here; the placement
+it picks is then produced by prepare(keep_float=...) like any user's keep-float choice.
+
+with_float makes a region what prepare's keep_float makes it: float weights (the dequantized
+int8 ones: same values the fake-quant model computed with), and no Q/DQ pair that no longer has
+an int8 reason to exist (its input quantizer unless another reader or an int8 producer needs it,
+its output quantizer in front of an op the rules leave float). The nodes are tagged FLOAT_KEY,
+so the linter holds them to no rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qat_deploy.deploy.export_passes import drop_dead_nodes, drop_unused_initializers
+from qat_deploy.deploy.lint.base import Context
+from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph, attribute
+from qat_deploy.deploy.ops import FLOAT_KEY, LAYER_KEY, WEIGHTED_KINDS
+from qat_deploy.deploy.rules import BackendRules
+
+#: activations a weighted op's output quantizer sits after (the rules fuse them into the op)
+_FUSED_ACTIVATIONS = ("relu", "relu6")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A weighted layer and its compute nodes, in graph order."""
+
+    layer: str
+    nodes: tuple[str, ...]
+
+
+def layer_of(node: onnx.NodeProto) -> str | None:
+    return next((p.value for p in node.metadata_props if p.key == LAYER_KEY), None)
+
+
+def regions(model: onnx.ModelProto, rules: BackendRules) -> list[Region]:
+    """The weighted layers whose weight is quantized, in graph order: what may move to float."""
+    ctx = Context(Graph(model), rules)
+    found: dict[str, list[str]] = {}
+    for node in ctx.graph.nodes:
+        layer = layer_of(node)
+        if layer is None or not _quantized_weighted(ctx, node):
+            continue
+        found.setdefault(layer, []).append(Graph.label(node))
+    return [Region(layer, tuple(nodes)) for layer, nodes in found.items()]
+
+
+def _quantized_weighted(ctx: Context, node: onnx.NodeProto) -> bool:
+    if ctx.graph.kind(node) not in WEIGHTED_KINDS or ctx.rule(node) is None:
+        return False
+    weight = node.input[1] if len(node.input) > 1 else ""
+    producer = ctx.graph.producer.get(weight)
+    return producer is not None and producer.op_type == DEQUANTIZE
+
+
+def with_float(
+    model: onnx.ModelProto, layers: Iterable[str], rules: BackendRules
+) -> onnx.ModelProto:
+    """A copy of `model` with the regions of `layers` computing in float."""
+    chosen = set(layers)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not chosen:
+        return out
+    graph = Graph(out)
+    ctx = Context(graph, rules)
+    targets = [n for n in graph.nodes if layer_of(n) in chosen and _quantized_weighted(ctx, n)]
+    missing = chosen - {layer_of(n) for n in targets}
+    if missing:
+        raise ValueError(f"no quantized weighted layer {', '.join(sorted(missing))} in the graph")
+    for node in targets:
+        _make_float(out.graph, graph, node)
+    drop_unneeded_quantizers(out, rules)
+    return out
+
+
+def _make_float(proto: onnx.GraphProto, graph: Graph, node: onnx.NodeProto) -> None:
+    """Float weights and the FLOAT_KEY tag; its input quantizer goes in the cleanup when no
+    other reader or int8 producer needs it (the kept layer then reads the float tensor)."""
+    node.metadata_props.add(key=FLOAT_KEY, value="1")
+    for index, name in enumerate(node.input):
+        dq = graph.producer.get(name)
+        if dq is not None and dq.op_type == DEQUANTIZE and graph.is_constant(dq.input[0]):
+            tensor = numpy_helper.from_array(_dequantized(graph, dq), f"{name}_float")
+            proto.initializer.append(tensor)
+            node.input[index] = tensor.name
+
+
+def _dequantized(graph: Graph, dq: onnx.NodeProto) -> np.ndarray:
+    codes = graph.value(dq.input[0]).astype(np.float64)
+    scale = graph.value(dq.input[1]).astype(np.float64)
+    zero = graph.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
+    zero = zero.astype(np.float64)
+    if scale.size > 1:  # per channel along the DQ's axis
+        shape = [1] * codes.ndim
+        axis = attribute(dq, "axis", 1) % codes.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.size > 1 else zero
+    return ((codes - zero) * scale).astype(np.float32)
+
+
+def drop_unneeded_quantizers(model: onnx.ModelProto, rules: BackendRules) -> int:
+    """Bypass every activation Q -> DQ pair no int8 op needs: neither the output quantizer of
+    a quantized op (through the activations fused into it) nor the input of an op the rules
+    quantize or pass quantized data through. Returns how many pairs went. On a graph straight
+    from prepare this removes nothing (tested): prepare places no quantizer without a reader."""
+    removed = 0
+    drop_dead_nodes(model.graph)  # the weight DQs a rewrite left unread
+    while True:
+        graph = Graph(model)
+        ctx = Context(graph, rules)
+        pair = next((q for q in graph.nodes if _unneeded(ctx, q)), None)
+        if pair is None:
+            break
+        source = pair.input[0]
+        for dq, _ in graph.consumers[pair.output[0]]:
+            for reader, index in graph.consumers[dq.output[0]]:
+                reader.input[index] = source
+        drop_dead_nodes(model.graph)
+        removed += 1
+    drop_unused_initializers(model.graph)
+    return removed
+
+
+def _unneeded(ctx: Context, quantize: onnx.NodeProto) -> bool:
+    graph = ctx.graph
+    if quantize.op_type != QUANTIZE or graph.is_constant(quantize.input[0]):
+        return False
+    dequantizers = graph.consumers[quantize.output[0]]
+    if not dequantizers or any(dq.op_type != DEQUANTIZE for dq, _ in dequantizers):
+        return False
+    outputs = {o.name for o in model_outputs(graph)}
+    readers = [r for dq, _ in dequantizers for r, _ in graph.consumers[dq.output[0]]]
+    if any(dq.output[0] in outputs for dq, _ in dequantizers):
+        return False
+    if any(ctx.rule(r) is not None or ctx.passes_through(r) for r in readers):
+        return False
+    return not _quantized_output(ctx, quantize.input[0])
+
+
+def _quantized_output(ctx: Context, tensor: str) -> bool:
+    """Whether `tensor` is the output of a quantized op whose rule quantizes its output."""
+    node = ctx.graph.producer.get(tensor)
+    while node is not None and ctx.graph.kind(node) in _FUSED_ACTIVATIONS:
+        node = ctx.graph.producer.get(node.input[0])
+    if node is None:
+        return False
+    rule = ctx.rule(node)
+    return rule is not None and rule.output
+
+
+def model_outputs(graph: Graph) -> Sequence[onnx.ValueInfoProto]:
+    return graph.model.graph.output

@@ -1,0 +1,145 @@
+"""The tuner's graph rewrite: a region made float in ONNX is what prepare(keep_float=...)
+exports for that layer (prepare's placement is the independent reference), and lint accepts it."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.export import export
+from qat_deploy.deploy.lint import float_by_rule, lint
+from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.rules import get_rules
+from qat_deploy.deploy.tune.regions import drop_unneeded_quantizers, regions, with_float
+from tests.frontend.blocks import BasicBlock, ConcatBlock, InvertedResidual, randomize_bn
+
+TARGETS = ("onnxruntime", "openvino", "tensorrt")
+IMG = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class HardSwishBlock(nn.Module):
+    """MobileNetV3's pattern: Conv -> HardSwish -> depthwise Conv -> HardSwish -> Conv."""
+
+    def __init__(self, c=8, residual=True):
+        super().__init__()
+        self.residual = residual
+        self.expand = nn.Conv2d(c, 2 * c, 1)
+        self.depthwise = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.project = nn.Conv2d(2 * c, c, 1)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        out = self.project(self.act(self.depthwise(self.act(self.expand(x)))))
+        return out + x if self.residual else out
+
+
+BLOCKS = {
+    "basic": lambda: randomize_bn(BasicBlock()),
+    "inverted": lambda: randomize_bn(InvertedResidual()),
+    "concat": lambda: randomize_bn(ConcatBlock()),
+    "hardswish": HardSwishBlock,
+}
+
+
+def exported(model, target, tmp_path, name, keep_float=()):
+    torch.manual_seed(0)
+    prepared = prepare(model, target, IMG, reduce_range=False, keep_float=keep_float)
+    calibrate(prepared, [IMG], progress=False)
+    return onnx.load(export(prepared, tmp_path / f"{name}.onnx", IMG))
+
+
+def shape_of(model: onnx.ModelProto) -> tuple:
+    """Op counts and the float-tagged nodes' op types: what the placement consists of."""
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    return sorted(ops.items()), sorted(float_by_rule(model, model_target(model)))
+
+
+def model_target(model):  # the rules float_by_rule applies; set by each test
+    return model_target.target
+
+
+#: every target on the residual block (where the rules differ most), the others where their
+#: pattern matters: onnxruntime's QLinearConv output quantizers, concat's shared scale
+REWRITTEN = [
+    *(("basic", t) for t in TARGETS),
+    ("hardswish", "onnxruntime"),
+    ("inverted", "onnxruntime"),
+    ("concat", "openvino"),
+]
+
+
+@pytest.mark.parametrize(("block", "target"), REWRITTEN)
+def test_a_region_made_float_is_what_keep_float_exports(block, target, tmp_path):
+    model_target.target = target
+    model = BLOCKS[block]().eval()
+    untuned = exported(model, target, tmp_path, "untuned")
+    rules = get_rules(target)
+    names = [r.layer for r in regions(untuned, rules)]
+    assert names, "every block has quantized weighted layers"
+    for layer in names:
+        rewritten = with_float(untuned, [layer], rules)
+        reference = exported(model, target, tmp_path, layer, keep_float=[layer])
+        assert shape_of(rewritten) == shape_of(reference), layer
+        path = tmp_path / f"rewritten-{layer}.onnx"
+        onnx.save(rewritten, path)
+        assert lint(path, target) == [], layer
+        assert layer not in [r.layer for r in regions(rewritten, rules)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_prepare_places_no_quantizer_the_cleanup_would_remove(block, target, tmp_path):
+    untuned = exported(BLOCKS[block]().eval(), target, tmp_path, "untuned")
+    assert drop_unneeded_quantizers(untuned, get_rules(target)) == 0
+
+
+def test_float_regions_compute_what_the_int8_weights_say(tmp_path):
+    """Weights become the dequantized int8 values: with every region float no activation
+    quantizer is left (onnxruntime quantizes none of HardSwish's inputs), and the graph
+    computes what the int8 weights dequantized by onnxruntime itself compute."""
+    model = HardSwishBlock(residual=False).eval()
+    untuned = exported(model, "onnxruntime", tmp_path, "untuned")
+    rules = get_rules("onnxruntime")
+    names = [r.layer for r in regions(untuned, rules)]
+    rewritten = with_float(untuned, names, rules)
+    kinds = collections.Counter(n.op_type for n in rewritten.graph.node)
+    assert kinds["QuantizeLinear"] == 0 and kinds["DequantizeLinear"] == 0
+    feed = {untuned.graph.input[0].name: IMG.numpy()}
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, feed)[0]
+
+    assert run(rewritten).shape == run(untuned).shape
+    weights_only = _weights_dequantized_by_ort(untuned)
+    np.testing.assert_allclose(run(rewritten), run(weights_only), rtol=1e-5, atol=1e-5)
+
+
+def _weights_dequantized_by_ort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The untuned graph with every activation Q -> DQ pair bypassed: its weights still go
+    through onnxruntime's own DequantizeLinear."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    producers = {o: n for n in out.graph.node for o in n.output}
+    for node in out.graph.node:
+        for i, name in enumerate(node.input):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producers.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    return out
+
+
+def test_unknown_layer_is_refused(tmp_path):
+    untuned = exported(HardSwishBlock().eval(), "openvino", tmp_path, "untuned")
+    with pytest.raises(ValueError, match="no quantized weighted layer nope"):
+        with_float(untuned, ["nope"], get_rules("openvino"))
