@@ -120,15 +120,19 @@ def drop_unneeded_quantizers(model: onnx.ModelProto, rules: BackendRules) -> int
     while True:
         graph = Graph(model)
         ctx = Context(graph, rules)
-        pair = next((q for q in graph.nodes if _unneeded(ctx, q)), None)
-        if pair is None:
+        pairs = [q for q in graph.nodes if _unneeded(ctx, q)]
+        # a pair reading another one's DQ is judged again once that one is gone: its input's
+        # producer changes
+        dequantized = {dq.output[0] for q in pairs for dq, _ in graph.consumers[q.output[0]]}
+        pairs = [q for q in pairs if q.input[0] not in dequantized]
+        if not pairs:
             break
-        source = pair.input[0]
-        for dq, _ in graph.consumers[pair.output[0]]:
-            for reader, index in graph.consumers[dq.output[0]]:
-                reader.input[index] = source
+        for pair in pairs:
+            for dq, _ in graph.consumers[pair.output[0]]:
+                for reader, index in graph.consumers[dq.output[0]]:
+                    reader.input[index] = pair.input[0]
         drop_dead_nodes(model.graph)
-        removed += 1
+        removed += len(pairs)
     drop_unused_initializers(model.graph)
     return removed
 

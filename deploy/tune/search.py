@@ -18,6 +18,7 @@ placement, and a warm cache needs no engine at all.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -169,6 +170,7 @@ def search(
     names = [r.layer for r in regions(model, rules)]
     untuned = model.SerializeToString()
 
+    @functools.lru_cache(maxsize=8)  # the best placement is compared again and again
     def graph(layers: frozenset[str]) -> bytes:
         return (
             untuned if not layers else with_float(model, sorted(layers), rules).SerializeToString()
