@@ -214,6 +214,7 @@ def _tune(loaded: Loaded, recipe: Recipe, prepared: PreparedModel, batches: list
         finally:
             timer.close()
             cache.save()
+    result.cache = cache.to_dict()  # after saving: a cache that could not be written says so
     tuned.plan.latency_tuning = result.to_dict()
     return tuned
 

@@ -3,8 +3,9 @@
 A key is a hash of the runtime and its version, the CPU's identity and ISA, the thread count,
 the timing settings and the bytes of both graphs compared (which fixes ops, shapes, dtypes and
 placement), so an entry is reused only for the same comparison on the same kind of machine.
-The file is JSON, rewritten atomically; an unreadable one is set aside as empty, and the
-search says so in its report instead of failing the build over a cache.
+The file is JSON, rewritten atomically; an unreadable one is set aside as empty and one that
+cannot be written is left as it was, and the report says so instead of failing the build over
+a cache.
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ class TimingCache:
         on_disk = TimingCache(self.path)._entries
         entries = {**on_disk, **self._new}
         text = json.dumps({"version": CACHE_VERSION, "entries": entries}, sort_keys=True)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(self.path), text.encode())
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(self.path), text.encode())
+        except OSError as exc:  # a full disk or a read-only home costs the cache, not the build
+            self.problem = f"cache {self.path} not saved: {exc.strerror or type(exc).__name__}"
+            return
         self._new = {}
 
     def to_dict(self) -> dict:

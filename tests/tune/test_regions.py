@@ -65,14 +65,11 @@ def model_target(model):  # the rules float_by_rule applies; set by each test
     return model_target.target
 
 
-#: every target on the residual block (where the rules differ most), the others where their
-#: pattern matters: onnxruntime's QLinearConv output quantizers, concat's shared scale
-REWRITTEN = [
-    *(("basic", t) for t in TARGETS),
-    ("hardswish", "onnxruntime"),
-    ("inverted", "onnxruntime"),
-    ("concat", "openvino"),
-]
+#: every target on the residual block (where the rules differ most), and onnxruntime's
+#: QLinearConv output quantizers in front of float HardSwish (the other blocks run through the
+#: cleanup test below; each layer here costs a prepare and an export, and CI on an AVX2-only
+#: EPYC took 29.6 of its 30 minutes)
+REWRITTEN = [*(("basic", t) for t in TARGETS), ("hardswish", "onnxruntime")]
 
 
 @pytest.mark.parametrize(("block", "target"), REWRITTEN)

@@ -168,3 +168,12 @@ def test_an_unreadable_cache_is_reported_and_replaced(tmp_path):
     cache.put("k", 0.5)
     cache.save()
     assert TimingCache(path).get("k") == 0.5
+
+
+def test_a_cache_that_cannot_be_written_is_reported_not_raised(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache's folder would go")
+    cache = TimingCache(blocker / "cache.json")
+    cache.put("k", 0.5)
+    cache.save()
+    assert cache.problem is not None and "not saved" in cache.problem
