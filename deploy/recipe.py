@@ -191,7 +191,8 @@ def _tune(loaded: Loaded, recipe: Recipe, prepared: PreparedModel, batches: list
     with tempfile.TemporaryDirectory(prefix="qat_deploy_tune_") as work:
         untuned = onnx.load(str(export(prepared, Path(work) / QDQ_NAME, loaded.example)))
         names = [i.name for i in untuned.graph.input]
-        arrays = {k: v.numpy() for k, v in _keyword(loaded, loaded.example).items()}
+        batch = loaded.spec.input_shape[0]  # the example's rows: what the export takes
+        arrays = {k: a[:batch] for k, a in loaded.calib.arrays(loaded.spec.inputs).items()}
         feed = {e: arrays[a] for e, a in input_pairs(names, arrays)}
         timer = EngineTimer(adapter, feed, recipe.threads, Path(work) / "engines", cache)
         try:
@@ -217,13 +218,6 @@ def _tune(loaded: Loaded, recipe: Recipe, prepared: PreparedModel, batches: list
     result.cache = cache.to_dict()  # after saving: a cache that could not be written says so
     tuned.plan.latency_tuning = result.to_dict()
     return tuned
-
-
-def _keyword(loaded: Loaded, batch) -> dict[str, torch.Tensor]:
-    """A batch as {input name: tensor}."""
-    if isinstance(batch, dict):
-        return batch
-    return {loaded.spec.inputs[0].name: batch}
 
 
 def _prepare(loaded: Loaded, recipe: Recipe, keep_float: tuple[str, ...]) -> PreparedModel:

@@ -15,7 +15,7 @@ so the linter holds them to no rule.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +144,7 @@ def _unneeded(ctx: Context, quantize: onnx.NodeProto) -> bool:
     dequantizers = graph.consumers[quantize.output[0]]
     if not dequantizers or any(dq.op_type != DEQUANTIZE for dq, _ in dequantizers):
         return False
-    outputs = {o.name for o in model_outputs(graph)}
+    outputs = {o.name for o in graph.model.graph.output}
     readers = [r for dq, _ in dequantizers for r, _ in graph.consumers[dq.output[0]]]
     if any(dq.output[0] in outputs for dq, _ in dequantizers):
         return False
@@ -162,7 +162,3 @@ def _quantized_output(ctx: Context, tensor: str) -> bool:
         return False
     rule = ctx.rule(node)
     return rule is not None and rule.output
-
-
-def model_outputs(graph: Graph) -> Sequence[onnx.ValueInfoProto]:
-    return graph.model.graph.output

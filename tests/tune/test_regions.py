@@ -55,14 +55,10 @@ def exported(model, target, tmp_path, name, keep_float=()):
     return onnx.load(export(prepared, tmp_path / f"{name}.onnx", IMG))
 
 
-def shape_of(model: onnx.ModelProto) -> tuple:
-    """Op counts and the float-tagged nodes' op types: what the placement consists of."""
+def shape_of(model: onnx.ModelProto, target: str) -> tuple:
+    """Op counts and the nodes float on purpose: what the placement consists of."""
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    return sorted(ops.items()), sorted(float_by_rule(model, model_target(model)))
-
-
-def model_target(model):  # the rules float_by_rule applies; set by each test
-    return model_target.target
+    return sorted(ops.items()), sorted(float_by_rule(model, target))
 
 
 #: every target on the residual block (where the rules differ most), and onnxruntime's
@@ -74,7 +70,6 @@ REWRITTEN = [*(("basic", t) for t in TARGETS), ("hardswish", "onnxruntime")]
 
 @pytest.mark.parametrize(("block", "target"), REWRITTEN)
 def test_a_region_made_float_is_what_keep_float_exports(block, target, tmp_path):
-    model_target.target = target
     model = BLOCKS[block]().eval()
     untuned = exported(model, target, tmp_path, "untuned")
     rules = get_rules(target)
@@ -83,7 +78,7 @@ def test_a_region_made_float_is_what_keep_float_exports(block, target, tmp_path)
     for layer in names:
         rewritten = with_float(untuned, [layer], rules)
         reference = exported(model, target, tmp_path, layer, keep_float=[layer])
-        assert shape_of(rewritten) == shape_of(reference), layer
+        assert shape_of(rewritten, target) == shape_of(reference, target), layer
         path = tmp_path / f"rewritten-{layer}.onnx"
         onnx.save(rewritten, path)
         assert lint(path, target) == [], layer
