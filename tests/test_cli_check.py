@@ -1,12 +1,14 @@
 """`deploy check` as CI runs it: exit codes, one-line errors, the JUnit file, a real pass.
 
-Bad inputs are refused before anything is exported or timed, so those cases take only the
-interpreter's start-up. The real pass measures mnist_cnn on onnxruntime briefly; it asserts
+Bad inputs are refused before anything is exported or timed, so those cases run through the
+CLI's main() in this process. The real pass measures mnist_cnn on onnxruntime briefly; it asserts
 the outcome of the gate, never a speed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -15,8 +17,10 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from unittest import mock
 
 from qat_deploy.deploy import errors
+from qat_deploy.deploy.cli import main
 from qat_deploy.deploy.environment import environment
 from tests.test_gate import baseline_doc, tiny_onnx, write_doc
 
@@ -25,6 +29,7 @@ COMMITTED = REPO / "ci" / "baselines" / "mnist_cnn-onnxruntime.json"
 
 
 def run_check(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`deploy check ARGS` as a process: what CI runs (the real pass, and code on PYTHONPATH)."""
     return subprocess.run(
         [sys.executable, "-m", "qat_deploy.deploy.cli", "check", *map(str, args)],
         capture_output=True,
@@ -33,6 +38,24 @@ def run_check(*args: str | Path, env: dict[str, str] | None = None) -> subproces
         cwd=REPO,
         env=env,
     )
+
+
+def check_in_process(*args: str | Path) -> subprocess.CompletedProcess:
+    """The same command through deploy.cli.main in this process: refusals that happen before
+    any work, without an interpreter start-up (several seconds each on a 2-core machine)."""
+    argv = ["deploy", "check", *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        mock.patch.object(sys, "argv", argv),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
@@ -45,31 +68,33 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *words: 
 
 
 def test_missing_baseline(tmp_path):
-    proc = run_check("--baseline", tmp_path / "absent.json")
+    proc = check_in_process("--baseline", tmp_path / "absent.json")
     assert_one_line_error(proc, errors.BAD_INPUT, "baseline not found", "absent.json")
 
 
 def test_corrupt_baseline_json(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"schema": 1, "model": "mnist_cnn", "ratio": {')
-    assert_one_line_error(run_check("--baseline", path), errors.BAD_INPUT, "corrupt baseline")
+    assert_one_line_error(
+        check_in_process("--baseline", path), errors.BAD_INPUT, "corrupt baseline"
+    )
 
 
 def test_baseline_with_a_wrong_field(tmp_path):
     path = write_doc(tmp_path / "b.json", baseline_doc(threads=0))
-    assert_one_line_error(run_check("--baseline", path), errors.BAD_INPUT, "'threads' is 0")
+    assert_one_line_error(check_in_process("--baseline", path), errors.BAD_INPUT, "'threads' is 0")
 
 
 def test_bad_tolerance(tmp_path):
     baseline = shutil.copy(COMMITTED, tmp_path / "b.json")
-    proc = run_check("--baseline", baseline, "--tolerance", "ten%")
+    proc = check_in_process("--baseline", baseline, "--tolerance", "ten%")
     assert_one_line_error(proc, errors.BAD_INPUT, "bad tolerance 'ten%'")
 
 
 def test_unknown_model_in_baseline_writes_a_junit_error(tmp_path):
     path = write_doc(tmp_path / "b.json", baseline_doc(model="resnet19"))
     report = tmp_path / "reports" / "gate.xml"
-    proc = run_check("--baseline", path, "--junit", report)
+    proc = check_in_process("--baseline", path, "--junit", report)
     assert_one_line_error(proc, errors.BAD_INPUT, "unknown model 'resnet19'")
     case = ET.parse(report).getroot().find("testsuite/testcase")
     assert case.get("name") == "b" and "resnet19" in case.find("error").get("message")
@@ -94,7 +119,7 @@ def test_model_code_named_by_a_baseline_is_refused_not_run(tmp_path):
 def test_update_of_a_read_only_baseline_is_refused(tmp_path):
     baseline = shutil.copy(COMMITTED, tmp_path / "b.json")
     os.chmod(baseline, 0o444)
-    proc = run_check("--baseline", baseline, "--update-baseline")
+    proc = check_in_process("--baseline", baseline, "--update-baseline")
     assert_one_line_error(proc, errors.BAD_INPUT, str(baseline), "read-only")
     assert Path(baseline).read_bytes() == COMMITTED.read_bytes()
     assert stat.S_IMODE(os.stat(baseline).st_mode) == 0o444
@@ -102,7 +127,7 @@ def test_update_of_a_read_only_baseline_is_refused(tmp_path):
 
 def test_unknown_target_in_baseline(tmp_path):
     path = write_doc(tmp_path / "b.json", baseline_doc(target="tensorflow"))
-    assert_one_line_error(run_check("--baseline", path), errors.BAD_INPUT, "unknown target")
+    assert_one_line_error(check_in_process("--baseline", path), errors.BAD_INPUT, "unknown target")
 
 
 def test_tensorrt_latency_is_backend_unavailable_here(tmp_path):
@@ -110,7 +135,7 @@ def test_tensorrt_latency_is_backend_unavailable_here(tmp_path):
     path = write_doc(tmp_path / "b.json", baseline_doc(target="tensorrt"))
     model = tiny_onnx(tmp_path / "fp32.onnx")
     report = tmp_path / "gate.xml"
-    proc = run_check(
+    proc = check_in_process(
         "--baseline", path, "--candidate", model, "--reference", model, "--junit", report
     )
     assert_one_line_error(proc, errors.BACKEND_UNAVAILABLE, "tensorrt")
