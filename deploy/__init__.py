@@ -12,10 +12,12 @@ from qat_deploy.deploy.errors import (
     DeployError,
     EnvironmentFaultError,
     LatencyRegressionError,
+    RankFailedError,
 )
 from qat_deploy.deploy.prepare import PreparedModel, prepare
 from qat_deploy.deploy.qat import train_qat
 from qat_deploy.deploy.quant.smooth import smooth_linear_inputs
+from qat_deploy.deploy.quant.sync import ranks_synced
 from qat_deploy.deploy.rules import available_targets, get_rules
 
 __all__ = [
@@ -26,10 +28,12 @@ __all__ = [
     "EnvironmentFaultError",
     "LatencyRegressionError",
     "PreparedModel",
+    "RankFailedError",
     "available_targets",
     "calibrate",
     "get_rules",
     "prepare",
+    "ranks_synced",
     "smooth_linear_inputs",
     "train_qat",
 ]

@@ -19,6 +19,7 @@ BACKEND_UNAVAILABLE = 3
 CHECK_FAILED = 4
 LATENCY_REGRESSION = 5
 ENVIRONMENT_FAULT = 6
+RANK_FAILED = 7
 
 #: OSError numbers that say "this machine cannot do it now", not "the program is wrong"
 ENVIRONMENT_ERRNOS = frozenset(
@@ -78,6 +79,19 @@ class EnvironmentFaultError(DeployError):
     exit_code = ENVIRONMENT_FAULT
 
 
+class RankFailedError(DeployError):
+    """A data-parallel run lost a rank: it died, hung past the timeout, or dropped its
+    connection. Names the rank where known."""
+
+    exit_code = RANK_FAILED
+
+
+#: torch.distributed's errors for a peer that died, hung or cannot be reached (by name: this
+#: module does not import torch), and the words of those gloo raises as a plain RuntimeError
+_RANK_ERRORS = ("DistBackendError", "DistNetworkError", "DistStoreError")
+_RANK_ERROR_WORDS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
+
+
 class Interrupted(BaseException):
     """A signal ended the run (SIGINT, SIGTERM, SIGHUP). A BaseException like
     KeyboardInterrupt, so no `except Exception` in user or library code swallows it."""
@@ -118,6 +132,10 @@ def classify(exc: BaseException) -> DeployError | Interrupted:
         and any(word in str(exc).lower() for word in OUT_OF_MEMORY_WORDS)
     ):
         return EnvironmentFaultError(f"out of memory: {one_line(exc)}")
+    if type(exc).__name__ in _RANK_ERRORS or (
+        isinstance(exc, RuntimeError) and any(word in str(exc) for word in _RANK_ERROR_WORDS)
+    ):
+        return RankFailedError(f"lost contact with another rank: {one_line(exc)}")
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         where = f": {exc.filename}" if exc.filename else ""
         return EnvironmentFaultError(f"{exc.strerror or one_line(exc)}{where}")

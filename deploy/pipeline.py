@@ -221,6 +221,8 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
         report.set("smooth_quant", prepared.plan.smooth_quant)
     if prepared.plan.qat is not None:
         report.set("qat", prepared.plan.qat)
+    if o.qat_checkpoint is not None and Path(o.qat_checkpoint).is_file():
+        report.artifact("qat_checkpoint", Path(o.qat_checkpoint))
 
     float_weights: dict[str, np.ndarray] | None = {} if o.debug_layers else None
     paths = recipe.export_onnx(loaded, prepared, out, float_weights=float_weights)
@@ -334,7 +336,10 @@ def _all_int8_engine(loaded, adapter, folder: Path, o: BuildOptions) -> BuiltEng
     budget's choice is timed against (in its own folder; the report vouches for the main
     artifacts only)."""
     every_layer = recipe.quantize(
-        loaded, dataclasses.replace(o, accuracy_budget=None, tune_latency=False)
+        loaded,
+        dataclasses.replace(
+            o, accuracy_budget=None, tune_latency=False, qat_checkpoint=None, qat_resume=False
+        ),
     )
     path = recipe.export_onnx(loaded, every_layer, folder, precisions=("int8",))["int8"]
     return adapter.build(path, folder, precision="int8", threads=o.threads)

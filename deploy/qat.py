@@ -9,14 +9,19 @@ are nn.Parameters of the prepared model; an optimizer that misses them is refuse
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.progress import Progress
 from torch import nn
 
+from qat_deploy.deploy import checkpoint as checkpoints
+from qat_deploy.deploy import distributed
 from qat_deploy.deploy.calibrate import call_model, first_tensor
 from qat_deploy.deploy.errors import BadInputError
 from qat_deploy.deploy.prepare import PreparedModel
+from qat_deploy.deploy.quant.sync import ranks_synced
 from qat_deploy.deploy.quant_modules import QuantConvBn
 
 
@@ -33,6 +38,15 @@ def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -
         )
 
 
+class LossHistory(list):
+    """The mean loss of each epoch (all of them, also those before a resume), and the epoch
+    training resumed from (0: a fresh start)."""
+
+    def __init__(self, losses: list[float], resumed_from_epoch: int = 0) -> None:
+        super().__init__(losses)
+        self.resumed_from_epoch = resumed_from_epoch
+
+
 def train_qat(
     model: PreparedModel,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -45,19 +59,33 @@ def train_qat(
     freeze_observers_after: int | None = None,
     dropout: bool = True,
     progress: bool = True,
-) -> list[float]:
+    checkpoint: Path | None = None,
+    resume: bool = False,
+) -> LossHistory:
     """Fine-tune with fake quantization on; returns the mean loss of each epoch.
 
     `batches` is re-iterated every epoch (a DataLoader or a list of (inputs, targets)); inputs
     may be a dict of keyword tensors, and the loss is on the model's first tensor output.
     Defaults: Adam over all prepared parameters, cross-entropy loss. dropout=False keeps
     Dropout layers off while training (distillation toward a deterministic teacher).
+
+    Data-parallel when torch.distributed is initialized with more than one rank: `batches`
+    is then this rank's shard, the model trains under DDP, observers reduce their statistics
+    over the ranks and every epoch ends with a check that all ranks hold the same quantizers.
+    `checkpoint`: written after each epoch; with `resume`, training continues from it.
     """
     if epochs < 1:
         raise BadInputError(f"epochs must be >= 1, got {epochs}")
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     check_optimizer_covers(model, optimizer)
     loss_fn = loss_fn or nn.functional.cross_entropy
+    w = distributed.world()
+    done = checkpoints.Progress()
+    if resume and checkpoint is not None:
+        done = checkpoints.load(checkpoint, model, optimizer, w)
+    resumed_from = done.epoch
+    if w.parallel and hasattr(batches, "__len__"):
+        distributed.same_on_all_ranks(len(batches), "QAT batches")
     weight_ids = {id(m.weight_quant) for m in model.modules() if hasattr(m, "weight_quant")}
     activation_quantizers = [fq for fq in model.quantizers() if id(fq) not in weight_ids]
     for fq in model.quantizers():
@@ -69,33 +97,72 @@ def train_qat(
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.eval()
-    step, history = 0, []
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("QAT", total=epochs)
-        for _ in range(epochs):
+    trained = distributed.data_parallel(model) if w.parallel else model
+    steps = _Steps(model, activation_quantizers, freeze_bn_after, freeze_observers_after)
+    steps.replay(done.step)
+    inputs = None
+    with Progress(disable=not progress, transient=True) as bar, ranks_synced():
+        task = bar.add_task("QAT", total=epochs, completed=done.epoch)
+        for epoch in range(done.epoch, epochs):
             total, count = 0.0, 0
-            for batch in batches:
-                if step == freeze_bn_after:
-                    for m in model.modules():
-                        if isinstance(m, QuantConvBn):
-                            m.freeze_bn()
-                if step == freeze_observers_after:
-                    for fq in activation_quantizers:
-                        fq.enable_observer(False)
-                inputs, labels = batch
+            for inputs, labels in batches:
+                steps.before(done.step)
                 optimizer.zero_grad()
-                loss = loss_fn(first_tensor(call_model(model, inputs)), labels)
+                loss = loss_fn(first_tensor(call_model(trained, inputs)), labels)
                 if not torch.isfinite(loss):
-                    raise BadInputError(f"QAT loss became {loss.item()} at step {step}; lower lr")
+                    raise BadInputError(
+                        f"QAT loss became {loss.item()} at step {done.step}; lower lr"
+                    )
                 loss.backward()
                 optimizer.step()
-                total, count, step = total + loss.item(), count + 1, step + 1
+                total, count, done.step = total + loss.item(), count + 1, done.step + 1
             if count == 0:
                 raise BadInputError("no training batches: the QAT data is empty")
-            history.append(total / count)
+            done.history.append(_mean_over_ranks(total, count, w))
+            done.epoch = epoch + 1
+            if w.parallel:
+                distributed.check_quantizers_identical(model, epoch)
+            if checkpoint is not None:
+                checkpoints.save(checkpoint, model, optimizer, done, w)
             bar.advance(task)
+    if inputs is None:  # resumed after the last epoch: no step ran
+        inputs = next(iter(batches))[0]
     _freeze_ranges(model, activation_quantizers, inputs)
-    return history
+    return LossHistory(done.history, resumed_from)
+
+
+@dataclass
+class _Steps:
+    """The schedule of QAT's one-way switches: BN folding freezes its statistics and
+    activation observers stop at the steps asked for. replay() puts a resumed run where the
+    interrupted one was."""
+
+    model: PreparedModel
+    activation_quantizers: list
+    freeze_bn_after: int | None
+    freeze_observers_after: int | None
+
+    def before(self, step: int) -> None:
+        if step == self.freeze_bn_after:
+            for m in self.model.modules():
+                if isinstance(m, QuantConvBn):
+                    m.freeze_bn()
+        if step == self.freeze_observers_after:
+            for fq in self.activation_quantizers:
+                fq.enable_observer(False)
+
+    def replay(self, steps_done: int) -> None:
+        for step in (self.freeze_bn_after, self.freeze_observers_after):
+            if step is not None and step < steps_done:
+                self.before(step)
+
+
+def _mean_over_ranks(total: float, count: int, w: distributed.World) -> float:
+    if not w.parallel:
+        return total / count
+    sums = torch.tensor([total, float(count)], dtype=torch.float64)
+    torch.distributed.all_reduce(sums)
+    return float(sums[0] / sums[1])
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from qat_deploy.deploy import distributed
 from qat_deploy.deploy.calibrate import calibrate, call_model, first_tensor
 from qat_deploy.deploy.data import Dataset, default_dataset, input_pairs, load_calibration_data
 from qat_deploy.deploy.engine import get_adapter
@@ -45,6 +46,11 @@ DISTILL_LR = 1e-5
 DEFAULT_TUNE_BUDGET_S = 300.0
 FP32_NAME = "model.fp32.onnx"
 QDQ_NAME = "model.qdq.onnx"
+CHECKPOINT_NAME = "qat_checkpoint.pt"
+TUNE_NOT_PARALLEL = (
+    "--tune-latency times engines in one process; tune without --nproc, then pass the layers "
+    "it kept float with --keep-float"
+)
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class Recipe:
     #: QAT loss (QAT_LOSSES): "auto" = cross-entropy on labels where the data has them, else
     #: distillation toward the float model's outputs
     qat_loss: str = "auto"
+    #: QAT state saved after each epoch; with qat_resume, QAT continues from it
+    qat_checkpoint: Path | None = None
+    qat_resume: bool = False
     eval_samples: int = 1000
 
 
@@ -117,6 +126,8 @@ def check(recipe: Recipe) -> None:
         raise BadInputError("--threads must be a positive integer")
     if recipe.qat_epochs < 0:
         raise BadInputError("--qat-epochs must be >= 0")
+    if recipe.qat_resume and not (recipe.qat_epochs and recipe.qat_checkpoint):
+        raise BadInputError("--resume continues QAT from its checkpoint: add --qat-epochs")
     if recipe.qat_loss not in QAT_LOSSES:
         raise BadInputError(
             f"unknown --qat-loss '{recipe.qat_loss}'; known: {', '.join(QAT_LOSSES)}"
@@ -158,11 +169,14 @@ def quantize(
         prepared.plan.accuracy_budget = choice.to_dict()
     on_stage("calibrate")
     if recipe.tune_latency:
+        if distributed.world().parallel:
+            raise BadInputError(TUNE_NOT_PARALLEL)
         prepared = _tune(loaded, recipe, prepared, batches)
         on_stage("tune")
     if recipe.qat_epochs:
         _qat(prepared, loaded, recipe)
         on_stage("qat")
+    distributed.leave()  # rank 0 goes on alone
     return prepared
 
 
@@ -305,12 +319,16 @@ def _qat(prepared: PreparedModel, loaded: Loaded, recipe: Recipe) -> None:
             "--qat-loss cross_entropy needs labelled data (an .npz with 'y' or 'labels')"
         )
     arrays = calib.arrays(spec.inputs)
-    inputs = [tensors(spec, arrays, i, i + size) for i in range(0, len(calib), size)]
+    w, starts = distributed.world(), range(0, len(calib), size)
+    # each rank trains on its share of every global batch (DistributedSampler's deal)
+    inputs = [distributed.shard(tensors(spec, arrays, i, i + size), w) for i in starts]
     if distill:
         with torch.no_grad():
             targets = [first_tensor(call_model(loaded.model, batch)) for batch in inputs]
     else:
-        targets = [torch.from_numpy(calib.labels[i : i + size]) for i in range(0, len(calib), size)]
+        targets = [
+            distributed.shard(torch.from_numpy(calib.labels[i : i + size]), w) for i in starts
+        ]
     history = train_qat(
         prepared,
         list(zip(inputs, targets, strict=True)),
@@ -322,9 +340,13 @@ def _qat(prepared: PreparedModel, loaded: Loaded, recipe: Recipe) -> None:
         freeze_observers_after=0 if distill else None,
         dropout=not distill,
         progress=False,
+        checkpoint=recipe.qat_checkpoint,
+        resume=recipe.qat_resume,
     )
     prepared.plan.qat = {
         "epochs": recipe.qat_epochs,
         "loss": "distill" if distill else "cross_entropy",
-        "loss_per_epoch": history,
+        "loss_per_epoch": list(history),
+        "ranks": w.size,
+        "resumed_from_epoch": history.resumed_from_epoch,
     }

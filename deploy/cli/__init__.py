@@ -12,7 +12,7 @@ import threading
 
 import typer
 
-from qat_deploy.deploy import errors
+from qat_deploy.deploy import distributed, errors
 from qat_deploy.deploy.cli.app import _state, app, err_console
 from qat_deploy.deploy.entry import HANDLED_SIGNALS, exit_now
 
@@ -77,6 +77,8 @@ def _main() -> None:
 
 
 def _fail(error: errors.DeployError | errors.Interrupted) -> None:
+    if isinstance(error, errors.Interrupted) and distributed.is_worker():
+        sys.exit(error.exit_code)  # the launcher stopped this rank and says why, once
     plain = isinstance(error, errors.Interrupted) or error.exit_code == errors.INTERNAL_ERROR
     prefix = "" if plain else "error: "
     err_console.print(f"{prefix}{error}", markup=False, highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -9,10 +10,15 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qat_deploy.deploy import errors
+from qat_deploy.deploy import distributed, errors, recipe
 from qat_deploy.deploy.cli.app import app, console
 from qat_deploy.deploy.pipeline import STAGES, BuildOptions, build
-from qat_deploy.deploy.recipe import DEFAULT_MODEL, DEFAULT_TUNE_BUDGET_S, QDQ_NAME
+from qat_deploy.deploy.recipe import (
+    CHECKPOINT_NAME,
+    DEFAULT_MODEL,
+    DEFAULT_TUNE_BUDGET_S,
+    QDQ_NAME,
+)
 from qat_deploy.deploy.rules import available_targets
 from qat_deploy.deploy.verify import DEFAULT_THRESHOLDS, Thresholds
 from qat_deploy.models.inputs import InputSpec, check_batch, check_dtype, load_spec_file
@@ -119,6 +125,12 @@ def build_command(
         str,
         Opt(help="auto (labels if the data has them, else distill), cross_entropy or distill."),
     ] = "auto",
+    nproc: Annotated[
+        int, Opt(help="QAT data-parallel over this many processes (gloo on CPU, nccl on GPUs).")
+    ] = 1,
+    resume: Annotated[
+        bool, Opt(help=f"Continue QAT from OUT/{CHECKPOINT_NAME}, saved after every epoch.")
+    ] = False,
     out: Annotated[Path, Opt("--out", help="Output directory.")] = Path("out"),
     export_only: Annotated[bool, Opt(help="Stop after the linted QDQ model.")] = False,
     threads: Annotated[int, Opt(help="Inference threads.")] = 2,
@@ -139,6 +151,15 @@ def build_command(
     ] = DEFAULT.max_p999_err_steps,
 ) -> None:
     """Prepare, calibrate, (QAT), export, lint, build, verify kernels, check accuracy, time."""
+    if nproc != 1 and not distributed.is_worker():
+        if nproc < 1 or not qat_epochs:
+            raise errors.BadInputError(
+                "--nproc N (N >= 2) trains QAT data-parallel; add --qat-epochs"
+            )
+        if tune_latency:
+            raise errors.BadInputError(recipe.TUNE_NOT_PARALLEL)
+        raise typer.Exit(distributed.launch(nproc, sys.argv[1:]))
+    w = distributed.join()
     shape, inputs = parse_inputs(input_shape, input_spec)
     options = BuildOptions(
         target=target,
@@ -155,6 +176,8 @@ def build_command(
         tune_cache=tune_cache,
         qat_epochs=qat_epochs,
         qat_loss=qat_loss,
+        qat_checkpoint=out / CHECKPOINT_NAME if qat_epochs else None,
+        qat_resume=resume,
         out_dir=out,
         export_only=export_only,
         threads=threads,
@@ -163,6 +186,10 @@ def build_command(
         debug_layers=debug_layers,
         thresholds=Thresholds(min_agreement, min_cosine, max_err_steps),
     )
+    if w.rank > 0:  # a data-parallel helper: trains with rank 0, which builds and reports
+        recipe.check(options)
+        recipe.quantize(recipe.load(options, evaluation=False), options)
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("building", total=len(STAGES))

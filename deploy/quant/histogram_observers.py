@@ -11,6 +11,7 @@ import torch
 from qat_deploy.deploy.errors import BadInputError
 from qat_deploy.deploy.quant.observers import MIN_SCALE, Observer, qparams_from_range
 from qat_deploy.deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.quant.sync import reduce_counts
 
 
 class HistogramObserver(Observer):
@@ -33,22 +34,21 @@ class HistogramObserver(Observer):
         width = (self.max_val.reshape(-1).to(torch.float64) - lo).clamp_min(MIN_SCALE) / self.bins
         return lo, width
 
-    def _scatter(self, values: torch.Tensor, weights: torch.Tensor) -> None:
+    def _binned(self, values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`weights` summed into this observer's current bins (one row per channel)."""
         lo, width = self._edges()
         idx = torch.floor((values - lo[:, None]) / width[:, None]).clamp(0, self.bins - 1)
-        self.hist.scatter_add_(1, idx.long(), weights)
+        return torch.zeros_like(self.hist).scatter_add_(1, idx.long(), weights)
 
     def observe(self, x: torch.Tensor) -> None:
         old_lo, old_width = self._edges()
         had_data = self.has_data
         super().observe(x)
-        if had_data:
+        if had_data:  # every rank holds the same histogram: re-bin it without syncing
             centers = old_lo[:, None] + (torch.arange(self.bins) + 0.5) * old_width[:, None]
-            old_hist = self.hist.clone()
-            self.hist.zero_()
-            self._scatter(centers, old_hist)
+            self.hist.copy_(self._binned(centers, self.hist))
         rows = self._rows(x).to(torch.float64)
-        self._scatter(rows, torch.ones_like(rows))
+        self.hist.add_(reduce_counts(self._binned(rows, torch.ones_like(rows))))
 
     def _centers(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, width = self._edges()

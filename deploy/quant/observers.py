@@ -11,6 +11,7 @@ from torch import nn
 
 from qat_deploy.deploy.errors import BadInputError
 from qat_deploy.deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.quant.sync import reduce_range
 
 #: Smallest scale we hand out; keeps x / scale finite for any float32 x.
 MIN_SCALE = float(torch.finfo(torch.float32).eps)
@@ -66,14 +67,14 @@ class Observer(nn.Module):
         if x.numel() == 0:
             raise BadInputError(f"{self.location}: observed an empty tensor")
         if not self.spec.per_channel:
-            return x.min(), x.max()
+            return reduce_range(x.min(), x.max())
         flat = x.transpose(0, self.spec.axis).reshape(x.shape[self.spec.axis], -1)
         if flat.shape[0] != self.min_val.shape[0]:
             raise BadInputError(
                 f"{self.location}: expected {self.min_val.shape[0]} channels on axis "
                 f"{self.spec.axis}, got {flat.shape[0]}"
             )
-        return flat.min(dim=1).values, flat.max(dim=1).values
+        return reduce_range(flat.min(dim=1).values, flat.max(dim=1).values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(torch.float32)
