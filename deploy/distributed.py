@@ -2,7 +2,8 @@
 elastic launcher behind torchrun, not a home-made engine.
 
 Every rank prepares and calibrates the same model; each trains on its shard of every global
-batch under DDP (gloo on CPU, nccl on GPUs); observers reduce their statistics over the ranks
+batch under DDP (gloo for `deploy build`, which trains on the CPU; API users on GPUs bring
+their own nccl group); observers reduce their statistics over the ranks
 (deploy.quant.sync) and a check after each epoch proves the quantizers stayed identical. Only
 rank 0 goes on to export and build. A rank that dies or hangs ends the job within the
 collective timeout, naming the rank (exit code deploy.errors.RANK_FAILED).
@@ -62,14 +63,12 @@ def is_worker() -> bool:
 
 
 def join(timeout_s: float = RANK_TIMEOUT_S) -> World:
-    """Join the job the launcher started: gloo on CPU, nccl where every rank has a GPU."""
+    """Join the job the launcher started, over gloo: `deploy build` trains on the CPU. (API
+    users with the model on GPUs initialise their own nccl group; train_qat follows it.)"""
     if not is_worker() or int(os.environ["WORLD_SIZE"]) < 2:
         return world()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     return world()
 
 
@@ -105,6 +104,17 @@ def same_on_all_ranks(value: int, what: str) -> None:
     if len(set(counts)) > 1:
         per_rank = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
         raise BadInputError(f"ranks hold different numbers of {what} ({per_rank})")
+
+
+def synced_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm (those folded into quantized convs too) as torch's SyncBatchNorm: batch
+    statistics over all ranks' shards, as one process sees the global batch. GPUs only."""
+    if next(model.parameters()).device.type != "cuda":
+        raise BadInputError(
+            "sync_batchnorm needs the model on GPUs: torch's SyncBatchNorm has no CPU kernel "
+            "(without it, BatchNorm statistics are rank 0's)"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def data_parallel(model: nn.Module) -> nn.Module:

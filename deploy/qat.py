@@ -61,6 +61,7 @@ def train_qat(
     progress: bool = True,
     checkpoint: Path | None = None,
     resume: bool = False,
+    sync_batchnorm: bool = False,
 ) -> LossHistory:
     """Fine-tune with fake quantization on; returns the mean loss of each epoch.
 
@@ -73,6 +74,8 @@ def train_qat(
     is then this rank's shard, the model trains under DDP, observers reduce their statistics
     over the ranks and every epoch ends with a check that all ranks hold the same quantizers.
     `checkpoint`: written after each epoch; with `resume`, training continues from it.
+    sync_batchnorm: BatchNorm batch statistics over all ranks (torch's SyncBatchNorm, GPUs
+    only); otherwise each rank normalises by its shard and the running statistics are rank 0's.
     """
     if epochs < 1:
         raise BadInputError(f"epochs must be >= 1, got {epochs}")
@@ -97,6 +100,8 @@ def train_qat(
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.eval()
+    if w.parallel and sync_batchnorm:
+        distributed.synced_batchnorm(model)
     trained = distributed.data_parallel(model) if w.parallel else model
     steps = _Steps(model, activation_quantizers, freeze_bn_after, freeze_observers_after)
     steps.replay(done.step)

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from qat_deploy.deploy import distributed, errors
 from qat_deploy.deploy.calibrate import calibrate
 from qat_deploy.deploy.data import digits_split
+from qat_deploy.deploy.errors import BadInputError
 from qat_deploy.deploy.export import export
 from qat_deploy.deploy.prepare import prepare
 from qat_deploy.deploy.qat import train_qat
@@ -111,6 +112,11 @@ def _rank_job(rank: int, init_file: str, out: str) -> None:
     trained = copy.deepcopy(calibrated)
     results["history"] = list(_qat(trained, mine, EPOCHS))
     results["trained"] = trained.state_dict()
+    results["divergence"] = _divergence_found(copy.deepcopy(trained), rank)
+    try:
+        train_qat(copy.deepcopy(calibrated), mine, sync_batchnorm=True, progress=False)
+    except BadInputError as exc:
+        results["sync_batchnorm"] = str(exc)
     if rank == 0:
         export(trained, Path(out) / "dp.onnx", x[:1])
 
@@ -121,6 +127,19 @@ def _rank_job(rank: int, init_file: str, out: str) -> None:
     results["resumed"] = resumed.state_dict()
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _divergence_found(prepared, rank: int) -> str:
+    """The end-of-epoch check's message after rank 1 alone nudges one scale."""
+    quantizer = prepared.quantizers()[-1]
+    if rank == 1:
+        with torch.no_grad():
+            quantizer.scale.mul_(1.001)
+    try:
+        distributed.check_quantizers_identical(prepared, epoch=0)
+    except errors.CheckFailedError as exc:
+        return str(exc)
+    return ""
 
 
 def _observer_data() -> list[torch.Tensor]:
@@ -184,6 +203,19 @@ def test_ranks_hold_identical_quantizers_after_qat(runs):
     assert quantizers
     for name in quantizers:
         assert torch.equal(first["trained"][name], second["trained"][name]), name
+
+
+def test_a_quantizer_that_differs_between_ranks_is_named(runs):
+    _, ranks = runs
+    for rank in ranks:
+        assert "differs between rank 0 and rank 1" in rank["divergence"]
+        assert rank["divergence"].startswith("after epoch 1 quantizer model.")
+
+
+def test_synced_batchnorm_on_cpu_is_refused_naming_why(runs):
+    _, ranks = runs
+    for rank in ranks:
+        assert "SyncBatchNorm has no CPU kernel" in rank.get("sync_batchnorm", "")
 
 
 def test_qat_loss_follows_the_single_process_run(runs, single):

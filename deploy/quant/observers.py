@@ -67,18 +67,24 @@ class Observer(nn.Module):
         if x.numel() == 0:
             raise BadInputError(f"{self.location}: observed an empty tensor")
         if not self.spec.per_channel:
-            return reduce_range(x.min(), x.max())
+            return self._checked(*torch.aminmax(x))
         flat = x.transpose(0, self.spec.axis).reshape(x.shape[self.spec.axis], -1)
         if flat.shape[0] != self.min_val.shape[0]:
             raise BadInputError(
                 f"{self.location}: expected {self.min_val.shape[0]} channels on axis "
                 f"{self.spec.axis}, got {flat.shape[0]}"
             )
-        return reduce_range(flat.min(dim=1).values, flat.max(dim=1).values)
+        return self._checked(*torch.aminmax(flat, dim=1))
+
+    def _checked(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's range, refused where the data held NaN or Inf (a NaN makes min and max
+        NaN, an Inf makes one of them infinite: no second pass over the data is needed), then
+        reduced over data-parallel ranks."""
+        check_finite(torch.stack([lo, hi]), self.location)
+        return reduce_range(lo, hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(torch.float32)
-        check_finite(x, self.location)
         self.observe(x)
         return x
 
