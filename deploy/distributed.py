@@ -32,6 +32,7 @@ from qat_deploy.deploy.errors import (
     Interrupted,
     RankFailedError,
 )
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 
 #: seconds a rank waits in a collective for the others before the job fails (a hung rank)
 RANK_TIMEOUT_S = 120.0
@@ -131,7 +132,7 @@ def check_quantizers_identical(model: nn.Module, epoch: int) -> None:
     mine = {
         name: torch.cat([t.detach().double().reshape(-1).cpu() for t in _state(module)])
         for name, module in model.named_modules()
-        if hasattr(module, "observer") and hasattr(module, "effective_qparams")
+        if isinstance(module, FakeQuantize)
     }
     gathered: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
@@ -145,7 +146,7 @@ def check_quantizers_identical(model: nn.Module, epoch: int) -> None:
                 )
 
 
-def _state(quantizer: nn.Module) -> list[torch.Tensor]:
+def _state(quantizer: FakeQuantize) -> list[torch.Tensor]:
     scale, zero_point = quantizer.effective_qparams()
     observer = quantizer.observer
     return [scale, zero_point, observer.min_val, observer.max_val]

@@ -61,7 +61,8 @@ def _digits():
 
 
 def _global_batches(x, y):
-    return [(x[i : i + GLOBAL_BATCH], y[i : i + GLOBAL_BATCH]) for i in range(0, len(x), 64)]
+    size = GLOBAL_BATCH
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def _prepared(x, calibration_batches):

@@ -126,7 +126,7 @@ def build_command(
         Opt(help="auto (labels if the data has them, else distill), cross_entropy or distill."),
     ] = "auto",
     nproc: Annotated[
-        int, Opt(help="QAT data-parallel over this many processes (gloo on CPU, nccl on GPUs).")
+        int, Opt(help="QAT data-parallel over this many processes (gloo: trains on the CPU).")
     ] = 1,
     resume: Annotated[
         bool, Opt(help=f"Continue QAT from OUT/{CHECKPOINT_NAME}, saved after every epoch.")
