@@ -120,10 +120,13 @@ def synced_batchnorm(model: nn.Module) -> nn.Module:
 
 def data_parallel(model: nn.Module) -> nn.Module:
     """DDP over the prepared model. It broadcasts rank 0's parameters and buffers at the
-    start and its buffers (BN statistics, quantizer state) before each forward."""
+    start and its buffers (BN statistics, quantizer state) before each forward. Parameters
+    the loss never reaches are expected: a Hugging Face encoder trained on its first output
+    leaves its pooler out, and DDP without find_unused_parameters then fails the second step
+    (seen on MiniLM-L6)."""
     device = next(model.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
 def check_quantizers_identical(model: nn.Module, epoch: int) -> None:

@@ -114,6 +114,7 @@ def _rank_job(rank: int, init_file: str, out: str) -> None:
     results["history"] = list(_qat(trained, mine, EPOCHS))
     results["trained"] = trained.state_dict()
     results["divergence"] = _divergence_found(copy.deepcopy(trained), rank)
+    results["two_outputs"] = _train_two_outputs(w)
     try:
         train_qat(copy.deepcopy(calibrated), mine, sync_batchnorm=True, progress=False)
     except BadInputError as exc:
@@ -128,6 +129,28 @@ def _rank_job(rank: int, init_file: str, out: str) -> None:
     results["resumed"] = resumed.state_dict()
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+class _TwoOutputs(torch.nn.Module):
+    """Like a Hugging Face encoder: a second output (the pooler) the loss never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(16, 4)
+        self.pooler = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(x), self.pooler(x)
+
+
+def _train_two_outputs(w) -> list[float]:
+    """Two QAT steps under DDP with parameters no loss reaches (failed the second step)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16), torch.arange(8) % 4
+    prepared = prepare(_TwoOutputs().eval(), "onnxruntime", x[:1])
+    calibrate(prepared, [x], progress=False)
+    batch = distributed.shard((x, y), w)
+    return list(train_qat(prepared, [batch, batch], epochs=1, progress=False))
 
 
 def _divergence_found(prepared, rank: int) -> str:
@@ -211,6 +234,12 @@ def test_a_quantizer_that_differs_between_ranks_is_named(runs):
     for rank in ranks:
         assert "differs between rank 0 and rank 1" in rank["divergence"]
         assert rank["divergence"].startswith("after epoch 1 quantizer model.")
+
+
+def test_parameters_no_loss_reaches_train_on_both_ranks(runs):
+    _, (first, second) = runs
+    assert first["two_outputs"] == second["two_outputs"]
+    assert len(first["two_outputs"]) == 1 and np.isfinite(first["two_outputs"][0])
 
 
 def test_synced_batchnorm_on_cpu_is_refused_naming_why(runs):
