@@ -41,6 +41,7 @@ from qat_deploy.deploy.rules import (
     InputFacts,
     Inputs,
     OpRule,
+    float_islands,
     fused_output,
     get_rules,
     selected_inputs,
@@ -96,7 +97,8 @@ def prepare(
     None decides from this machine's CPU, where the engine is built and checked.
     keep_float: module-path globs ("classifier", "*.attention.*") of Conv/Linear layers that
     stay float (mixed precision): no quantizer of their own, for every backend; the export tags
-    them so lint and the kernel reports count them as float on purpose.
+    them so lint and the kernel reports count them as float on purpose. Ops whose every data
+    neighbour is then float stay float with them (deploy.rules.float_islands).
     """
     rules = get_rules(target)
     if mode not in ("auto", "cnn", "transformer"):
@@ -127,12 +129,19 @@ def prepare(
     _fold_kept_bn(traced, kinds, kept)
     folded_bn = _quantize_weights(traced, kinds, op_rules, factory, plan)
     kinds = _kinds(traced)
+    floats = kept | _float_islands(traced, kinds, rules, transformer, kept)
+    op_rules = _RulesOf(rules.op_rules(transformer), floats)
     _place_activation_quantizers(traced, kinds, op_rules, factory, plan)
     arithmetic.link(traced, kinds, rules)
     plan.fused = _find_fusions(traced, kinds, folded_bn, rules.fusions)
-    plan.float_ops = _float_ops(traced, kinds, rules, transformer, plan, kept)
+    plan.float_ops = _float_ops(traced, kinds, rules, transformer, plan, floats)
     traced.graph.lint()
     traced.recompile()
+    if not plan.weight_layers and not plan.activation_edges and plan.kept_float:
+        raise BadInputError(
+            f"keep_float keeps every layer of {type(model).__name__} float "
+            f"({', '.join(plan.kept_float)}): nothing is left to run in int8"
+        )
     if not plan.weight_layers and not plan.activation_edges:
         raise BadInputError(
             f"{type(model).__name__} has no op that {rules.name} runs in int8 (no Conv, "
@@ -204,6 +213,27 @@ def _fold_kept_bn(gm: fx.GraphModule, kinds, kept: set[fx.Node]) -> None:
         bn_node.replace_all_uses_with(node)
         gm.graph.erase_node(bn_node)
         _set_module(gm, bn_node.target, None)
+
+
+def _float_islands(
+    gm: fx.GraphModule, kinds, rules: BackendRules, transformer: bool, kept: set[fx.Node]
+) -> set[fx.Node]:
+    """The ops between kept-float layers that stay float with them (rules.float_islands)."""
+    if not kept:
+        return set()
+    by_kind = rules.op_rules(transformer)
+    transparent = rules.pass_through | set(FUSED_ACTIVATIONS)
+    return float_islands(
+        gm.graph.nodes,
+        ruled=lambda n: by_kind.get(kinds.get(n)) is not None,
+        kept=lambda n: n in kept,
+        weighted=lambda n: kinds.get(n) in WEIGHTED_KINDS,
+        transparent=lambda n: kinds.get(n) in transparent,
+        producers=lambda n: [
+            None if a.op == "placeholder" else a for a in n.all_input_nodes if a.op != "get_attr"
+        ],
+        users=lambda n: [None if u.op == "output" else u for u in n.users],
+    )
 
 
 def _kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
@@ -172,3 +172,59 @@ CONV_FUSIONS: tuple[tuple[str, ...], ...] = (
     ("conv", "relu6"),
     ("linear", "relu"),
 )
+
+
+def float_islands(
+    nodes: Iterable[T],
+    *,
+    ruled: Callable[[T], bool],
+    kept: Callable[[T], bool],
+    weighted: Callable[[T], bool],
+    transparent: Callable[[T], bool],
+    producers: Callable[[T], Iterable[T | None]],
+    users: Callable[[T], Iterable[T | None]],
+) -> set[T]:
+    """The ops whose rule would quantize them, left float because every op they exchange data
+    with computes in float, with at least one kept float by the user (keep_float or the latency
+    tuner): an Add, Mul, pooling or attention MatMul between float layers would only add Q/DQ
+    pairs that no int8 kernel reads. One interpreter for the torch graph (prepare) and the ONNX
+    graph (lint, the tuner's rewrite); each passes its own walks over hashable node handles.
+
+    ruled: the op's kind has a rule; kept: a layer kept float; weighted: Conv/Linear, which
+    never join an island (only keep_float moves them); transparent: ops the data crosses
+    unchanged in int8 (pass-through kinds, fused activations, Q/DQ). producers / users: the
+    data neighbours, None for a graph input or output."""
+    near = {
+        node: [*_across(node, producers, transparent), *_across(node, users, transparent)]
+        for node in nodes
+        if ruled(node) and not kept(node) and not weighted(node) and not transparent(node)
+    }
+    islands: set[T] = set()
+    grown = True
+    while grown:
+        grown = False
+        for node, neighbours in near.items():
+            if node in islands:
+                continue
+            floats = [n is None or kept(n) or n in islands or not ruled(n) for n in neighbours]
+            seeded = any(n is not None and (kept(n) or n in islands) for n in neighbours)
+            if all(floats) and seeded:
+                islands.add(node)
+                grown = True
+    return islands
+
+
+def _across(
+    node: T, step: Callable[[T], Iterable[T | None]], transparent: Callable[[T], bool]
+) -> list[T | None]:
+    """The ops one step from `node` in one direction, seen through transparent ops."""
+    found: list[T | None] = []
+    pending, seen = list(step(node)), set()
+    while pending:
+        current = pending.pop()
+        if current is None or not transparent(current):
+            found.append(current)
+        elif current not in seen:
+            seen.add(current)
+            pending.extend(step(current))
+    return found

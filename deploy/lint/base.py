@@ -10,8 +10,8 @@ from functools import cached_property
 from onnx import NodeProto
 
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
-from qat_deploy.deploy.ops import is_transformer
-from qat_deploy.deploy.rules import BackendRules, OpRule
+from qat_deploy.deploy.ops import WEIGHTED_KINDS, is_transformer
+from qat_deploy.deploy.rules import FUSED_ACTIVATIONS, BackendRules, OpRule, float_islands
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,55 @@ class Context:
         return self.rules.op_rules(self.transformer)
 
     def rule(self, node: NodeProto) -> OpRule | None:
-        """The op rule the node is held to: its kind's, none for a layer kept float."""
-        return None if self.graph.kept_float(node) else self.op_rules.get(self.graph.kind(node))
+        """The op rule the node is held to: its kind's, none for a layer kept float or an op
+        between such layers (deploy.rules.float_islands, the interpreter prepare() uses)."""
+        if self.graph.kept_float(node) or id(node) in self._float_islands:
+            return None
+        return self.op_rules.get(self.graph.kind(node))
+
+    @cached_property
+    def _float_islands(self) -> set[int]:
+        graph = self.graph
+        if not any(graph.kept_float(n) for n in graph.nodes):
+            return set()
+        by_id = {id(n): n for n in graph.nodes}
+        outputs = {o.name for o in graph.model.graph.output}
+        transparent = self.rules.pass_through | set(FUSED_ACTIVATIONS)
+
+        def producers(handle: int) -> list[int | None]:
+            node = by_id[handle]
+            found = [graph.producer.get(name) for name in self._data_path(node)]
+            return [None if p is None else id(p) for p in found]
+
+        def users(handle: int) -> list[int | None]:
+            node = by_id[handle]
+            found: list[int | None] = [id(r) for o in node.output for r, _ in graph.consumers[o]]
+            return found + [None] * sum(o in outputs for o in node.output)
+
+        return float_islands(
+            by_id,
+            ruled=lambda h: self.op_rules.get(graph.kind(by_id[h])) is not None,
+            kept=lambda h: graph.kept_float(by_id[h]),
+            weighted=lambda h: graph.kind(by_id[h]) in WEIGHTED_KINDS,
+            transparent=lambda h: (
+                by_id[h].op_type in (QUANTIZE, DEQUANTIZE)
+                or graph.kind(by_id[h]) in transparent
+                or graph.part_of_weighted(by_id[h])
+            ),
+            producers=producers,
+            users=users,
+        )
+
+    def _data_path(self, node: NodeProto) -> list[str]:
+        """The run-time inputs data flows in by: a Q/DQ's first, all of a weighted op's helper
+        node (a bias Add), another op's data inputs."""
+        if node.op_type in (QUANTIZE, DEQUANTIZE):
+            names = node.input[:1]
+        elif self.graph.part_of_weighted(node):
+            names = node.input
+        else:
+            return self.graph.runtime_inputs(node)
+        return [n for n in names if n and not self.graph.is_constant(n)]
 
     @property
     def symmetric_only(self) -> bool:

@@ -101,6 +101,12 @@ class Graph:
             return False
         return sorted(a % 4 for a in axes or []) == [2, 3]
 
+    def part_of_weighted(self, node: NodeProto) -> bool:
+        """A node exported beside a weighted op's anchor (a Linear's bias Add): the data
+        crosses it into or out of that op."""
+        tagged, _ = self._tags[id(node)]
+        return tagged in _ANCHORS and self.kind(node) is None
+
     def same_op(self, a: NodeProto, b: NodeProto) -> bool:
         """Whether two ONNX nodes were exported from one torch op (a SiLU's Sigmoid and Mul)."""
         op = self._tags[id(a)][1]

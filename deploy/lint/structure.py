@@ -143,11 +143,10 @@ def check_concat_scales(ctx: Context) -> Iterator[Violation]:
 def check_residual_adds(ctx: Context) -> Iterator[Violation]:
     """Inputs.SKIP_BRANCH: the backend fuses a Conv into the Add that reads its output, so that
     input must not pass through Q/DQ, and every other (skip-branch) input must be quantized."""
-    rule = ctx.op_rules.get("add")
-    if rule is None or rule.inputs is not Inputs.SKIP_BRANCH:
-        return
     for node in ctx.graph.nodes:
-        inputs = ctx.graph.runtime_inputs(node) if ctx.graph.kind(node) == "add" else []
+        if ctx.graph.kind(node) != "add" or (rule := ctx.rule(node)) is None:
+            continue
+        inputs = ctx.graph.runtime_inputs(node) if rule.inputs is Inputs.SKIP_BRANCH else []
         if len(inputs) > 1:
             yield from _check_residual(ctx, node, inputs)
 

@@ -9,8 +9,9 @@ it picks is then produced by prepare(keep_float=...) like any user's keep-float 
 with_float makes a region what prepare's keep_float makes it: float weights (the dequantized
 int8 ones: same values the fake-quant model computed with), and no Q/DQ pair that no longer has
 an int8 reason to exist (its input quantizer unless another reader or an int8 producer needs it,
-its output quantizer in front of an op the rules leave float). The nodes are tagged FLOAT_KEY,
-so the linter holds them to no rule.
+its output quantizer in front of an op the rules leave float, the quantizers of an op whose
+every neighbour is now float: deploy.rules.float_islands, through lint's Context.rule). The
+nodes are tagged FLOAT_KEY, so the linter holds them to no rule.
 """
 
 from __future__ import annotations

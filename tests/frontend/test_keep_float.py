@@ -2,7 +2,9 @@
 
 Expected placements are written by hand from the rules (see test_placement.py for the
 all-int8 ones): a kept layer loses its weight quantizer and the input/output quantizers its
-own rule asked for; quantizers other int8 ops need stay, and the kept layer reads those.
+own rule asked for; quantizers other int8 ops need stay, and the kept layer reads those. An op
+whose every data neighbour is float, one of them kept (the residual Add after a kept conv2,
+between the block's input and output), stays float with it (deploy.rules.float_islands).
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ from qat_deploy.deploy.prepare import prepare
 from tests.frontend.blocks import BasicBlock, FusedQKVAttention, randomize_bn
 from tests.frontend.test_placement import IMG, SEQ, TARGETS
 
-#: BasicBlock with conv2 kept float (its BN folds into it, so the Add reads "conv2")
+#: BasicBlock with conv2 kept float (its BN folds into it, so the Add reads "conv2"): the Add
+#: reads the float input and conv2 and feeds the output, so it stays float
 KEPT_CONV2 = {
-    # conv1's input; the residual Add quantizes its skip branch only, conv2 still fusible
-    "tensorrt": {("x", "conv1"), ("x", "add")},
-    # both Add inputs, as in the all-int8 block
-    "openvino": {("x", "conv1"), ("x", "add"), ("conv2", "add")},
+    "tensorrt": {("x", "conv1")},
+    "openvino": {("x", "conv1")},
     # QLinearConv conv1 writes int8 (OpRule.output), so the float conv2 reads it dequantized
-    "onnxruntime": {("x", "conv1"), ("relu1", "conv2"), ("x", "add"), ("conv2", "add")},
+    "onnxruntime": {("x", "conv1"), ("relu1", "conv2")},
 }
 
 
@@ -38,23 +39,31 @@ def test_a_kept_layer_has_no_quantizer_of_its_own(target):
     assert prepared.plan.kept_float == ["conv2"]
     assert prepared.plan.weight_layers == {"conv1"}
     assert prepared.plan.activation_edges == KEPT_CONV2[target]
-    assert "conv2" in prepared.plan.float_ops
+    assert {"conv2", "add"} <= set(prepared.plan.float_ops)
 
 
-#: BasicBlock with both convs kept float: only the residual Add's own rule still quantizes
-ADD_ONLY = {
-    "tensorrt": {("x", "add")},
-    "openvino": {("x", "add"), ("conv2", "add")},
-    "onnxruntime": {("x", "add"), ("conv2", "add")},
+#: BasicBlock with conv1 kept float: the Add reads the int8 conv2, so its rule still applies
+KEPT_CONV1 = {
+    "tensorrt": {("relu1", "conv2"), ("x", "add")},
+    "openvino": {("relu1", "conv2"), ("x", "add"), ("conv2", "add")},
+    "onnxruntime": {("relu1", "conv2"), ("x", "add"), ("conv2", "add")},
 }
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_other_ops_keep_their_rules_when_every_layer_is_kept(target):
-    prepared = prepare(randomize_bn(BasicBlock()), target, IMG, keep_float=["conv*"])
-    assert prepared.plan.kept_float == ["conv1", "conv2"]
-    assert prepared.plan.weight_layers == set()
-    assert prepared.plan.activation_edges == ADD_ONLY[target]
+def test_an_op_beside_an_int8_layer_keeps_its_rule(target):
+    prepared = prepare(
+        randomize_bn(BasicBlock()), target, IMG, reduce_range=False, keep_float=["conv1"]
+    )
+    assert prepared.plan.weight_layers == {"conv2"}
+    assert prepared.plan.activation_edges == KEPT_CONV1[target]
+    assert "add" not in prepared.plan.float_ops
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_keeping_every_layer_float_is_bad_input_naming_them(target):
+    with pytest.raises(BadInputError, match=r"keep_float keeps every layer .*conv1, conv2"):
+        prepare(randomize_bn(BasicBlock()), target, IMG, keep_float=["conv*"])
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -40,6 +40,25 @@ class HardSwishBlock(nn.Module):
         return out + x if self.residual else out
 
 
+class SqueezeExciteBlock(nn.Module):
+    """MobileNetV3's block with its squeeze-excite: a global average pool, two 1x1 Convs and a
+    HardSigmoid gating a Mul, inside a residual Add."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.expand = nn.Conv2d(c, 2 * c, 1)
+        self.depthwise = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.fc1 = nn.Conv2d(2 * c, c, 1)
+        self.fc2 = nn.Conv2d(c, 2 * c, 1)
+        self.project = nn.Conv2d(2 * c, c, 1)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        y = self.act(self.depthwise(self.act(self.expand(x))))
+        gate = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), True)))))
+        return self.project(y * gate) + x
+
+
 BLOCKS = {
     "basic": lambda: randomize_bn(BasicBlock()),
     "inverted": lambda: randomize_bn(InvertedResidual()),
@@ -90,6 +109,33 @@ def test_a_region_made_float_is_what_keep_float_exports(block, target, tmp_path)
 def test_prepare_places_no_quantizer_the_cleanup_would_remove(block, target, tmp_path):
     untuned = exported(BLOCKS[block]().eval(), target, tmp_path, "untuned")
     assert drop_unneeded_quantizers(untuned, get_rules(target)) == 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ops_between_float_regions_go_float_with_them_as_prepare_places_them(target, tmp_path):
+    """Everything after `expand` float: the pool, the gate Mul and the residual Add read and
+    feed only float layers (or the graph's input and output), so no Q/DQ pair is left for
+    them, in the rewrite as in prepare(keep_float=...). The Add may read the input's DQ, which
+    stays for the int8 `expand`."""
+    model = SqueezeExciteBlock().eval()
+    untuned = exported(model, target, tmp_path, "untuned")
+    rules = get_rules(target)
+    floated = [r.layer for r in regions(untuned, rules) if r.layer != "expand"]
+    assert floated == ["depthwise", "fc1", "fc2", "project"]
+    rewritten = with_float(untuned, floated, rules)
+    reference = exported(model, target, tmp_path, "kept", keep_float=floated)
+    assert shape_of(rewritten, target) == shape_of(reference, target)
+    assert lint(rewritten, target) == []
+    producers = {o: n for n in rewritten.graph.node for o in n.output}
+    readers = collections.defaultdict(set)
+    for node in rewritten.graph.node:
+        for name in node.input:
+            readers[name].add(node.op_type)
+    for node in rewritten.graph.node:
+        if node.op_type in ("ReduceMean", "GlobalAveragePool", "Mul", "Add"):
+            fed = [producers[i] for i in node.input if i in producers]
+            dequantized = [p.output[0] for p in fed if p.op_type == "DequantizeLinear"]
+            assert all("Conv" in readers[d] for d in dequantized), node.name
 
 
 def test_float_regions_compute_what_the_int8_weights_say(tmp_path):
