@@ -60,7 +60,7 @@ LAYERS_PNG = "layers.png"
 #: the accuracy budget's reference engine: every layer the rules quantize in int8
 ALL_INT8 = "all_int8"
 #: calibrations that trade rare outliers for resolution of the rest of a tensor
-CLIPPING_OBSERVERS = ("percentile", "mse")
+CLIPPING_OBSERVERS = ("percentile", "mse", "entropy")
 STAGES = (
     "prepare",
     "calibrate",

@@ -27,7 +27,11 @@ from qat_deploy.deploy.lowering import SOURCE_MODULE, lower, node_kind
 from qat_deploy.deploy.ops import WEIGHTED_KINDS, is_transformer
 from qat_deploy.deploy.plan import QuantizerSite, QuantPlan
 from qat_deploy.deploy.quant.fake_quant import FakeQuantize
-from qat_deploy.deploy.quant.histogram_observers import MSEObserver, PercentileObserver
+from qat_deploy.deploy.quant.histogram_observers import (
+    EntropyObserver,
+    MSEObserver,
+    PercentileObserver,
+)
 from qat_deploy.deploy.quant.observers import (
     CurrentMinMaxObserver,
     MinMaxObserver,
@@ -52,6 +56,7 @@ OBSERVERS = {
     "ema": MovingAverageMinMaxObserver,
     "percentile": PercentileObserver,
     "mse": MSEObserver,
+    "entropy": EntropyObserver,
 }
 
 

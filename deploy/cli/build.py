@@ -80,7 +80,8 @@ DEFAULT = DEFAULT_THRESHOLDS["int8_vs_fakequant"]
 #: the model and data options every command that runs the recipe takes
 TargetOption = Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or onnxruntime")]
 CalibrationOption = Annotated[
-    str, Opt(help="Activation ranges: minmax, percentile or mse (these two clip outliers), ema.")
+    str,
+    Opt(help="Activation ranges: minmax, percentile, mse or entropy (these clip outliers), ema."),
 ]
 ModelOption = Annotated[str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")]
 InputShapeOption = Annotated[

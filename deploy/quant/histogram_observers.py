@@ -1,4 +1,5 @@
-"""Observers that keep a histogram and clip outliers: percentile and MSE-optimal range.
+"""Observers that keep a histogram and clip outliers: percentile, MSE-optimal and entropy
+(TensorRT's KL-divergence calibration) ranges.
 
 One histogram per channel (a single one per tensor), re-binned when the observed range grows,
 so any number of calibration batches fits in fixed memory.
@@ -48,7 +49,11 @@ class HistogramObserver(Observer):
             centers = old_lo[:, None] + (torch.arange(self.bins) + 0.5) * old_width[:, None]
             self.hist.copy_(self._binned(centers, self.hist))
         rows = self._rows(x).to(torch.float64)
-        self.hist.add_(reduce_counts(self._binned(rows, torch.ones_like(rows))))
+        self.hist.add_(reduce_counts(self._binned(rows, self._counts(rows))))
+
+    def _counts(self, rows: torch.Tensor) -> torch.Tensor:
+        """How much each value adds to its bin: every value counts once."""
+        return torch.ones_like(rows)
 
     def _centers(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, width = self._edges()
@@ -134,3 +139,91 @@ class MSEObserver(HistogramObserver):
             best_lo = torch.where(better, cand_lo, best_lo)
             best_hi = torch.where(better, cand_hi, best_hi)
         return best_lo.reshape(self.min_val.shape), best_hi.reshape(self.max_val.shape)
+
+
+class EntropyObserver(HistogramObserver):
+    """TensorRT's entropy calibration (IInt8EntropyCalibrator2; Migacz, "8-bit Inference with
+    TensorRT", 2017): the threshold t whose quantized |x| histogram loses the least
+    information, i.e. minimises KL(P || Q) over candidate thresholds.
+
+    For each candidate, P is the histogram up to t with everything beyond folded into its last
+    bin, and Q is the histogram up to t merged into the grid's levels and spread back evenly over
+    the bins that held data (Q gets _UNCOVERED_COUNT where P's folded outliers meet an empty
+    bin). Symmetric specs use qmax + 1 levels (128 for int8) on [0, t].
+    Affine specs: non-negative data (post-ReLU) keeps lo at its observed min and searches t with
+    all qmax - qmin + 1 levels, since the whole grid then serves [0, t]; signed data searches |x|
+    with half the levels, as a grid clipped to [-t, t] spends half its codes on each side (a
+    search per tail would need the split of codes, which depends on both thresholds).
+    Exact zeros are not counted: the grid holds 0 exactly, and a ReLU's spike at 0 would
+    otherwise dominate the divergence and drag t far down.
+    """
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._rows(x).abs()
+
+    def _edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bins over [0, max |x|]: the search only looks at magnitudes."""
+        amax = torch.maximum(-self.min_val, self.max_val).reshape(-1).to(torch.float64)
+        return torch.zeros_like(amax), amax.clamp_min(MIN_SCALE) / self.bins
+
+    def _counts(self, rows: torch.Tensor) -> torch.Tensor:
+        return (rows != 0).to(rows.dtype)
+
+    def clip_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = self.min_val.reshape(-1).to(torch.float64)
+        hi = self.max_val.reshape(-1).to(torch.float64)
+        if self.spec.symmetric:
+            levels = torch.full_like(lo, self.spec.qmax + 1, dtype=torch.long)
+        else:
+            codes = self.spec.qmax - self.spec.qmin + 1
+            levels = torch.where(lo >= 0, codes, codes // 2)
+        kept = torch.empty_like(levels)
+        for n in levels.unique().tolist():
+            rows = levels == n
+            kept[rows] = _least_divergent(self.hist[rows], n)
+        _, width = self._edges()
+        t = torch.minimum(kept * width, torch.maximum(-lo, hi))
+        if self.spec.symmetric:
+            return self._shape_like_range(-t), self._shape_like_range(t)
+        return self._shape_like_range(lo.clamp_min(-t)), self._shape_like_range(hi.clamp_max(t))
+
+
+#: Q's count in the bin P's outliers fold into when no data fell there (MXNet's TensorRT-style
+#: calibrator smooths with the same 1e-4): without it a threshold in the empty stretch between
+#: the bulk and far outliers has infinite KL, and the search keeps an outlier instead
+_UNCOVERED_COUNT = 1e-4
+
+
+def _least_divergent(hist: torch.Tensor, levels: int) -> torch.Tensor:
+    """Per row of `hist` (rows, bins), the number of leading bins i whose threshold minimises
+    KL(P || Q), for every i in [levels, bins] at once.
+
+    With cumulative sums over bins, each candidate costs O(levels) instead of O(bins):
+    KL = (sum P log P - sum P log Q) / S + log(C / S), where S is the total count, C the count
+    below the threshold (plus Q's count for uncovered outliers), and sum P log Q = sum over
+    levels of m log(m / n) (m: a level's count, n: its non-empty bins) plus the outliers times
+    the log of Q in the last bin.
+    """
+    rows, bins = hist.shape
+    cand = torch.arange(min(levels, bins), bins + 1)
+    # level k of candidate i holds bins [ceil(k i / levels), ceil((k + 1) i / levels))
+    bounds = (cand[:, None] * torch.arange(levels + 1) + levels - 1) // levels
+
+    def cumulative(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros(rows, 1, dtype=t.dtype), t.cumsum(dim=1)], dim=1)
+
+    counts, nonempty = cumulative(hist), cumulative((hist > 0).to(hist.dtype))
+    level_count = counts[:, bounds].diff(dim=2)
+    level_mean = level_count / nonempty[:, bounds].diff(dim=2).clamp_min(1)
+    total, below = counts[:, -1:], counts[:, cand]
+    outliers, last = total - below, hist[:, cand - 1]
+    p_log_p = cumulative(torch.xlogy(hist, hist))[:, cand - 1] + torch.xlogy(
+        last + outliers, last + outliers
+    )
+    # outliers folded into a bin Q leaves empty: a tiny count there, not an infinite divergence
+    uncovered = (last == 0) & (outliers > 0)
+    q_top = torch.where(uncovered, _UNCOVERED_COUNT, level_mean[..., -1])
+    q_total = below + torch.where(uncovered, _UNCOVERED_COUNT, 0.0)
+    p_log_q = torch.xlogy(level_count, level_mean).sum(dim=2) + torch.xlogy(outliers, q_top)
+    kl = (p_log_p - p_log_q) / total + torch.log(q_total / total)
+    return cand[torch.where(below == 0, torch.inf, kl).argmin(dim=1)]

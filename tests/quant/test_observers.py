@@ -21,8 +21,15 @@ from qat_deploy.deploy.quant import (
     fake_quantize,
     quantize,
 )
+from qat_deploy.deploy.quant.histogram_observers import EntropyObserver
 
-OBSERVERS = [MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, MSEObserver]
+OBSERVERS = [
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    PercentileObserver,
+    MSEObserver,
+    EntropyObserver,
+]
 SPECS = [
     QuantSpec(bits=8, signed=True, symmetric=True),
     QuantSpec(bits=8, signed=False, symmetric=False),
@@ -180,3 +187,122 @@ def test_per_channel_observer_checks_channel_count():
     obs = MinMaxObserver(SPECS[2], 4)
     with pytest.raises(BadInputError, match="expected 4 channels"):
         obs(torch.randn(3, 5))
+
+
+def _bulk_mse(x: torch.Tensor, bulk: torch.Tensor, obs) -> float:
+    """Fake-quant MSE on the `bulk` values, with the qparams `obs` chose after seeing `x`."""
+    obs(x)
+    scale, zp = obs.compute_qparams()
+    return torch.mean((fake_quantize(bulk, scale, zp, obs.spec) - bulk) ** 2).item()
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1]])
+def test_entropy_clips_far_outliers_and_beats_minmax_on_the_bulk(spec):
+    rng = np.random.default_rng(5)
+    bulk = torch.from_numpy(rng.normal(size=100_000).astype(np.float32))
+    outliers = torch.tensor([35.0, -42.0, 50.0, -60.0, 55.0])
+    x = torch.cat([bulk, outliers])
+    obs = EntropyObserver(spec)
+    mse = _bulk_mse(x, bulk, obs)
+    lo, hi = obs.clip_range()
+    assert 3.0 < hi.item() < 60.0 / 4  # the outliers go, the bulk (|x| < 4.5) stays
+    assert -60.0 / 4 < lo.item() < -3.0
+    assert mse < 0.5 * _bulk_mse(x, bulk, MinMaxObserver(spec))
+
+
+@pytest.mark.parametrize(
+    ("spec", "low"), [(SPECS[0], -1.0), (SPECS[1], 0.0), (SPECS[1], -1.0), (SPECS[3], -1.0)]
+)
+def test_entropy_keeps_the_range_of_uniform_data(spec, low):
+    rng = np.random.default_rng(6)
+    x = rng.uniform(low, 1.0, size=100_000).astype(np.float32)
+    obs = EntropyObserver(spec)
+    obs(torch.from_numpy(x))
+    lo, hi = obs.clip_range()
+    assert hi.item() >= 0.98 * x.max()
+    assert lo.item() <= 0.98 * x.min() if low < 0 else lo.item() == x.min()
+
+
+def _reference_kl_threshold(x: np.ndarray, bins: int = 2048, levels: int = 128) -> float:
+    """Migacz, "8-bit Inference with TensorRT" (2017), written out candidate by candidate.
+
+    The one point the slides leave open, Q = 0 where P > 0 (outliers folded into an empty bin),
+    gets a count of 1e-4 there, as MXNet's TensorRT-style calibrator smooths.
+    """
+    hist, edges = np.histogram(np.abs(x), bins=bins, range=(0.0, float(np.abs(x).max())))
+    hist = hist.astype(np.float64)
+    best_kl, best_i = np.inf, bins
+    for i in range(levels, bins + 1):  # i == bins: no clipping
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()
+        level = np.digitize(np.arange(i), np.linspace(0, i, levels + 1)) - 1
+        merged = np.bincount(level, weights=hist[:i], minlength=levels)
+        filled = np.bincount(level, weights=hist[:i] > 0, minlength=levels)
+        q = np.where(hist[:i] > 0, merged[level] / np.maximum(filled[level], 1), 0.0)
+        q[(p > 0) & (q == 0)] = 1e-4
+        p, q = p / p.sum(), q / q.sum()
+        kl = np.sum(p[p > 0] * np.log(p[p > 0] / q[p > 0]))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return (best_i - 1 + 0.5) * (edges[1] - edges[0])  # the slides' (m + 0.5) * bin width
+
+
+@pytest.mark.parametrize("dist", ["normal", "laplace", "student_t", "normal_outliers"])
+def test_entropy_threshold_matches_reference_kl_search(dist):
+    rng = np.random.default_rng(7)
+    x = {
+        "normal": lambda: rng.normal(size=200_000),
+        "laplace": lambda: rng.laplace(size=200_000),
+        "student_t": lambda: rng.standard_t(4, size=200_000),
+        "normal_outliers": lambda: np.concatenate(
+            [rng.normal(size=200_000), rng.uniform(-30, 30, size=8)]
+        ),
+    }[dist]().astype(np.float32)
+    obs = EntropyObserver(SPECS[0])
+    obs(torch.from_numpy(x))
+    lo, hi = obs.clip_range()
+    bin_width = float(np.abs(x).max()) / obs.bins
+    assert hi.item() == pytest.approx(_reference_kl_threshold(x), abs=2 * bin_width)
+    assert lo.item() == -hi.item()
+
+
+def test_entropy_affine_relu_output_starts_at_zero():
+    """Post-ReLU data: lo stays 0 (zero point 0), and the half of the values that are exactly
+    0 does not drag the threshold into the bulk."""
+    rng = np.random.default_rng(8)
+    relu = np.maximum(rng.normal(size=200_000), 0).astype(np.float32)
+    positive = relu[relu > 0]
+    for x, most in [(relu, positive.max()), (np.append(relu, [40.0, 50.0]), 50.0 / 4)]:
+        obs = EntropyObserver(SPECS[1])
+        obs(torch.from_numpy(x))
+        lo, hi = obs.clip_range()
+        _, zp = obs.compute_qparams()
+        assert lo.item() == 0.0 and zp.item() == 0
+        assert np.percentile(positive, 99.9) < hi.item() <= most
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=8, signed=True, symmetric=True, axis=1),
+        QuantSpec(bits=8, signed=False, symmetric=False, axis=1),
+    ],
+)
+def test_entropy_per_channel_matches_per_tensor_on_each_channel(spec):
+    """Channels with different shapes (and, affine, different level counts) are searched
+    independently: each gets what a per-tensor observer on that channel alone gets."""
+    rng = np.random.default_rng(9)
+    spiky = np.append(rng.normal(size=4_999), 40.0)
+    channels = [spiky, np.maximum(rng.normal(size=5_000), 0), rng.uniform(-1, 1, size=5_000)]
+    x = torch.from_numpy(np.stack(channels, axis=1).astype(np.float32).reshape(100, 3, 50))
+    obs = EntropyObserver(spec, channels=3)
+    obs(x)
+    lo, hi = obs.clip_range()
+    assert hi[0].item() < 40.0 / 4
+    per_tensor = QuantSpec(bits=8, signed=spec.signed, symmetric=spec.symmetric)
+    for c in range(3):
+        ref = EntropyObserver(per_tensor, bins=obs.bins)
+        ref(x[:, c])
+        ref_lo, ref_hi = ref.clip_range()
+        assert lo[c].item() == pytest.approx(ref_lo.item(), rel=1e-6)
+        assert hi[c].item() == pytest.approx(ref_hi.item(), rel=1e-6)
