@@ -4,6 +4,7 @@
   become call_module nodes of nn.Conv*/nn.Linear modules that hold the very same parameters,
   whether the user wrote nn.Conv2d or F.conv2d on an nn.Parameter; prepare() then swaps them
   for fake-quantized modules and folds BatchNorm, as torchao's PT2E QAT does for conv-bn.
+- embedding of a constant table becomes an nn.Embedding module (weight-only int8 tables).
 - batch_norm and dropout become nn.BatchNorm*/nn.Dropout modules, so train()/eval() of the
   prepared graph switches them as it switches the user's model (torch.export records the mode
   of the moment of capture; torchao needs move_exported_model_to_train for the same reason).
@@ -40,6 +41,7 @@ MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     *((cls, "conv_transpose") for cls in _CONV_CLASSES["conv_transpose"]),
     *((cls, "conv") for cls in _CONV_CLASSES["conv"]),
     (nn.Linear, "linear"),
+    (nn.Embedding, "embedding"),
     (nn.modules.batchnorm._BatchNorm, "bn"),
     (nn.Dropout, "identity"),
 )
@@ -56,6 +58,8 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
             continue
         if kind in WEIGHTED_KINDS or (kind == "matmul" and _constant_2d(gm, node)):
             _to_weighted_module(gm, node, kind)
+        elif kind == "embedding":
+            _to_embedding(gm, node)
         elif kind == "bn" and node.target == aten.batch_norm.default:
             _to_batch_norm(gm, node)
         elif node.target == aten.dropout.default:
@@ -158,6 +162,21 @@ def _to_weighted_module(gm: fx.GraphModule, node: fx.Node, kind: str) -> None:
         module.bias = None if bias is None else _parameter(bias)
         name = weight_node.target.rpartition(".")[0] or f"{weight_node.target}_{kind}"
     _to_module(gm, node, module, name, a.get("input", node.args[0]))
+
+
+def _to_embedding(gm: fx.GraphModule, node: fx.Node) -> None:
+    """aten.embedding of a constant table -> nn.Embedding holding that table, so a backend
+    that stores tables in int8 (BackendRules.weight_only) can give it a weight quantizer."""
+    weight_node, indices = node.args[:2]
+    weight = _tensor_attr(gm, weight_node)
+    if weight is None or weight.dim() != 2:
+        return
+    padding = node.args[2] if len(node.args) > 2 else -1
+    with torch.device("meta"):
+        module = nn.Embedding(*weight.shape, padding_idx=None if padding < 0 else padding)
+    module.weight = _parameter(weight)
+    name = weight_node.target.rpartition(".")[0] or f"{weight_node.target}_embedding"
+    _to_module(gm, node, module, name, indices)
 
 
 def _conv_module(kind: str, weight: torch.Tensor, has_bias: bool, a: dict) -> nn.Module:

@@ -38,7 +38,7 @@ from qat_deploy.deploy.quant.observers import (
     MovingAverageMinMaxObserver,
 )
 from qat_deploy.deploy.quant.spec import QuantSpec
-from qat_deploy.deploy.quant_modules import QuantConv, QuantConvBn, QuantLinear
+from qat_deploy.deploy.quant_modules import QuantConv, QuantConvBn, QuantEmbedding, QuantLinear
 from qat_deploy.deploy.rules import (
     FUSED_ACTIVATIONS,
     BackendRules,
@@ -121,7 +121,7 @@ def prepare(
     flat = flat_inputs(traced, args, kwargs)
     _propagate_shapes(traced, flat)
     kinds = _kinds(traced)
-    kept = _kept_float(traced, kinds, keep_float)
+    kept = _kept_float(traced, kinds, keep_float, (*WEIGHTED_KINDS, *rules.weight_only))
     transformer = mode == "transformer" or (mode == "auto" and is_transformer(kinds.values()))
     plan = QuantPlan(
         target=rules.name,
@@ -133,6 +133,7 @@ def prepare(
     op_rules = _RulesOf(rules.op_rules(transformer), kept)
     _fold_kept_bn(traced, kinds, kept)
     folded_bn = _quantize_weights(traced, kinds, op_rules, factory, plan)
+    _quantize_tables(traced, kinds, kept, factory, plan)
     kinds = _kinds(traced)
     floats = kept | _float_islands(traced, kinds, rules, transformer, kept)
     op_rules = _RulesOf(rules.op_rules(transformer), floats)
@@ -177,13 +178,16 @@ class _RulesOf:
         return None if node in self.kept else self.by_kind.get(kind)
 
 
-def _kept_float(gm: fx.GraphModule, kinds, patterns: Sequence[str]) -> set[fx.Node]:
-    """The Conv/Linear layers whose module path matches a keep_float glob; a glob matching
+def _kept_float(
+    gm: fx.GraphModule, kinds, patterns: Sequence[str], weighted: Sequence[str]
+) -> set[fx.Node]:
+    """The layers with int8 weights (`weighted` kinds: Conv/Linear, and the tables of
+    BackendRules.weight_only) whose module path matches a keep_float glob; a glob matching
     none is the user's typo, not a no-op."""
     layers = {
         n: (str(n.target), n.meta.get(SOURCE_MODULE))
         for n in gm.graph.nodes
-        if n.op == "call_module" and kinds.get(n) in WEIGHTED_KINDS
+        if n.op == "call_module" and kinds.get(n) in weighted
     }
     kept = set()
     for pattern in patterns:
@@ -261,6 +265,16 @@ class _QuantizerFactory:
         fq.location = location
         return fq
 
+    def table(self, module: nn.Module, location: str) -> FakeQuantize:
+        """Per-row 8-bit codes: no int8 dot product reads a table, so the 7-bit weights of
+        BackendRules.int16_pair_sums_without_vnni do not apply."""
+        spec = replace(self.rules.weight, axis=0).with_bits(self.bits)
+        fq = FakeQuantize(
+            spec, CurrentMinMaxObserver, channels=module.weight.shape[0], learnable=self.learnable
+        )
+        fq.location = location
+        return fq
+
     def weight(self, module: nn.Module, kind: str, location: str) -> FakeQuantize:
         axis = self.rules.weight_axis.get(kind, self.rules.weight.axis)
         spec = replace(self.rules.weight, axis=axis).with_bits(self.weight_bits)
@@ -331,6 +345,24 @@ def _quantize_weights(
             QuantizerSite(f"{node.target}.weight_quant", "weight", fq.spec, node.name)
         )
     return folded_bn
+
+
+def _quantize_tables(
+    gm: fx.GraphModule, kinds, kept: set[fx.Node], factory: _QuantizerFactory, plan: QuantPlan
+) -> None:
+    """Swap the tables of BackendRules.weight_only kinds (Embedding) for per-row int8 ones."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node in kept:
+            continue
+        if kinds.get(node) not in factory.rules.weight_only:
+            continue
+        layer = modules[node.target]
+        fq = factory.table(layer, f"{node.target}.weight")
+        _set_module(gm, node.target, QuantEmbedding(layer, fq))
+        plan.sites.append(
+            QuantizerSite(f"{node.target}.weight_quant", "weight", fq.spec, node.name)
+        )
 
 
 def _find_fusions(gm, kinds, folded_bn: dict[str, str], patterns) -> list[tuple[str, ...]]:

@@ -51,19 +51,33 @@ def _channel_shape(module: nn.Module, weight_axis: int) -> list[int]:
 BIASED_KINDS = ("conv", "conv_transpose", "linear")
 
 
-class _EngineBias(nn.Module):
-    """Bias as an int8 kernel adds it: round(b / (x_scale * w_scale)) in the int32 accumulator
-    (straight-through gradient), once round_bias_with() names the data-input quantizer."""
+class _ExportWeight(nn.Module):
+    """A fake-quantized weight that export writes already inside its quantizer's range."""
 
     weight_quant: FakeQuantize
-    _bias_source: FakeQuantize | None = None
     #: the weight export writes, fixed when export mode is switched on (see set_export_mode)
     _export_weight: torch.Tensor | None = None
 
-    def _weight_for_export(self, enabled: bool, weight: torch.Tensor) -> None:
+    def float_weight(self) -> torch.Tensor:
+        """The wrapped layer's own (float, trainable) weight."""
+        raise NotImplementedError
+
+    def set_export_mode(self, enabled: bool) -> None:
         with torch.no_grad():
-            fixed = self.weight_quant.within_range(weight.detach()).clone() if enabled else None
+            weight = self.float_weight().detach()
+            fixed = self.weight_quant.within_range(weight).clone() if enabled else None
         self.__dict__["_export_weight"] = fixed
+
+    def quantized_weight(self) -> torch.Tensor:
+        weight = self.float_weight() if self._export_weight is None else self._export_weight
+        return self.weight_quant(weight)
+
+
+class _EngineBias(_ExportWeight):
+    """Bias as an int8 kernel adds it: round(b / (x_scale * w_scale)) in the int32 accumulator
+    (straight-through gradient), once round_bias_with() names the data-input quantizer."""
+
+    _bias_source: FakeQuantize | None = None
 
     def round_bias_with(self, source: FakeQuantize) -> None:
         self.__dict__["_bias_source"] = source  # a reference, not a second owner in state_dict
@@ -93,12 +107,11 @@ class QuantConv(_EngineBias):
         self.weight_quant = weight_quant
         self.op_kind = kind
 
-    def set_export_mode(self, enabled: bool) -> None:
-        self._weight_for_export(enabled, self.conv.weight)
+    def float_weight(self) -> torch.Tensor:
+        return self.conv.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.conv.weight if self._export_weight is None else self._export_weight
-        weight = self.weight_quant(weight)
+        weight = self.quantized_weight()
         return _conv(self.conv, x, weight, self.engine_bias(self.conv.bias))
 
 
@@ -112,13 +125,11 @@ class QuantLinear(_EngineBias):
         self.linear = linear
         self.weight_quant = weight_quant
 
-    def set_export_mode(self, enabled: bool) -> None:
-        self._weight_for_export(enabled, self.linear.weight)
+    def float_weight(self) -> torch.Tensor:
+        return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.linear.weight if self._export_weight is None else self._export_weight
-        weight = self.weight_quant(weight)
-        return F.linear(x, weight, self.engine_bias(self.linear.bias))
+        return F.linear(x, self.quantized_weight(), self.engine_bias(self.linear.bias))
 
 
 class QuantConvBn(_EngineBias):
@@ -188,3 +199,20 @@ class QuantConvBn(_EngineBias):
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(shape)
         return self.bn(y)
+
+
+class QuantEmbedding(_ExportWeight):
+    """Embedding with a fake-quantized (per-row int8) table: weight-only, the lookup is float."""
+
+    op_kind = "embedding"
+
+    def __init__(self, embedding: nn.Embedding, weight_quant: FakeQuantize) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.weight_quant = weight_quant
+
+    def float_weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices, self.quantized_weight(), self.embedding.padding_idx)

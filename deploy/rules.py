@@ -91,6 +91,11 @@ class BackendRules:
     #: per-channel Mul before those quantizers, which the runtime must fold into its
     #: quantization step to stay fast.
     smooth_quant_alphas: tuple[float, ...] = ()
+    #: Op kinds whose constant table the engine stores int8 and dequantizes itself (weight-only
+    #: int8: Embedding): per-row symmetric 8-bit codes, float compute. The export writes the
+    #: table as int8 -> DequantizeLinear -> Gather, which must not cost run time (the runtime
+    #: gathers from the compressed table, or folds the DQ once).
+    weight_only: frozenset[str] = frozenset()
     notes: str = ""
 
     def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:
