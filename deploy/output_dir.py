@@ -73,7 +73,25 @@ def stale_temps(folder: Path) -> list[Path]:
 
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete stale_temps(folder); returns them."""
-    removed = stale_temps(folder)
+    return _remove(stale_temps(folder))
+
+
+def remove_own_temps(folder: Path) -> list[Path]:
+    """Delete the temp files and folders this process left under `folder`: on the way out of
+    a failed or interrupted run every atomic write has ended, so any left is debris (CI has
+    twice seen onnxruntime's engine temp file left after a SIGINT in the engine stage; the
+    path that leaves it is not known)."""
+    pid = os.getpid()
+    return _remove(
+        [
+            p
+            for p in Path(folder).rglob(".*.tmp")
+            if TEMP_PATTERN.fullmatch(p.name) and _writer(p) == pid
+        ]
+    )
+
+
+def _remove(removed: list[Path]) -> list[Path]:
     for path in removed:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -14,6 +14,7 @@ from qat_deploy.deploy.errors import EnvironmentFaultError
 from qat_deploy.deploy.output_dir import (
     LOCK_NAME,
     owned,
+    remove_own_temps,
     remove_stale_temps,
     report_problems,
     sha256,
@@ -66,6 +67,18 @@ def test_only_dead_writers_temp_files_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert remove_stale_temps(tmp_path) == [dead]
     assert not dead.exists() and mine.exists() and user.exists()
+
+
+def test_a_run_removes_its_own_temp_files_only(tmp_path):
+    (tmp_path / "fp32").mkdir()
+    mine = tmp_path / "fp32" / f".engine.onnx.{os.getpid()}.0123abcd.tmp"
+    dead = tmp_path / f".model.qdq.onnx.{_dead_pid()}.89abcdef.tmp"
+    live = tmp_path / f".model.qdq.onnx.{os.getppid()}.89abcdef.tmp"  # another running writer
+    user = tmp_path / ".notes.tmp"
+    for path in (mine, dead, live, user):
+        path.write_bytes(b"x")
+    assert remove_own_temps(tmp_path) == [mine]
+    assert not mine.exists() and dead.exists() and live.exists() and user.exists()
 
 
 def test_report_problems_finds_a_swapped_artifact(tmp_path):

@@ -90,6 +90,26 @@ def test_missing_backend_exits_3_before_any_work(tmp_path, monkeypatch):
     assert "no tensorrt here (test)" in report["status"] and report["stages"] == {}
 
 
+def test_an_interrupted_build_leaves_no_temp_file_of_its_own(tmp_path, monkeypatch):
+    """Whatever path leaves an atomic write's temp file behind (CI twice saw onnxruntime's
+    engine temp left after a SIGINT), the unwinding run removes it before its last report."""
+    import os
+    import signal
+
+    from qat_deploy.backends.onnxruntime import adapter
+    from qat_deploy.deploy.output_dir import report_problems
+
+    def interrupted_build(self, onnx_path, out_dir, **options):
+        (out_dir / f".engine.onnxruntime.onnx.{os.getpid()}.0123abcd.tmp").write_bytes(b"x")
+        raise errors.Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(type(adapter.ADAPTER), "_build", interrupted_build)
+    with pytest.raises(errors.Interrupted):
+        build(BuildOptions(target="onnxruntime", out_dir=tmp_path, **FAST))
+    assert read_report(tmp_path)["status"] == "interrupted by SIGINT"
+    assert not list(tmp_path.rglob("*.tmp")) and report_problems(tmp_path) == []
+
+
 def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
     """An engine whose activation scales are off by 10x must not pass as int8-equivalent."""
     import qat_deploy.deploy.recipe as recipe
