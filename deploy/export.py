@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,7 +30,12 @@ from torch import nn
 
 from qat_deploy.deploy.artifacts import write_atomic
 from qat_deploy.deploy.errors import BadInputError, one_line
-from qat_deploy.deploy.export_passes import GraphIndex, drop_unused_initializers, run_passes
+from qat_deploy.deploy.export_passes import (
+    GraphIndex,
+    drop_dead_nodes,
+    drop_unused_initializers,
+    run_passes,
+)
 from qat_deploy.deploy.ops import ATEN_KINDS, FLOAT_KEY, KIND_KEY, LAYER_KEY, MODE_KEY, OP_KEY
 from qat_deploy.deploy.prepare import PreparedModel, split_inputs
 
@@ -186,6 +192,7 @@ def fold_weight_quantizers(
     """Replace initializer -> QuantizeLinear with an integer initializer; returns how many.
     `float_weights` (if given) receives the float weight behind each integer initializer."""
     graph = model.graph
+    _fold_casts_of_initializers(graph)
     inits = {t.name: t for t in graph.initializer}
     folded = 0
     for node in list(graph.node):
@@ -205,8 +212,32 @@ def fold_weight_quantizers(
         if float_weights is not None:
             float_weights[node.output[0]] = weight
         folded += 1
+    drop_dead_nodes(graph)
     drop_unused_initializers(graph)
     return folded
+
+
+def _fold_casts_of_initializers(graph: onnx.GraphProto) -> None:
+    """Cast(initializer) read only as Q/DQ scales or zero points -> a cast initializer. The
+    exporter's constant folding stops at a size limit: a 30522-row embedding table's per-row
+    zero points stayed int32 -> Cast, which kept its QuantizeLinear from folding and the
+    47 MB table float in the file."""
+    inits = {t.name: t for t in graph.initializer}
+    qparam_reads = defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            qdq = node.op_type in ("QuantizeLinear", "DequantizeLinear") and index > 0
+            qparam_reads[name].append(qdq)
+    for node in list(graph.node):
+        if node.op_type != "Cast" or node.input[0] not in inits:
+            continue
+        if not all(qparam_reads[node.output[0]]):
+            continue
+        to = next(a.i for a in node.attribute if a.name == "to")
+        value = numpy_helper.to_array(inits[node.input[0]])
+        cast = value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        graph.initializer.append(numpy_helper.from_array(cast, node.output[0]))
+        graph.node.remove(node)
 
 
 def quantize_biases(model: onnx.ModelProto, op_types: frozenset[str]) -> int:
