@@ -64,11 +64,7 @@ def _lock(fd: int, out: Path) -> None:
 def stale_temps(folder: Path) -> list[Path]:
     """Temp files of atomic writes (and temp folders, deploy.artifacts.temp_folder) under
     `folder` whose writer is no longer running."""
-    return [
-        path
-        for path in Path(folder).rglob(".*.tmp")
-        if TEMP_PATTERN.fullmatch(path.name) and not _alive(_writer(path))
-    ]
+    return [path for path, writer in _temps(folder) if not _alive(writer)]
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
@@ -81,14 +77,16 @@ def remove_own_temps(folder: Path) -> list[Path]:
     a failed or interrupted run every atomic write has ended, so any left is debris (CI has
     twice seen onnxruntime's engine temp file left after a SIGINT in the engine stage; the
     path that leaves it is not known)."""
-    pid = os.getpid()
-    return _remove(
-        [
-            p
-            for p in Path(folder).rglob(".*.tmp")
-            if TEMP_PATTERN.fullmatch(p.name) and _writer(p) == pid
-        ]
-    )
+    return _remove([path for path, writer in _temps(folder) if writer == os.getpid()])
+
+
+def _temps(folder: Path) -> list[tuple[Path, int]]:
+    """Every temp file and folder of an atomic write under `folder`, with its writer's pid."""
+    return [
+        (path, int(match["pid"]))
+        for path in Path(folder).rglob(".*.tmp")
+        if (match := TEMP_PATTERN.fullmatch(path.name))
+    ]
 
 
 def _remove(removed: list[Path]) -> list[Path]:
@@ -143,8 +141,3 @@ def report_problems(out: Path) -> list[str]:
         problems.append("status ok but no artifacts listed")
     problems += [f"temp file left: {p}" for p in stale_temps(out)]
     return problems
-
-
-def _writer(temp: Path) -> int:
-    match = TEMP_PATTERN.fullmatch(temp.name)
-    return int(match["pid"]) if match else -1

@@ -144,6 +144,7 @@ def build(options: BuildOptions, progress: Progress = lambda stage: None) -> dic
             report.set("seconds", round(time.perf_counter() - started, 2))
             with contextlib.suppress(OSError):  # the original error is the one to report
                 output_dir.remove_own_temps(out)
+            with contextlib.suppress(OSError):
                 report.write()
             if error is exc:
                 raise
