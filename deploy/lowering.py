@@ -160,7 +160,7 @@ def _to_weighted_module(gm: fx.GraphModule, node: fx.Node, kind: str) -> None:
     else:
         module.weight = _parameter(weight)
         module.bias = None if bias is None else _parameter(bias)
-        name = weight_node.target.rpartition(".")[0] or f"{weight_node.target}_{kind}"
+        name = _owner_path(weight_node, kind)
     _to_module(gm, node, module, name, a.get("input", node.args[0]))
 
 
@@ -175,8 +175,12 @@ def _to_embedding(gm: fx.GraphModule, node: fx.Node) -> None:
     with torch.device("meta"):
         module = nn.Embedding(*weight.shape, padding_idx=None if padding < 0 else padding)
     module.weight = _parameter(weight)
-    name = weight_node.target.rpartition(".")[0] or f"{weight_node.target}_embedding"
-    _to_module(gm, node, module, name, indices)
+    _to_module(gm, node, module, _owner_path(weight_node, "embedding"), indices)
+
+
+def _owner_path(weight_node: fx.Node, kind: str) -> str:
+    """Where the module taking over a weight goes: the module that held it, else beside it."""
+    return weight_node.target.rpartition(".")[0] or f"{weight_node.target}_{kind}"
 
 
 def _conv_module(kind: str, weight: torch.Tensor, has_bias: bool, a: dict) -> nn.Module:

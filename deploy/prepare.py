@@ -231,13 +231,12 @@ def _float_islands(
     if not kept:
         return set()
     by_kind = rules.op_rules(transformer)
-    transparent = rules.pass_through | set(FUSED_ACTIVATIONS)
     return float_islands(
         gm.graph.nodes,
         ruled=lambda n: by_kind.get(kinds.get(n)) is not None,
         kept=lambda n: n in kept,
         weighted=lambda n: kinds.get(n) in WEIGHTED_KINDS,
-        transparent=lambda n: kinds.get(n) in transparent,
+        transparent=lambda n: kinds.get(n) in rules.int8_carriers,
         producers=lambda n: [
             None if a.op == "placeholder" else a for a in n.all_input_nodes if a.op != "get_attr"
         ],
@@ -268,16 +267,14 @@ class _QuantizerFactory:
     def table(self, module: nn.Module, location: str) -> FakeQuantize:
         """Per-row 8-bit codes: no int8 dot product reads a table, so the 7-bit weights of
         BackendRules.int16_pair_sums_without_vnni do not apply."""
-        spec = replace(self.rules.weight, axis=0).with_bits(self.bits)
-        fq = FakeQuantize(
-            spec, CurrentMinMaxObserver, channels=module.weight.shape[0], learnable=self.learnable
-        )
-        fq.location = location
-        return fq
+        return self._per_channel(module, 0, self.bits, location)
 
     def weight(self, module: nn.Module, kind: str, location: str) -> FakeQuantize:
         axis = self.rules.weight_axis.get(kind, self.rules.weight.axis)
-        spec = replace(self.rules.weight, axis=axis).with_bits(self.weight_bits)
+        return self._per_channel(module, axis, self.weight_bits, location)
+
+    def _per_channel(self, module: nn.Module, axis: int, bits: int, location: str) -> FakeQuantize:
+        spec = replace(self.rules.weight, axis=axis).with_bits(bits)
         fq = FakeQuantize(
             spec,
             CurrentMinMaxObserver,

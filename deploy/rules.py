@@ -101,6 +101,12 @@ class BackendRules:
     def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:
         return self.transformer_ops if transformer else self.ops
 
+    @property
+    def int8_carriers(self) -> frozenset[str]:
+        """Kinds int8 data crosses unchanged: the pass-through ops, and the activations every
+        backend fuses into the op before them (float_islands walks through both)."""
+        return self.pass_through | frozenset(FUSED_ACTIVATIONS)
+
 
 def available_targets() -> list[str]:
     """Every sub-package of backends/ that ships a rules module."""

@@ -11,7 +11,7 @@ from onnx import NodeProto
 
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
 from qat_deploy.deploy.ops import WEIGHTED_KINDS, is_transformer
-from qat_deploy.deploy.rules import FUSED_ACTIVATIONS, BackendRules, OpRule, float_islands
+from qat_deploy.deploy.rules import BackendRules, OpRule, float_islands
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,6 @@ class Context:
             return set()
         by_id = {id(n): n for n in graph.nodes}
         outputs = {o.name for o in graph.model.graph.output}
-        transparent = self.rules.pass_through | set(FUSED_ACTIVATIONS)
 
         def producers(handle: int) -> list[int | None]:
             node = by_id[handle]
@@ -81,7 +80,7 @@ class Context:
             weighted=lambda h: graph.kind(by_id[h]) in WEIGHTED_KINDS,
             transparent=lambda h: (
                 by_id[h].op_type in (QUANTIZE, DEQUANTIZE)
-                or graph.kind(by_id[h]) in transparent
+                or graph.kind(by_id[h]) in self.rules.int8_carriers
                 or graph.part_of_weighted(by_id[h])
             ),
             producers=producers,
