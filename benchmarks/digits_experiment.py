@@ -31,8 +31,8 @@ from torch import nn
 
 from qat_deploy import deploy
 from qat_deploy.deploy.data import digits_split
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.export import export
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.export.qdq import export
 from qat_deploy.models import load_model
 
 RULE_SETS = ("tensorrt", "onnxruntime")

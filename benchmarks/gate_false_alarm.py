@@ -16,7 +16,7 @@ appended to the logits by ONNX graph surgery, its width tuned until the slowed e
 about 1.20x the unchanged one (interleaved, same run). The candidate and the fp32 reference are
 exported once from the repo's code (the export is deterministic, so these are the files the
 gate would build itself) and passed as --candidate/--reference; the gate runs in-process
-(deploy.gate.run_check, what `deploy check` calls) against a copy of the committed baseline.
+(deploy.app.gate.run_check, what `deploy check` calls) against a copy of the committed baseline.
 
     python -m benchmarks.gate_false_alarm                # 20 + 20 runs
     python -m benchmarks.gate_false_alarm --runs 5 --min-time 1
@@ -36,9 +36,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qat_deploy.deploy.bench import export_model, time_engines
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.gate import (
+from qat_deploy.deploy.app.bench import export_model, time_engines
+from qat_deploy.deploy.app.gate import (
     GATE_TIMING,
     CheckRequest,
     CheckResult,
@@ -46,7 +45,8 @@ from qat_deploy.deploy.gate import (
     bootstrap_ratio,
     run_check,
 )
-from qat_deploy.deploy.timing import block_medians
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.engines.timing import block_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "ci" / "baselines" / "mnist_cnn-onnxruntime.json"

@@ -7,7 +7,7 @@ checks what a CI job reading the folder would rely on:
   finished first;
 - report.json says `interrupted by ...`, `ok`, or `running` with this run's dead pid (SIGKILL:
   nothing can be written), or is the previous run's unchanged (hit before the build took the
-  folder), and every artifact it lists matches its sha256 (deploy.output_dir.report_problems);
+  folder), and every artifact it lists matches its sha256 (deploy.app.output_dir.report_problems);
 - temp files of a killed writer are gone once the next build has taken the folder.
 
     python -m benchmarks.interrupt_storm --runs 20 --seed 0
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qat_deploy.deploy.output_dir import report_problems
+from qat_deploy.deploy.app.output_dir import report_problems
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"

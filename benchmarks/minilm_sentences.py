@@ -26,9 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.pipeline import BuildOptions, build
-from qat_deploy.deploy.timing import TimingConfig, paired_ratio, runner_call, time_interleaved
+from qat_deploy.deploy.app.pipeline import BuildOptions, build
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.engines.timing import (
+    TimingConfig,
+    paired_ratio,
+    runner_call,
+    time_interleaved,
+)
 from qat_deploy.models.thirdparty import minilm_sentence_transformer
 
 MODULES = (

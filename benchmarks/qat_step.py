@@ -1,7 +1,8 @@
 """QAT training-step time: fp32 vs QAT in one process, and QAT in 1 vs N data-parallel ranks.
 
 fp32 and QAT steps of the same model, batch and optimizer are timed side by side in
-interleaved blocks (deploy.timing), so the QAT/fp32 ratio is paired; issue 15's goal is a QAT
+interleaved blocks (deploy.engines.timing), so the QAT/fp32 ratio
+is paired; issue 15's goal is a QAT
 step of at most 1.3x an fp32 step. Then the same global batch is trained by N gloo ranks (each
 its shard, DDP, observers synced) and rank 0's step times are compared with one process's:
 the CPU threads are shared out (one process: all of them; N ranks: threads / N each), so on a
@@ -22,13 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from qat_deploy.deploy.calibrate import calibrate
+from qat_deploy.deploy.common.environment import environment
 from qat_deploy.deploy.data import digits_split
-from qat_deploy.deploy.distributed import World, data_parallel, shard
-from qat_deploy.deploy.environment import environment
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.engines.timing import TimingConfig, paired_ratio, summarize, time_interleaved
+from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.quant.sync import ranks_synced
-from qat_deploy.deploy.timing import TimingConfig, paired_ratio, summarize, time_interleaved
+from qat_deploy.deploy.training.calibrate import calibrate
+from qat_deploy.deploy.training.distributed import World, data_parallel, shard
 from qat_deploy.models import load_model
 
 TIMING = TimingConfig(warmup=5, block=5, min_runs=40, min_time_s=3.0, rewarm=1)

@@ -5,7 +5,7 @@ OpenVINO rules; onnxruntime's quantize_static (QDQ, per-channel, uint8 activatio
 weights; quantize_dynamic too for transformers); NNCF's quantize on the ONNX model (when nncf
 is installed). Every int8 model is calibrated on the same random samples. Each model is built
 on both runtimes, all of one runtime's engines are timed together in interleaved blocks
-(deploy.timing: re-warm before each block, alternating order), and every int8 engine's
+(deploy.engines.timing: re-warm before each block, alternating order), and every int8 engine's
 outputs are compared with the fp32 engine's on held-out inputs, so a fast but broken model
 cannot win. Speedups and ours/best-vendor ratios are paired: the median over rounds of the
 ratio of two blocks timed back to back (robust to load that comes and goes on a shared box).
@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 
 from qat_deploy.deploy import recipe
+from qat_deploy.deploy.common.environment import environment
 from qat_deploy.deploy.data import default_dataset
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.environment import environment
-from qat_deploy.deploy.timing import (
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.engines.timing import (
     TimingConfig,
     paired_ratio,
     runner_call,

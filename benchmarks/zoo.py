@@ -1,6 +1,6 @@
 """The third-party test zoo (models/thirdparty.py) through the real pipeline, on every target.
 
-Each model x target runs ``deploy.pipeline.build`` in its own subprocess with a timeout, so one
+Each model x target runs ``deploy.app.pipeline.build`` in its own subprocess with a timeout, so one
 crash, hang or out-of-memory does not end the run; TensorRT builds with TensorRT-RTX on a CPU
 (the adapter's fallback) and reports no latency there. Per run it keeps: the exit code, the
 one-line error, the lint violation count, whether placement fell back ("placement_mode" ==
@@ -37,8 +37,8 @@ TIMEOUT_EXIT = "timeout"
 
 def worker(model: str, target: str, out: Path, args: argparse.Namespace) -> int:
     """One build in this process; the exit code is the pipeline's (1 for a crash)."""
-    from qat_deploy.deploy.errors import DeployError, one_line
-    from qat_deploy.deploy.pipeline import BuildOptions, build
+    from qat_deploy.deploy.app.pipeline import BuildOptions, build
+    from qat_deploy.deploy.common.errors import DeployError, one_line
 
     options = BuildOptions(
         target=target,
@@ -174,7 +174,7 @@ def merge(rows: list[dict], run: dict, path: Path = RESULTS) -> dict:
 
 def _speedup(row: dict) -> float | None:
     """Rows of report schema 1 (before 2026-12-04 19:40 UTC) hold fp32 p50 / int8 p50 as
-    speedup_p50; later ones the paired ratio (deploy.timing.paired_ratio) as speedup."""
+    speedup_p50; later ones the paired ratio (deploy.engines.timing.paired_ratio) as speedup."""
     return row["speedup"] if "speedup" in row else row.get("speedup_p50")
 
 

@@ -4,8 +4,7 @@ Data flow: model -> prepare() (fake-quant, by the target's rules) -> calibrate()
 -> QDQ ONNX -> engine -> report.
 """
 
-from qat_deploy.deploy.calibrate import calibrate
-from qat_deploy.deploy.errors import (
+from qat_deploy.deploy.common.errors import (
     BackendUnavailableError,
     BadInputError,
     CheckFailedError,
@@ -14,11 +13,12 @@ from qat_deploy.deploy.errors import (
     LatencyRegressionError,
     RankFailedError,
 )
-from qat_deploy.deploy.prepare import PreparedModel, prepare
-from qat_deploy.deploy.qat import train_qat
-from qat_deploy.deploy.quant.smooth import smooth_linear_inputs
+from qat_deploy.deploy.frontend.prepare import PreparedModel, prepare
 from qat_deploy.deploy.quant.sync import ranks_synced
-from qat_deploy.deploy.rules import available_targets, get_rules
+from qat_deploy.deploy.rules.backend import available_targets, get_rules
+from qat_deploy.deploy.training.calibrate import calibrate
+from qat_deploy.deploy.training.qat import train_qat
+from qat_deploy.deploy.training.smooth import smooth_linear_inputs
 
 __all__ = [
     "BackendUnavailableError",

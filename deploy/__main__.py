@@ -1,3 +1,3 @@
-from qat_deploy.deploy.entry import run
+from qat_deploy.deploy.app.entry import run
 
 run()

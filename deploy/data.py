@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qat_deploy.deploy.errors import BadInputError, CheckFailedError, one_line
+from qat_deploy.deploy.common.errors import BadInputError, CheckFailedError, one_line
 from qat_deploy.models.inputs import DTYPES, INTEGER_DTYPES, InputSpec
 
 if TYPE_CHECKING:

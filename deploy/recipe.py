@@ -1,6 +1,6 @@
 """model -> prepared -> calibrated (-> QAT) -> QDQ ONNX: the one recipe every entry point uses.
 
-`deploy build`, `deploy bench` and `deploy check` (through deploy.bench.export_model) call
+`deploy build`, `deploy bench` and `deploy check` (through deploy.app.bench.export_model) call
 these functions with the same defaults, so the int8 model CI gates is byte for byte the one a
 build ships: same trained weights, same calibration data, same example input.
 """
@@ -18,20 +18,24 @@ import onnx
 import torch
 from torch import nn
 
-from qat_deploy.deploy import distributed
-from qat_deploy.deploy.calibrate import calibrate, call_model, first_tensor
+from qat_deploy.deploy.common.environment import available_memory
+from qat_deploy.deploy.common.errors import (
+    BackendUnavailableError,
+    BadInputError,
+    EnvironmentFaultError,
+)
 from qat_deploy.deploy.data import Dataset, default_dataset, input_pairs, load_calibration_data
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.environment import available_memory
-from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError, EnvironmentFaultError
-from qat_deploy.deploy.export import export, export_fp32
-from qat_deploy.deploy.prepare import OBSERVERS, PreparedModel, prepare
-from qat_deploy.deploy.qat import distillation_loss, train_qat
-from qat_deploy.deploy.quant.smooth import choose_alpha, smooth_linear_inputs
-from qat_deploy.deploy.rules import get_rules
-from qat_deploy.deploy.sensitivity import choose_keep_float
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.export.qdq import export, export_fp32
+from qat_deploy.deploy.frontend.prepare import OBSERVERS, PreparedModel, prepare
+from qat_deploy.deploy.rules.backend import get_rules
+from qat_deploy.deploy.training import distributed
+from qat_deploy.deploy.training.calibrate import calibrate, call_model, first_tensor
+from qat_deploy.deploy.training.qat import distillation_loss, train_qat
+from qat_deploy.deploy.training.smooth import choose_alpha, smooth_linear_inputs
 from qat_deploy.deploy.tune.cache import TimingCache, default_cache_path
 from qat_deploy.deploy.tune.search import EngineTimer, search
+from qat_deploy.deploy.verify.sensitivity import choose_keep_float
 from qat_deploy.models import ModelSpec, load_model
 from qat_deploy.models.inputs import InputSpec
 
@@ -64,12 +68,12 @@ class Recipe:
     data: Path | None = None  # .npz file or image folder; None = the model's default data
     calib_batches: int = 8
     batch_size: int = 16  # calibration / QAT batch size
-    #: activation range observer (deploy.prepare.OBSERVERS)
+    #: activation range observer (deploy.frontend.prepare.OBSERVERS)
     calibration: str = "minmax"
-    #: module-path globs of Conv/Linear layers that stay float (deploy.prepare keep_float)
+    #: module-path globs of Conv/Linear layers that stay float (deploy.frontend.prepare keep_float)
     keep_float: tuple[str, ...] = ()
     #: keep the fewest layers float for the fake-quant output to reach this mean cosine vs
-    #: fp32 on the calibration data (deploy.sensitivity.choose_keep_float)
+    #: fp32 on the calibration data (deploy.verify.sensitivity.choose_keep_float)
     accuracy_budget: float | None = None
     #: keep float the layers that time faster float on the target runtime (deploy.tune)
     tune_latency: bool = False
@@ -253,7 +257,7 @@ def export_onnx(
     float_weights: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Path]:
     """fp32 and/or QDQ ONNX in out_dir (atomically), by precision; `float_weights` as in
-    deploy.export.export."""
+    deploy.export.qdq.export."""
     paths = {}
     if "fp32" in precisions:
         paths["fp32"] = export_fp32(loaded.model, Path(out_dir) / FP32_NAME, loaded.example)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.common.errors import BadInputError, one_line
 
 DTYPES = ("float32", "int64", "int32", "bool")
 INTEGER_DTYPES = ("int64", "int32")

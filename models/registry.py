@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.common.errors import BadInputError, one_line
 from qat_deploy.models.bert_tiny import BertConfig, bert_tiny
 from qat_deploy.models.digits_resnet import INPUT_SIZE as DIGITS_RESNET_SIZE
 from qat_deploy.models.digits_resnet import digits_resnet

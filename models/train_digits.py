@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.common.artifacts import write_atomic
 from qat_deploy.deploy.data import digits_split
 from qat_deploy.models.digits_resnet import INPUT_SIZE, DigitsResNet
 from qat_deploy.models.mnist_cnn import MnistCNN

@@ -1,4 +1,4 @@
-"""Every report.json a test reads is checked against deploy/report.schema.json."""
+"""Every report.json a test reads is checked against deploy/app/report.schema.json."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jsonschema
 
-from qat_deploy.deploy.pipeline import REPORT_SCHEMA
+from qat_deploy.deploy.app.pipeline import REPORT_SCHEMA
 
 
 @cache

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from qat_deploy.deploy import errors
-from qat_deploy.deploy.cli import main
-from qat_deploy.deploy.cli.build import parse_inputs
+from qat_deploy.deploy.app.cli import main
+from qat_deploy.deploy.app.cli.build import parse_inputs
+from qat_deploy.deploy.common import errors
 from qat_deploy.deploy.data import default_dataset, load_calibration_data
 from qat_deploy.models import load_model
 from qat_deploy.models.inputs import InputSpec
 
-MODEL = "tests.test_multi_input:bare_two_input_model"
+MODEL = "tests.app.test_multi_input:bare_two_input_model"
 IDS = InputSpec("input_ids", (2, 12), "int64", (0, 50))
 MASK = InputSpec("attention_mask", (2, 12), "int64")
 
@@ -192,7 +192,7 @@ def test_multi_input_data_must_be_an_npz(tmp_path):
 
 
 def test_synthetic_token_ids_and_padding_masks():
-    _, spec = load_model("tests.test_multi_input:two_input_model")
+    _, spec = load_model("tests.app.test_multi_input:two_input_model")
     data = default_dataset(spec, 200, seed=1)
     ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
     assert ids.shape == mask.shape == (200, 12) and ids.dtype == mask.dtype == np.int64

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from qat_deploy.deploy import gate
-from qat_deploy.deploy.bench import export_model
-from qat_deploy.deploy.pipeline import BuildOptions, build
+from qat_deploy.deploy.app import gate
+from qat_deploy.deploy.app.bench import export_model
+from qat_deploy.deploy.app.pipeline import BuildOptions, build
 from qat_deploy.deploy.recipe import DEFAULT_MODEL
 
 

@@ -19,9 +19,9 @@ from google.protobuf.message import DecodeError
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from qat_deploy.backends.onnxruntime.matmul_bias import fuse_matmul_bias
-from qat_deploy.deploy.artifacts import atomic_path
-from qat_deploy.deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision
-from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.common.artifacts import atomic_path
+from qat_deploy.deploy.common.errors import BadInputError, one_line
+from qat_deploy.deploy.engines.adapter import Adapter, BuiltEngine, KernelReport, LayerPrecision
 
 #: op_type -> compute kind, for the compute ops of the CPU EP (int8 and float, all domains:
 #: the same op_type appears in ai.onnx, com.microsoft and layout domains such as NCHWc).

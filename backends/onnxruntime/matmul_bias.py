@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qat_deploy.deploy.export_passes import GraphIndex, drop_dead_nodes
+from qat_deploy.deploy.export.passes import GraphIndex, drop_dead_nodes
 
 _INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 

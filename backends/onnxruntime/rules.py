@@ -36,7 +36,7 @@
 """
 
 from qat_deploy.deploy.quant.spec import INT8_WEIGHT, UINT8_AFFINE_ACT
-from qat_deploy.deploy.rules import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
+from qat_deploy.deploy.rules.backend import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
 
 #: QLinearConv: a quantized input and a quantized output
 CONV = OpRule(Inputs.ACTIVATION, output=True)
@@ -67,7 +67,7 @@ RULES = BackendRules(
     fusions=CONV_FUSIONS,
     transformer_ops={"linear": WEIGHTED_OPS["linear"], "conv": CONV},
     weight_axis={"conv_transpose": 1},  # its weight is [in, out, ...]; lint reads the axis
-    # ONNX post-passes (deploy/export_passes.py) that let onnxruntime fuse more int8 kernels
+    # ONNX post-passes (deploy/export/passes.py) that let onnxruntime fuse more int8 kernels
     export_passes=("global_average_pool", "matmul_bias_3d"),
     # QLinearConv / QGemm add an int32 bias (round(b / (x_scale * w_scale))). The QDQ Gemm
     # selector requires it as an int32 DequantizeLinear (a float bias keeps Gemm in fp32); Conv

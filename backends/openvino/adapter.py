@@ -26,9 +26,9 @@ from qat_deploy.backends.openvino.runner import (
     import_blob,
     ov_message,
 )
-from qat_deploy.deploy.artifacts import write_atomic
-from qat_deploy.deploy.engine import Adapter, BuiltEngine, KernelReport, LayerPrecision
-from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.common.artifacts import write_atomic
+from qat_deploy.deploy.common.errors import BadInputError
+from qat_deploy.deploy.engines.adapter import Adapter, BuiltEngine, KernelReport, LayerPrecision
 
 #: Runtime layerType -> compute kind, as the CPU plugin names its layers (FullyConnected is a
 #: MatMul or Gemm with constant weights; depthwise convolutions are reported as Convolution).

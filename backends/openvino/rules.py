@@ -16,7 +16,7 @@
 """
 
 from qat_deploy.deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT, UINT8_AFFINE_ACT
-from qat_deploy.deploy.rules import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
+from qat_deploy.deploy.rules.backend import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
 
 RULES = BackendRules(
     name="openvino",
@@ -40,7 +40,7 @@ RULES = BackendRules(
         "matmul": OpRule(Inputs.ALL, activation=INT8_SYM_ACT),
     },
     weight_axis={"conv_transpose": 1},  # its weight is [in, out, ...]; lint reads the axis
-    # ONNX post-passes (deploy/export_passes.py) that let openvino fuse more int8 kernels
+    # ONNX post-passes (deploy/export/passes.py) that let openvino fuse more int8 kernels
     export_passes=("reduce_mean_keepdims", "quantize_before_pass_through"),
     # The CPU plugin fuses a residual Add into the Conv feeding it as a oneDNN sum post-op and
     # rounds only at the last post-op: that Conv's output quantizer becomes a clamp. Measured
@@ -58,7 +58,7 @@ RULES = BackendRules(
     # a random residual stack 1.84 mean output steps from its fake-quant model.
     int16_pair_sums_without_vnni=True,
     # SmoothQuant on Linear inputs, at the strength (or none) the calibration data favours
-    # (deploy.quant.smooth.choose_alpha; NNCF's OpenVINO default for MatMul is 0.95). The CPU
+    # (deploy.training.smooth.choose_alpha; NNCF's OpenVINO default for MatMul is 0.95). The CPU
     # plugin folds the per-channel Mul into the FakeQuantize after it. Pretrained
     # all-MiniLM-L6-v2, fake-quant embedding cosine vs fp32 over 64 held-out inputs: 0.953
     # without; 0.5: 0.853, 0.8: 0.991, 0.9: 0.9923, 0.95: 0.9924, 1.0: 0.990. Random-weight

@@ -14,7 +14,7 @@ import openvino as ov
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.common.errors import BadInputError, one_line
 
 DEVICE = "CPU"
 

@@ -30,9 +30,9 @@ from qat_deploy.backends.tensorrt.layer_info import (
     onnx_compute_nodes,
 )
 from qat_deploy.backends.tensorrt.plan_build import PlanBuild
-from qat_deploy.deploy.artifacts import write_atomic
-from qat_deploy.deploy.engine import Adapter, BuiltEngine, KernelReport
-from qat_deploy.deploy.errors import BackendUnavailableError, BadInputError, CheckFailedError
+from qat_deploy.deploy.common.artifacts import write_atomic
+from qat_deploy.deploy.common.errors import BackendUnavailableError, BadInputError, CheckFailedError
+from qat_deploy.deploy.engines.adapter import Adapter, BuiltEngine, KernelReport
 
 PLAN_NAME = "engine.tensorrt.plan"
 DEFAULT_SM = "SM89"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qat_deploy.backends.tensorrt.onnx_parser import parse_onnx
 from qat_deploy.backends.tensorrt.plan_build import PlanBuild
-from qat_deploy.deploy.errors import CheckFailedError, one_line
+from qat_deploy.deploy.common.errors import CheckFailedError, one_line
 
 MODULE = "tensorrt"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import onnx
 
-from qat_deploy.deploy.engine import LayerPrecision
+from qat_deploy.deploy.engines.adapter import LayerPrecision
 
 ONNX_COMPUTE_OPS = {
     "Conv": "conv",

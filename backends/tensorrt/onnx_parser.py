@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from qat_deploy.deploy.errors import CheckFailedError
+from qat_deploy.deploy.common.errors import CheckFailedError
 
 # Without a GPU the parser appends the CUDA runtime's "no driver" complaint to some node errors;
 # it says nothing about the model, so it is left out of the one-line summary.

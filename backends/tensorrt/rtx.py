@@ -15,7 +15,7 @@ from types import ModuleType
 
 from qat_deploy.backends.tensorrt.onnx_parser import parse_onnx
 from qat_deploy.backends.tensorrt.plan_build import PlanBuild
-from qat_deploy.deploy.errors import BadInputError, CheckFailedError
+from qat_deploy.deploy.common.errors import BadInputError, CheckFailedError
 
 MODULE = "tensorrt_rtx_bindings"  # import name of pip's tensorrt-rtx-cu12-bindings
 _LAYER_INFO_HEADER = "Layers:"

@@ -11,7 +11,7 @@ recommendations"; NVIDIA/TensorRT#1992, #2592, #2774; ModelOpt concat handling).
 """
 
 from qat_deploy.deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT
-from qat_deploy.deploy.rules import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
+from qat_deploy.deploy.rules.backend import CONV_FUSIONS, WEIGHTED_OPS, BackendRules, Inputs, OpRule
 
 RULES = BackendRules(
     name="tensorrt",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import onnx
 
-from qat_deploy.deploy.errors import BadInputError, one_line
+from qat_deploy.deploy.common.errors import BadInputError, one_line
 from qat_deploy.deploy.lint.base import Context, Violation
 from qat_deploy.deploy.lint.graph import Graph
 from qat_deploy.deploy.lint.quantizers import check_quantizers
@@ -41,8 +41,8 @@ from qat_deploy.deploy.lint.structure import (
     check_residual_adds,
     check_unquantized_inputs,
 )
-from qat_deploy.deploy.ops import COMPUTE_KINDS
-from qat_deploy.deploy.rules import BackendRules, get_rules
+from qat_deploy.deploy.rules.backend import BackendRules, get_rules
+from qat_deploy.deploy.rules.ops import COMPUTE_KINDS
 
 __all__ = ["Violation", "float_by_rule", "lint", "load_model"]
 

@@ -10,8 +10,8 @@ from functools import cached_property
 from onnx import NodeProto
 
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
-from qat_deploy.deploy.ops import WEIGHTED_KINDS, is_transformer
-from qat_deploy.deploy.rules import BackendRules, OpRule, float_islands
+from qat_deploy.deploy.rules.backend import BackendRules, OpRule, float_islands
+from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, is_transformer
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Context:
 
     def rule(self, node: NodeProto) -> OpRule | None:
         """The op rule the node is held to: its kind's, none for a layer kept float or an op
-        between such layers (deploy.rules.float_islands, the interpreter prepare() uses)."""
+        between such layers (deploy.rules.backend.float_islands, the interpreter prepare() uses)."""
         if self.graph.kept_float(node) or id(node) in self._float_islands:
             return None
         return self.op_rules.get(self.graph.kind(node))

@@ -1,7 +1,8 @@
 """An index over one ONNX graph: who produces and consumes each tensor, which tensors are
-constant, and each node's op kind in the rules' vocabulary (deploy.ops), so that backend rules
+constant, and each node's op kind in the rules' vocabulary (deploy.rules.ops), so that backend rules
 written once apply to any exporter's graph. Our own exports name each node's kind and the torch
-op it came from in its metadata (deploy.export.tag_op_kinds); other graphs are read by op type."""
+op it came from in its metadata (deploy.export.qdq.tag_op_kinds); other graphs are read by op
+type."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, helper, numpy_helper
 
-from qat_deploy.deploy.ops import FLOAT_KEY, KIND_KEY, MODE_KEY, ONNX_KINDS, OP_KEY
+from qat_deploy.deploy.rules.ops import FLOAT_KEY, KIND_KEY, MODE_KEY, ONNX_KINDS, OP_KEY
 
 #: Ops whose every input carries data; the others carry data on input 0 only (the rest are
 #: shapes, axes, pads or resize scales).

@@ -10,7 +10,7 @@ from onnx import NodeProto
 from qat_deploy.deploy.lint.base import Context, Violation
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
 from qat_deploy.deploy.lint.quantizers import WEIGHT_INPUT as _WEIGHT_INPUT
-from qat_deploy.deploy.rules import (
+from qat_deploy.deploy.rules.backend import (
     BackendRules,
     InputFacts,
     Inputs,
@@ -96,7 +96,7 @@ def check_quantized_outputs(ctx: Context) -> Iterator[Violation]:
 def _selected_inputs(
     ctx: Context, node: NodeProto, kind: str, rule: OpRule
 ) -> list[tuple[str, str]]:
-    """The inputs deploy.rules.selected_inputs picks (what prepare() quantized), plus the
+    """The inputs deploy.rules.backend.selected_inputs picks (what prepare() quantized), plus the
     weight of a weighted op. Of a weighted op exported as several nodes (MatMul + Add),
     only the node with the weight is checked."""
     graph = ctx.graph

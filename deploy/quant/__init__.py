@@ -1,4 +1,7 @@
-"""Quantization core: specs, integer arithmetic, observers and fake-quantize modules."""
+"""Quantization core: quantization specs, the integer arithmetic (checked against onnxruntime's
+QuantizeLinear by the tests and `deploy selfcheck`), range observers and fake-quantize modules,
+with ranks kept in step under data-parallel training. Every other layer builds on it; it imports
+only deploy.common."""
 
 from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 from qat_deploy.deploy.quant.functional import (

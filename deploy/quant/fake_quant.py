@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.common.errors import BadInputError
 from qat_deploy.deploy.quant.functional import (
     clamp_to_range,
     fake_quantize,
@@ -67,12 +67,12 @@ class FakeQuantize(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(True))
         self.register_buffer("fake_quant_enabled", torch.tensor(True))
         #: False: clamp to the quantized range without rounding, where the engine fuses this
-        #: quantizer into a later one (deploy/arithmetic.py). Export still writes Q/DQ.
+        #: quantizer into a later one (deploy/frontend/arithmetic.py). Export still writes Q/DQ.
         self.rounding = True
         #: True: round as the engine's multiply-add form does (per-tensor quantizers of
         #: engines with BackendRules.scale_shift_quantize), values only; gradients unchanged.
         self.scale_shift = False
-        #: a constant per-channel scale applied before quantizing (deploy.quant.smooth); it is
+        #: a constant per-channel scale applied before quantizing (deploy.training.smooth); it is
         #: part of the float function, so it applies with fake quantization off too
         self.smooth: nn.Module | None = None  # SMOOTH_ATTRIBUTE
 

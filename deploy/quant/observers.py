@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.common.errors import BadInputError
 from qat_deploy.deploy.quant.spec import QuantSpec
 from qat_deploy.deploy.quant.sync import reduce_range
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.common.errors import BadInputError
 
 
 @dataclass(frozen=True)

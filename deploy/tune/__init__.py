@@ -3,6 +3,6 @@ timing engines on that runtime rather than by rules alone.
 
 Owns: regions of a QDQ graph and the float variant of a set of them (regions.py), the search
 that times candidate placements against each other (search.py), and the timing cache that makes
-a repeated search free and deterministic (cache.py). Library layer: imports deploy's core
-(engine, lint, timing, ops), never the application (pipeline, CLI).
+a repeated search free and deterministic (cache.py). Imports deploy.common, deploy.rules,
+deploy.export, deploy.lint and deploy.engines, never deploy.app.
 """

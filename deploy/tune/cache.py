@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from qat_deploy.deploy.artifacts import write_atomic
+from qat_deploy.deploy.common.artifacts import write_atomic
 
 CACHE_VERSION = 1
 

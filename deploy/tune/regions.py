@@ -1,7 +1,7 @@
 """Regions of a QDQ graph and the graph with some of them float, rewritten in ONNX.
 
 A region is one weighted layer (Conv, Gemm, MatMul with a constant weight) named by the layer
-tag our export writes (deploy.ops.LAYER_KEY, the module path keep_float globs match), with the
+tag our export writes (deploy.rules.ops.LAYER_KEY, the module path keep_float globs match), with the
 quantizers only it needs. Rewriting the exported graph costs milliseconds where re-preparing
 and exporting the model costs seconds, so the search times candidates made here; the placement
 it picks is then produced by prepare(keep_float=...) like any user's keep-float choice.
@@ -10,7 +10,7 @@ with_float makes a region what prepare's keep_float makes it: float weights (the
 int8 ones: same values the fake-quant model computed with), and no Q/DQ pair that no longer has
 an int8 reason to exist (its input quantizer unless another reader or an int8 producer needs it,
 its output quantizer in front of an op the rules leave float, the quantizers of an op whose
-every neighbour is now float: deploy.rules.float_islands, through lint's Context.rule). The
+every neighbour is now float: deploy.rules.backend.float_islands, through lint's Context.rule). The
 nodes are tagged FLOAT_KEY, so the linter holds them to no rule.
 """
 
@@ -23,11 +23,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qat_deploy.deploy.export_passes import drop_dead_nodes, drop_unused_initializers
+from qat_deploy.deploy.export.passes import drop_dead_nodes, drop_unused_initializers
 from qat_deploy.deploy.lint.base import Context
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph, attribute
-from qat_deploy.deploy.ops import FLOAT_KEY, LAYER_KEY, WEIGHTED_KINDS
-from qat_deploy.deploy.rules import BackendRules
+from qat_deploy.deploy.rules.backend import BackendRules
+from qat_deploy.deploy.rules.ops import FLOAT_KEY, LAYER_KEY, WEIGHTED_KINDS
 
 #: activations a weighted op's output quantizer sits after (the rules fuse them into the op)
 _FUSED_ACTIVATIONS = ("relu", "relu6")

@@ -1,8 +1,8 @@
 """Which regions of a QDQ graph run faster float on the target runtime, found by timing.
 
 Every decision compares two engines built from candidate graphs, timed interleaved in blocks
-on the runtime itself (deploy.timing.fastest_block_ratio). A change is taken only when it saves
-more than the noise an A/A comparison of the untuned engine measures (and at least MIN_GAIN),
+on the runtime itself (deploy.engines.timing.fastest_block_ratio). A change is taken only when it
+saves more than the noise an A/A comparison of the untuned engine measures (and at least MIN_GAIN),
 and a second comparison with the roles swapped agrees: on a shared machine one comparison of
 a few seconds can be off by 10% or more.
 Two passes, the first cheap and coarse:
@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qat_deploy.deploy.engine import Adapter
-from qat_deploy.deploy.environment import environment
-from qat_deploy.deploy.rules import BackendRules
-from qat_deploy.deploy.timing import (
+from qat_deploy.deploy.common.environment import environment
+from qat_deploy.deploy.engines.adapter import Adapter
+from qat_deploy.deploy.engines.timing import (
     TimingConfig,
     fastest_block_ratio,
     runner_call,
     time_interleaved,
 )
+from qat_deploy.deploy.rules.backend import BackendRules
 from qat_deploy.deploy.tune.cache import TimingCache, digest
 from qat_deploy.deploy.tune.regions import regions, with_float
 

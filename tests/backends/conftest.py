@@ -21,8 +21,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from qat_deploy.deploy.common.environment import has_int8_dot_product
 from qat_deploy.deploy.data import digits_split
-from qat_deploy.deploy.environment import has_int8_dot_product
 from qat_deploy.models.registry import load_model
 
 EVAL_SAMPLES = 120

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from qat_deploy.deploy import verify
-from qat_deploy.deploy.calibrate import calibrate
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.export import export
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.training.calibrate import calibrate
+from qat_deploy.deploy.verify import closeness
 from tests.frontend.blocks import GhostBlock, InceptionStem, TokenMeanHead, randomize_bn
 
 
@@ -55,4 +55,4 @@ def test_every_compute_layer_runs_int8_and_matches_the_fake_quant_model(block, t
         got = np.concatenate(
             [next(iter(runner.infer({name: s[None]}).values())) for s in x.numpy()]
         )
-    assert verify.compare(got, expected, verify.range_step(expected))["p999_err_steps"] < 2
+    assert closeness.compare(got, expected, closeness.range_step(expected))["p999_err_steps"] < 2

@@ -10,14 +10,14 @@ import textwrap
 import pytest
 
 from qat_deploy import backends
+from qat_deploy.deploy.app.pipeline import BuildOptions, build
 from qat_deploy.deploy.lint import lint
-from qat_deploy.deploy.pipeline import BuildOptions, build
-from qat_deploy.deploy.rules import available_targets, get_rules
+from qat_deploy.deploy.rules.backend import available_targets, get_rules
 
 RULES = '''
 """Minimal rules: int8 Conv (input and output, as QLinearConv wants) and Linear only."""
 from qat_deploy.deploy.quant.spec import INT8_WEIGHT, UINT8_AFFINE_ACT
-from qat_deploy.deploy.rules import CONV_FUSIONS, BackendRules, Inputs, OpRule
+from qat_deploy.deploy.rules.backend import CONV_FUSIONS, BackendRules, Inputs, OpRule
 
 RULES = BackendRules(
     name="plain_ort",
@@ -42,8 +42,8 @@ import onnx
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from qat_deploy.backends.onnxruntime.adapter import create_session, graph_precisions
-from qat_deploy.deploy.artifacts import atomic_path
-from qat_deploy.deploy.engine import Adapter, BuiltEngine, KernelReport
+from qat_deploy.deploy.common.artifacts import atomic_path
+from qat_deploy.deploy.engines.adapter import Adapter, BuiltEngine, KernelReport
 
 
 class PlainOrtAdapter(Adapter):

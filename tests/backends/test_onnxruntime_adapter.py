@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from qat_deploy.backends.onnxruntime.adapter import ADAPTER, graph_precisions
-from qat_deploy.deploy import verify
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.errors import BadInputError, CheckFailedError
+from qat_deploy.deploy.common.errors import BadInputError, CheckFailedError
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.verify import closeness
 from tests.ort_outputs import ort_outputs
 
 
@@ -100,7 +100,7 @@ def test_int8_engine_outputs_track_the_fp32_model_on_digits(
     fp32_engine = ADAPTER.build(mnist_fp32, tmp_path / "f", precision="fp32", threads=1)
     int8_engine = ADAPTER.build(mnist_qdq, tmp_path / "q", precision="int8", threads=1)
     fp32, int8 = (infer_all(ADAPTER.runner(e), digits_x) for e in (fp32_engine, int8_engine))
-    assert verify.compare(int8, fp32, step=None)["cosine"] > 0.9
+    assert closeness.compare(int8, fp32, step=None)["cosine"] > 0.9
     assert not np.array_equal(int8, fp32)  # really the quantized path
 
 
@@ -114,11 +114,11 @@ def test_wrong_activation_scales_fail_the_agreement_check(
     # the QDQ graph run op by op (no fusion): float Conv between Q/DQ, i.e. fake quantization
     fake_quant = ort_outputs(mnist_qdq, digits_x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     step = step_of(mnist_qdq)
-    thresholds = verify.DEFAULT_THRESHOLDS["int8_vs_fakequant"]
-    verify.check(verify.compare(good_out, fake_quant, step), thresholds, "int8_vs_fakequant")
+    thresholds = closeness.DEFAULT_THRESHOLDS["int8_vs_fakequant"]
+    closeness.check(closeness.compare(good_out, fake_quant, step), thresholds, "int8_vs_fakequant")
     bad_out = infer_all(ADAPTER.runner(bad), digits_x)
     with pytest.raises(CheckFailedError, match="top1_agreement"):
-        verify.check(verify.compare(bad_out, good_out, step), thresholds, "int8_vs_fakequant")
+        closeness.check(closeness.compare(bad_out, good_out, step), thresholds, "int8_vs_fakequant")
 
 
 def _node(op: str, inputs: list[str], output: str) -> onnx.NodeProto:
@@ -154,7 +154,7 @@ def test_precision_follows_8bit_tensors_through_the_graph():
 
 
 def test_the_adapter_base_checks_arguments_and_times_every_build(mnist_fp32, tmp_path):
-    """deploy.engine.Adapter.build does the common work once for every backend."""
+    """deploy.engines.adapter.Adapter.build does the common work once for every backend."""
     with pytest.raises(BadInputError, match="ONNX model not found"):
         ADAPTER.build(tmp_path / "missing.onnx", tmp_path / "out", precision="fp32", threads=1)
     with pytest.raises(BadInputError, match="bad precision"):

@@ -14,9 +14,9 @@ import torch
 
 from qat_deploy.backends.onnxruntime.adapter import ADAPTER
 from qat_deploy.backends.onnxruntime.matmul_bias import fuse_matmul_bias
-from qat_deploy.deploy.calibrate import calibrate
-from qat_deploy.deploy.export import export
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.training.calibrate import calibrate
 from tests.frontend.blocks import EncoderBlock
 from tests.ort_outputs import ort_outputs
 

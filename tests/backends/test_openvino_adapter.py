@@ -9,9 +9,9 @@ import pytest
 from qat_deploy.backends.onnxruntime.adapter import ADAPTER as ORT_ADAPTER
 from qat_deploy.backends.openvino import adapter as openvino_adapter
 from qat_deploy.backends.openvino.adapter import ADAPTER
-from qat_deploy.deploy import verify
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.common.errors import BadInputError
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.verify import closeness
 
 
 def test_registered_under_its_target_and_available_on_this_cpu():
@@ -99,9 +99,9 @@ def test_int8_engine_tracks_fp32_and_matches_onnxruntime_int8(
     fp32, int8 = (infer_all(ADAPTER.runner(engines[k]), digits_x) for k in ("fp32", "int8"))
     ort_engine = ORT_ADAPTER.build(mnist_qdq, tmp_path / "o", precision="int8", threads=1)
     ort_int8 = infer_all(ORT_ADAPTER.runner(ort_engine), digits_x)
-    assert verify.compare(int8, fp32, step=None)["cosine"] > 0.9
-    same_model = verify.compare(int8, ort_int8, step=step_of(mnist_qdq))
-    verify.check(same_model, verify.Thresholds(), "openvino_vs_onnxruntime")
+    assert closeness.compare(int8, fp32, step=None)["cosine"] > 0.9
+    same_model = closeness.compare(int8, ort_int8, step=step_of(mnist_qdq))
+    closeness.check(same_model, closeness.Thresholds(), "openvino_vs_onnxruntime")
 
 
 def test_corrupt_blob_and_bad_onnx_are_bad_input(mnist_qdq, tmp_path):
@@ -122,9 +122,9 @@ def test_pooled_features_stay_u8_into_the_classifier(tmp_path):
     pooling and no float layer is left between the convolution and the classifier."""
     import torch
 
-    from qat_deploy.deploy.calibrate import calibrate
-    from qat_deploy.deploy.export import export
-    from qat_deploy.deploy.prepare import prepare
+    from qat_deploy.deploy.export.qdq import export
+    from qat_deploy.deploy.frontend.prepare import prepare
+    from qat_deploy.deploy.training.calibrate import calibrate
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(

@@ -26,13 +26,13 @@ from qat_deploy.backends.tensorrt.layer_info import (
     layers_from_json,
     layers_from_text,
 )
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.errors import (
+from qat_deploy.deploy.common.errors import (
     BACKEND_UNAVAILABLE,
     BackendUnavailableError,
     BadInputError,
     CheckFailedError,
 )
+from qat_deploy.deploy.engines.adapter import get_adapter
 from qat_deploy.models.registry import load_model
 
 ADAPTER = trt_adapter.ADAPTER

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto
 
 from qat_deploy.backends.tensorrt.adapter import ADAPTER
-from qat_deploy.deploy.errors import CheckFailedError
+from qat_deploy.deploy.common.errors import CheckFailedError
 from qat_deploy.deploy.lint import lint
 from tests.backends.test_tensorrt_adapter import qdq_residual_net, qlinearconv_net, rtx_path
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qat_deploy.deploy.calibrate import calibrate
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.export import export
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.training.calibrate import calibrate
 from tests.frontend.blocks import (
     BasicBlock,
     Bottleneck,

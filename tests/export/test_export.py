@@ -11,11 +11,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from qat_deploy.deploy.calibrate import calibrate
-from qat_deploy.deploy.errors import BadInputError
-from qat_deploy.deploy.export import export, export_fp32
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.common.errors import BadInputError
+from qat_deploy.deploy.export.qdq import export, export_fp32
+from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.rules.backend import available_targets
+from qat_deploy.deploy.training.calibrate import calibrate
 from qat_deploy.models import load_model
 from tests.export.qdq_probe import compare_per_quantizer
 from tests.frontend.blocks import (
@@ -29,7 +30,7 @@ from tests.frontend.blocks import (
     randomize_bn,
 )
 
-TARGETS = ["tensorrt", "openvino", "onnxruntime"]
+TARGETS = available_targets()
 IMG8 = (8, 8, 8)
 REFERENCE = {
     "basic": (lambda: randomize_bn(BasicBlock()), IMG8, 1000),
@@ -63,8 +64,8 @@ def test_qdq_onnx_matches_fake_quant_model(name, target, tmp_path):
     _, prepared = _calibrated(factory, shape, target)
     path = export(prepared, tmp_path / "m.qdq.onnx", torch.randn(1, *shape), dynamic_batch=True)
     # The file states plain Q/DQ semantics. Where an engine skips a rounding (OpenVINO's fused
-    # Add operands) the model emulates the engine instead (tests/test_arithmetic.py); compare
-    # the file against the model with every quantizer rounding.
+    # Add operands) the model emulates the engine instead (tests/frontend/test_arithmetic.py);
+    # compare the file against the model with every quantizer rounding.
     for module in prepared.modules():
         if isinstance(module, FakeQuantize):
             module.rounding = True

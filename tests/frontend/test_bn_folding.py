@@ -7,8 +7,8 @@ import copy
 
 import torch
 
-from qat_deploy.deploy.prepare import prepare
-from qat_deploy.deploy.quant_modules import QuantConvBn
+from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.frontend.quant_modules import QuantConvBn
 from tests.frontend.blocks import BasicBlock, Bottleneck, InvertedResidual, randomize_bn
 
 

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_deploy.deploy.errors import BadInputError
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.common.errors import BadInputError
+from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.rules.backend import available_targets
 
 
 class DataDependentGate(nn.Module):
@@ -94,7 +95,7 @@ def test_a_model_without_weighted_ops_is_refused_with_the_reason():
         prepare(nn.Sequential(nn.ReLU(), nn.Flatten()), "onnxruntime", torch.randn(1, 3, 4, 4))
 
 
-@pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
+@pytest.mark.parametrize("target", available_targets())
 def test_functional_weights_get_per_channel_quantizers_like_modules(target):
     model = Functional().eval()
     x = torch.randn(2, 3, 8, 8)
@@ -204,8 +205,8 @@ def test_summary_lists_every_quantizer_with_its_scales():
 def test_a_fused_qkv_linear_is_written_out_as_one_linear_per_part_where_the_rules_ask():
     """TensorRT's rules decompose timm's fused qkv projection: three Linears on row slices of
     its weight, which compute exactly what the one Linear and the unbind did."""
-    from qat_deploy.deploy.capture import capture
-    from qat_deploy.deploy.lowering import lower
+    from qat_deploy.deploy.frontend.capture import capture
+    from qat_deploy.deploy.frontend.lowering import lower
     from tests.frontend.blocks import FusedQKVAttention
 
     torch.manual_seed(0)
@@ -236,8 +237,8 @@ def test_an_upsampling_conv_transpose_is_written_out_as_conv_and_pixel_shuffle(
 ):
     """TensorRT's rules decompose ConvTranspose: a Conv with stride^2 x the channels whose
     channel c*s*s + a*s + b is output phase (a, b) of channel c, then a pixel shuffle."""
-    from qat_deploy.deploy.capture import capture
-    from qat_deploy.deploy.lowering import lower
+    from qat_deploy.deploy.frontend.capture import capture
+    from qat_deploy.deploy.frontend.lowering import lower
 
     torch.manual_seed(0)
     up = nn.ConvTranspose2d(8, 6, kernel, stride, padding, output_padding=output_padding)

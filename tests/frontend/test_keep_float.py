@@ -4,7 +4,7 @@ Expected placements are written by hand from the rules (see test_placement.py fo
 all-int8 ones): a kept layer loses its weight quantizer and the input/output quantizers its
 own rule asked for; quantizers other int8 ops need stay, and the kept layer reads those. An op
 whose every data neighbour is float, one of them kept (the residual Add after a kept conv2,
-between the block's input and output), stays float with it (deploy.rules.float_islands).
+between the block's input and output), stays float with it (deploy.rules.backend.float_islands).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import onnx
 import pytest
 import torch
 
-from qat_deploy.deploy.errors import BadInputError
-from qat_deploy.deploy.export import export
+from qat_deploy.deploy.common.errors import BadInputError
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.lint import float_by_rule, lint
-from qat_deploy.deploy.ops import FLOAT_KEY
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.rules.ops import FLOAT_KEY
 from tests.frontend.blocks import BasicBlock, FusedQKVAttention, randomize_bn
 from tests.frontend.test_placement import IMG, SEQ, TARGETS
 

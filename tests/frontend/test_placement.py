@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.rules.backend import available_targets
 from tests.frontend.blocks import (
     BasicBlock,
     Bottleneck,
@@ -156,7 +157,7 @@ def test_fusion_chains_follow_each_backend():
 def test_relu_before_an_affine_quantizer_folds_into_its_range():
     """onnxruntime drops a ReLU whose following Q has zero point qmin: calibration must give
     exactly that for post-ReLU quantizers."""
-    from qat_deploy.deploy.calibrate import calibrate
+    from qat_deploy.deploy.training.calibrate import calibrate
 
     prepared = prepare(randomize_bn(BasicBlock()), "onnxruntime", IMG)
     calibrate(prepared, [torch.randn(4, 8, 8, 8)], progress=False)
@@ -233,7 +234,7 @@ def test_reduced_range_gives_7_bit_weights_only_where_the_engine_saturates(targe
     assert {s.spec.bits for s in plan.sites if s.role == "activation"} == {8}
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt"])
+@pytest.mark.parametrize("target", available_targets())
 def test_a_softmax_head_keeps_cnn_rules_and_attention_switches_to_transformer_rules(target):
     """A Softmax alone is a classifier head: the Conv must still get its quantized input."""
     cnn = torch.nn.Sequential(

@@ -14,10 +14,10 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from qat_deploy.deploy.calibrate import calibrate
-from qat_deploy.deploy.export import export
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.lint import lint
-from qat_deploy.deploy.prepare import prepare
+from qat_deploy.deploy.training.calibrate import calibrate
 
 VOCAB, DIM = 32768, 8  # rows enough that the exporter leaves per-row Q/DQ params unfolded
 

@@ -26,12 +26,13 @@ pytest.importorskip("torchvision")
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-from qat_deploy.deploy.calibrate import calibrate  # noqa: E402
-from qat_deploy.deploy.export import export  # noqa: E402
+from qat_deploy.deploy.export.qdq import export  # noqa: E402
+from qat_deploy.deploy.frontend.prepare import prepare  # noqa: E402
 from qat_deploy.deploy.lint import lint  # noqa: E402
-from qat_deploy.deploy.prepare import prepare  # noqa: E402
+from qat_deploy.deploy.rules.backend import available_targets  # noqa: E402
+from qat_deploy.deploy.training.calibrate import calibrate  # noqa: E402
 
-TARGETS = ("tensorrt", "openvino", "onnxruntime")
+TARGETS = available_targets()
 SEQ = 32
 
 Example = torch.Tensor | dict[str, torch.Tensor]

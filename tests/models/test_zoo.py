@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from qat_deploy.deploy.errors import BAD_INPUT, BadInputError
+from qat_deploy.deploy.common.errors import BAD_INPUT, BadInputError
 from qat_deploy.models import ModelSpec, get_model_spec, list_models, load_model
 
 NUM_CLASSES = {

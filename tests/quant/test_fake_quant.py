@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.common.errors import BadInputError
 from qat_deploy.deploy.quant import (
     INT8_SYM_ACT,
     INT8_WEIGHT,

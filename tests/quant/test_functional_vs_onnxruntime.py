@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from qat_deploy.deploy.app.selfcheck import onnxruntime_qdq
 from qat_deploy.deploy.quant import QuantSpec, dequantize, fake_quantize, quantize
-from qat_deploy.deploy.selfcheck import onnxruntime_qdq
 
 SPECS = {
     "int8": QuantSpec(bits=8, signed=True, symmetric=False),

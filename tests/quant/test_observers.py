@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qat_deploy.deploy.errors import BadInputError
+from qat_deploy.deploy.common.errors import BadInputError
 from qat_deploy.deploy.quant import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,

@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from qat_deploy.deploy.calibrate import calibrate
-from qat_deploy.deploy.export import export
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.lint import float_by_rule, lint
-from qat_deploy.deploy.prepare import prepare
-from qat_deploy.deploy.rules import get_rules
+from qat_deploy.deploy.rules.backend import available_targets, get_rules
+from qat_deploy.deploy.training.calibrate import calibrate
 from qat_deploy.deploy.tune.regions import drop_unneeded_quantizers, regions, with_float
 from tests.frontend.blocks import BasicBlock, ConcatBlock, InvertedResidual, randomize_bn
 
-TARGETS = ("onnxruntime", "openvino", "tensorrt")
+TARGETS = available_targets()
 IMG = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from qat_deploy.deploy.calibrate import calibrate
-from qat_deploy.deploy.engine import get_adapter
-from qat_deploy.deploy.export import export
-from qat_deploy.deploy.ops import FLOAT_KEY
-from qat_deploy.deploy.prepare import prepare
-from qat_deploy.deploy.rules import get_rules
-from qat_deploy.deploy.timing import TimingConfig
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.engines.timing import TimingConfig
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.rules.backend import get_rules
+from qat_deploy.deploy.rules.ops import FLOAT_KEY
+from qat_deploy.deploy.training.calibrate import calibrate
 from qat_deploy.deploy.tune.cache import TimingCache
 from qat_deploy.deploy.tune.regions import layer_of, regions
 from qat_deploy.deploy.tune.search import MIN_GAIN, EngineTimer, search

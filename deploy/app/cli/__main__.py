@@ -1,0 +1,3 @@
+from qat_deploy.deploy.app.entry import run
+
+run()

@@ -1,3 +1,0 @@
-from qat_deploy.deploy.entry import run
-
-run()

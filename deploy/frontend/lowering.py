@@ -1,0 +1,473 @@
+"""Turn a captured ATen graph into the graph prepare() places quantizers on.
+
+- Weighted ops (conv, conv_transpose, linear, and matmul with a constant 2-D right side)
+  become call_module nodes of nn.Conv*/nn.Linear modules that hold the very same parameters,
+  whether the user wrote nn.Conv2d or F.conv2d on an nn.Parameter; prepare() then swaps them
+  for fake-quantized modules and folds BatchNorm, as torchao's PT2E QAT does for conv-bn.
+- embedding of a constant table becomes an nn.Embedding module (weight-only int8 tables).
+- batch_norm and dropout become nn.BatchNorm*/nn.Dropout modules, so train()/eval() of the
+  prepared graph switches them as it switches the user's model (torch.export records the mode
+  of the moment of capture; torchao needs move_exported_model_to_train for the same reason).
+- scaled_dot_product_attention is written out as MatMul(Q, K^T) -> scale -> mask -> Softmax
+  -> MatMul(P, V), so the rules can quantize its two MatMuls like any other.
+- A backend may ask for composite ops to be written out (BackendRules.decompose): SiLU as
+  x * sigmoid(x), and "fused_projection", a Linear whose output is only ever split into equal
+  parts (timm's qkv: reshape to (B, N, 3, heads, dim), permute, unbind) as one Linear per part.
+- Nodes are named after the module that computed them ("layer1_0_conv1"), so plans, errors
+  and reports speak the user's names.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import re
+
+import torch
+from torch import fx, nn
+
+from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, aten_kind
+
+aten = torch.ops.aten
+
+_CONV_CLASSES = {
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    "conv_transpose": (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+}
+_BN_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+#: Modules lowering creates, and the kinds they compute.
+MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    *((cls, "conv_transpose") for cls in _CONV_CLASSES["conv_transpose"]),
+    *((cls, "conv") for cls in _CONV_CLASSES["conv"]),
+    (nn.Linear, "linear"),
+    (nn.Embedding, "embedding"),
+    (nn.modules.batchnorm._BatchNorm, "bn"),
+    (nn.Dropout, "identity"),
+)
+
+
+def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
+    """All rewrites of this module, in place; `decompose` names the composite kinds of
+    DECOMPOSITIONS a backend wants written out."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        kind = aten_kind(node.target)
+        if kind in decompose and DECOMPOSITIONS[kind](gm, node):
+            continue
+        if kind in WEIGHTED_KINDS or (kind == "matmul" and _constant_2d(gm, node)):
+            _to_weighted_module(gm, node, kind)
+        elif kind == "embedding":
+            _to_embedding(gm, node)
+        elif kind == "bn" and node.target == aten.batch_norm.default:
+            _to_batch_norm(gm, node)
+        elif node.target == aten.dropout.default:
+            _to_module(gm, node, nn.Dropout(float(node.args[1])), "dropout", node.args[0])
+        elif kind == "attention":
+            _decompose_attention(gm, node)
+    if FUSED_PROJECTION in decompose:
+        _split_fused_projections(gm)
+    gm.graph.eliminate_dead_code()
+    _name_after_modules(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The kind of a node of a lowered graph (deploy.rules.ops vocabulary), None for placeholders,
+    outputs, attributes and ops without one."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        for cls, kind in MODULE_KINDS:
+            if isinstance(module, cls):
+                return kind
+        return getattr(module, "op_kind", None)
+    if node.op != "call_function":
+        return None
+    kind = aten_kind(node.target)
+    if kind == "relu6" and node.target != aten.relu6.default and _args(node)[1:3] != [0.0, 6.0]:
+        return None  # hardtanh with other bounds: a clamp, not a ReLU6 a backend fuses
+    if kind == "reduce_mean" and _spatial_mean(node):
+        return "global_avgpool"
+    if kind == "global_avgpool" and _args(node)[1:2] not in ([1], [[1]], [[1, 1]], [(1, 1)]):
+        return "avgpool"
+    return kind
+
+
+def _args(node: fx.Node) -> list:
+    defaults = {aten.hardtanh.default: [-1.0, 1.0]}.get(node.target, [])
+    args = list(node.args)
+    return args + defaults[len(args) - 1 :] if defaults and len(args) < 3 else args
+
+
+def _spatial_mean(node: fx.Node) -> bool:
+    """mean over the two spatial axes of an NCHW tensor: global average pooling, also without
+    keepdim (ShuffleNetV2's x.mean([2, 3])); exported as ReduceMean, which the onnxruntime
+    export pass rewrites to GlobalAveragePool."""
+    args = node.args
+    rank = _rank(args[0])
+    dims = args[1] if len(args) > 1 else None
+    if rank != 4 or not isinstance(dims, list | tuple):
+        return False
+    return sorted(d % 4 for d in dims) == [2, 3]
+
+
+def _rank(node) -> int | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _tensor_attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _constant_2d(gm: fx.GraphModule, node: fx.Node) -> bool:
+    weight = _tensor_attr(gm, node.args[1]) if len(node.args) > 1 else None
+    return weight is not None and weight.dim() == 2 and node.target != aten.bmm.default
+
+
+def _parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor.detach().clone())
+
+
+def _to_weighted_module(gm: fx.GraphModule, node: fx.Node, kind: str) -> None:
+    call = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    a = dict(call.kwargs) if call is not None else {}
+    weight_node = a.get("weight", a.get("other"))
+    weight = _tensor_attr(gm, weight_node)
+    if weight is None:  # a weight computed at run time: an activation x activation op
+        return
+    bias_node = a.get("bias")
+    bias = _tensor_attr(gm, bias_node)
+    if bias_node is not None and bias is None:
+        return  # a bias computed at run time: keep the op as captured
+    with torch.device("meta"):
+        if kind == "matmul":  # x @ W == linear(x, W.T): a Linear with the transposed weight
+            module = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
+        elif kind == "linear":
+            module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            module = _conv_module(kind, weight, bias is not None, a)
+    if kind == "matmul":
+        module.weight = nn.Parameter(weight.detach().t().contiguous())
+        name = f"{weight_node.target}_linear"
+    else:
+        module.weight = _parameter(weight)
+        module.bias = None if bias is None else _parameter(bias)
+        name = _owner_path(weight_node, kind)
+    _to_module(gm, node, module, name, a.get("input", node.args[0]))
+
+
+def _to_embedding(gm: fx.GraphModule, node: fx.Node) -> None:
+    """aten.embedding of a constant table -> nn.Embedding holding that table, so a backend
+    that stores tables in int8 (BackendRules.weight_only) can give it a weight quantizer."""
+    weight_node, indices = node.args[:2]
+    weight = _tensor_attr(gm, weight_node)
+    if weight is None or weight.dim() != 2:
+        return
+    padding = node.args[2] if len(node.args) > 2 else -1
+    with torch.device("meta"):
+        module = nn.Embedding(*weight.shape, padding_idx=None if padding < 0 else padding)
+    module.weight = _parameter(weight)
+    _to_module(gm, node, module, _owner_path(weight_node, "embedding"), indices)
+
+
+def _owner_path(weight_node: fx.Node, kind: str) -> str:
+    """Where the module taking over a weight goes: the module that held it, else beside it."""
+    return weight_node.target.rpartition(".")[0] or f"{weight_node.target}_{kind}"
+
+
+def _conv_module(kind: str, weight: torch.Tensor, has_bias: bool, a: dict) -> nn.Module:
+    groups = a.get("groups", 1)
+    spatial = weight.dim() - 2
+    cls = _CONV_CLASSES[kind][spatial - 1]
+    common = {
+        "kernel_size": tuple(weight.shape[2:]),
+        "stride": a.get("stride", 1),
+        "padding": a.get("padding", 0),
+        "dilation": a.get("dilation", 1),
+        "groups": groups,
+        "bias": has_bias,
+    }
+    if kind == "conv":
+        return cls(weight.shape[1] * groups, weight.shape[0], **common)
+    return cls(
+        weight.shape[0],
+        weight.shape[1] * groups,
+        output_padding=a.get("output_padding", 0),
+        **common,
+    )
+
+
+def _to_batch_norm(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, weight, bias, mean, var, _, momentum, eps = node.args[:8]
+    tensors = [_tensor_attr(gm, n) for n in (weight, bias, mean, var)]
+    rank = _rank(x)
+    if rank not in _BN_CLASSES or tensors[2] is None or tensors[3] is None:
+        return
+    w, b, running_mean, running_var = tensors
+    with torch.device("meta"):
+        bn = _BN_CLASSES[rank](
+            running_mean.numel(), eps=eps, momentum=momentum, affine=w is not None
+        )
+    if w is not None:
+        bn.weight, bn.bias = _parameter(w), _parameter(b)
+    bn.running_mean, bn.running_var = running_mean, running_var
+    counter = _tensor_attr(gm, _sibling(gm, mean, "num_batches_tracked"))
+    bn.num_batches_tracked = counter if counter is not None else torch.tensor(0)
+    _to_module(gm, node, bn, mean.target.rpartition(".")[0] or "batch_norm", x)
+
+
+def _sibling(gm: fx.GraphModule, node: fx.Node, name: str) -> fx.Node | None:
+    prefix = node.target.rpartition(".")[0]
+    target = f"{prefix}.{name}" if prefix else name
+    return next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target), None)
+
+
+def _to_module(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    module: nn.Module,
+    path: str,
+    x,
+    replaces: frozenset[int] = frozenset(),
+) -> fx.Node:
+    """Replace `node` by a call of `module`, stored at `path` when that is free or holds
+    only the tensors `module` took over (the container torch.export left there) or
+    `replaces` (those of a layer a rewrite replaces), else at a fresh path beside it."""
+    path = _place(gm, path, module.eval(), replaces)  # captured in eval mode, like the graph
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(path, (x,))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return call
+
+
+def _place(
+    gm: fx.GraphModule, path: str, module: nn.Module, replaces: frozenset[int] = frozenset()
+) -> str:
+    owned = {id(t) for t in (*module.parameters(), *module.buffers())} | replaces
+    try:
+        existing = gm.get_submodule(path)
+    except AttributeError:
+        existing = None
+    if existing is not None and path:
+        tensors = [*existing.parameters(recurse=False), *existing.buffers(recurse=False)]
+        if type(existing) is type(module) and all(id(t) in owned for t in tensors):
+            return path  # the same layer called again: share it
+        if not list(existing.children()) and all(id(t) in owned for t in tensors):
+            _set_submodule(gm, path, module)
+            return path
+    fresh, i = path.replace(".", "_") or "op", 0
+    while hasattr(gm, fresh):
+        i += 1
+        fresh = f"{path.replace('.', '_')}_{i}"
+    gm.add_submodule(fresh, module)
+    return fresh
+
+
+def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def _decompose_attention(gm: fx.GraphModule, node: fx.Node) -> None:
+    """softmax(Q K^T * scale + mask) V, as ops the rules know. Causal and grouped-query
+    attention stay as captured (float)."""
+    call = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    a = dict(call.kwargs) if call is not None else {}
+    if a.get("is_causal") or a.get("enable_gqa") or a.get("dropout_p", 0.0):
+        return
+    q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    head_dim = q.meta["val"].shape[-1]
+    scale = a.get("scale") or 1.0 / math.sqrt(head_dim)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        keys = graph.call_function(aten.transpose.int, (k, -2, -1))
+        scores = graph.call_function(aten.matmul.default, (q, keys))
+        scores = graph.call_function(aten.mul.Tensor, (scores, float(scale)))
+        if mask is not None and mask.meta["val"].dtype == torch.bool:
+            hidden = graph.call_function(aten.logical_not.default, (mask,))
+            lowest = torch.finfo(q.meta["val"].dtype).min
+            scores = graph.call_function(aten.masked_fill.Scalar, (scores, hidden, lowest))
+        elif mask is not None:
+            scores = graph.call_function(aten.add.Tensor, (scores, mask))
+        probs = graph.call_function(aten.softmax.int, (scores, -1))
+        out = graph.call_function(aten.matmul.default, (probs, v))
+    for new in (keys, out):
+        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def _silu_as_sigmoid_times_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """x * sigmoid(x): what the exporter writes for SiLU anyway, as two ops the rules see."""
+    graph, x = gm.graph, node.args[0]
+    with graph.inserting_before(node):
+        gate = graph.call_function(aten.sigmoid.default, (x,))
+        product = graph.call_function(aten.mul.Tensor, (x, gate))
+    for new in (gate, product):
+        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    node.replace_all_uses_with(product)
+    graph.erase_node(node)
+    return True
+
+
+def _conv_transpose_as_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A 2-D ConvTranspose whose output is `stride` times its input (kernel - 2 * padding ==
+    stride) as a Conv with stride^2 x the output channels and a pixel shuffle (ONNX
+    DepthToSpace, CRD): output phase (a, b) of channel c is Conv channel c*s*s + a*s + b,
+    whose taps are the transposed kernel's that land on it. Exact (the same products and
+    sums); False, and nothing rewritten, for any other ConvTranspose."""
+    call = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    a = dict(call.kwargs) if call is not None else {}
+    weight, bias = _tensor_attr(gm, a.get("weight")), _tensor_attr(gm, a.get("bias"))
+    geometry = _upsampling_geometry(a, weight)
+    if geometry is None or (a.get("bias") is not None and bias is None):
+        return False
+    s, k, p, dmin, dmax = geometry
+    c_in, c_out = weight.shape[:2]
+    taps = dmax - dmin + 1
+    w = weight.detach().new_zeros(c_out, s, s, c_in, taps, taps)
+    for ph, pw, t, u in itertools.product(range(s), range(s), range(taps), range(taps)):
+        i, j = ph + p - s * (t + dmin), pw + p - s * (u + dmin)
+        if 0 <= i < k and 0 <= j < k:
+            w[:, ph, pw, :, t, u] = weight.detach()[:, :, i, j].t()
+    with torch.device("meta"):
+        conv = nn.Conv2d(c_in, c_out * s * s, taps, padding=-dmin, bias=bias is not None)
+    conv.weight = nn.Parameter(w.reshape(c_out * s * s, c_in, taps, taps))
+    if bias is not None:
+        conv.bias = nn.Parameter(bias.detach().repeat_interleave(s * s))
+    name = a["weight"].target.rpartition(".")[0] or "conv_transpose"
+    replaced = frozenset(id(t) for t in (weight, bias) if t is not None)
+    conv_node = _to_module(gm, node, conv, name, a.get("input", node.args[0]), replaced)
+    with gm.graph.inserting_after(conv_node):
+        shuffled = gm.graph.call_function(aten.pixel_shuffle.default, (conv_node, s))
+    conv_node.replace_all_uses_with(shuffled, delete_user_cb=lambda user: user is not shuffled)
+    shuffled.meta = dict(conv_node.meta)
+    return True
+
+
+def _upsampling_geometry(a: dict, weight) -> tuple[int, int, int, int, int] | None:
+    """(stride, kernel, padding, first tap offset, last tap offset) of a square 2-D
+    ConvTranspose that upsamples by its stride with symmetric Conv padding, else None."""
+    if weight is None or weight.dim() != 4 or a.get("groups", 1) != 1:
+        return None
+    square = {n: a.get(n, d) for n, d in (("stride", 1), ("padding", 0), ("dilation", 1))}
+    square["output_padding"] = a.get("output_padding", 0)
+    values = {}
+    for name, value in square.items():
+        value = list(value) if isinstance(value, list | tuple) else [value, value]
+        if len(set(value)) != 1:
+            return None
+        values[name] = value[0]
+    k = weight.shape[2]
+    s, p = values["stride"], values["padding"]
+    if weight.shape[3] != k or values["dilation"] != 1 or values["output_padding"]:
+        return None
+    if k - 2 * p != s:
+        return None
+    dmin, dmax = -((k - 1 - p) // s), (s - 1 + p) // s  # ceil((p - k + 1) / s), floor(...)
+    return (s, k, p, dmin, dmax) if -dmin == dmax else None
+
+
+DECOMPOSITIONS = {
+    "silu": _silu_as_sigmoid_times_input,
+    "conv_transpose": _conv_transpose_as_conv,
+}
+FUSED_PROJECTION = "fused_projection"
+_RESHAPES = (aten.reshape.default, aten.view.default)
+
+
+#: node.meta key: the user's module path of a layer lowering made out of it (a fused
+#: projection's pieces live at fresh top-level paths such as "blocks_0_attn_qkv_0")
+SOURCE_MODULE = "qat_deploy_source_module"
+
+
+def _split_fused_projections(gm: fx.GraphModule) -> None:
+    """Linear -> reshape (..., k, *rest) -> permute -> unbind of the k axis becomes k Linears
+    on row slices of the weight, each reshaped and permuted like its part was. Exact: each
+    output channel, and its per-channel weight quantizer, stays what it was."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        linear = modules.get(node.target) if node.op == "call_module" else None
+        found = _fused_parts(node) if isinstance(linear, nn.Linear) else None
+        if found is None:
+            continue
+        reshape, permute, parts, axis = found
+        k = len(parts)
+        rows = linear.out_features // k
+        shape = [d for i, d in enumerate(reshape.args[1]) if i != axis]
+        dims = [d - (d > axis) for d in permute.args[1] if d != axis]
+        graph = gm.graph
+        for i, part in enumerate(parts):
+            with torch.device("meta"):
+                piece = nn.Linear(linear.in_features, rows, bias=linear.bias is not None)
+            piece.weight = nn.Parameter(linear.weight.detach()[i * rows : (i + 1) * rows].clone())
+            if linear.bias is not None:
+                piece.bias = nn.Parameter(linear.bias.detach()[i * rows : (i + 1) * rows].clone())
+            path = _place(gm, f"{node.target}_{i}", piece.eval())
+            with graph.inserting_before(part):
+                out = graph.call_module(path, (node.args[0],))
+                out.meta[SOURCE_MODULE] = str(node.target)  # what keep_float globs match
+                out = graph.call_function(reshape.target, (out, shape))
+                out = graph.call_function(aten.permute.default, (out, dims))
+            out.meta = dict(part.meta)
+            part.replace_all_uses_with(out)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+
+
+def _fused_parts(node: fx.Node):
+    """(reshape, permute, [part per index], split axis) when `node`'s output reaches its
+    readers only as equal parts: reshape -> permute -> unbind along the new axis."""
+    users = list(node.users)
+    out = node.meta.get("val")
+    if len(users) != 1 or users[0].target not in _RESHAPES or not isinstance(out, torch.Tensor):
+        return None
+    reshape, axis = users[0], out.dim() - 1  # the first axis the reshape splits off
+    shaped = reshape.meta.get("val")
+    if not isinstance(shaped, torch.Tensor) or shaped.dim() < axis + 3:
+        return None
+    permutes = list(reshape.users)
+    if len(permutes) != 1 or permutes[0].target != aten.permute.default:
+        return None
+    permute = permutes[0]
+    unbinds = list(permute.users)
+    dim = list(permute.args[1]).index(axis)
+    if len(unbinds) != 1 or unbinds[0].target != aten.unbind.int:
+        return None
+    if (list(unbinds[0].args[1:]) or [0])[0] != dim:
+        return None
+    parts = list(unbinds[0].users)
+    if any(p.target is not operator.getitem for p in parts):
+        return None
+    parts.sort(key=lambda n: n.args[1])
+    k = int(shaped.shape[axis])
+    if [p.args[1] for p in parts] != list(range(k)) or node.meta["val"].shape[-1] % k:
+        return None
+    return reshape, permute, parts, axis
+
+
+def _name_after_modules(gm: fx.GraphModule) -> None:
+    """An op that is the only computing op of a leaf module (nn.ReLU, nn.GELU, nn.LayerNorm)
+    takes that module's path as its name, as call_module nodes already do."""
+    owners: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.op == "call_function" and aten_kind(node.target) is not None and stack:
+            owners.setdefault(list(stack.values())[-1][0], []).append(node)
+    taken = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path, nodes in owners.items():
+        leaf = not any(other.startswith(f"{path}.") for other in owners)
+        name = re.sub(r"\W", "_", path)
+        name = f"_{name}" if name[:1].isdigit() else name
+        if path and leaf and len(nodes) == 1 and path not in taken and nodes[0].name != name:
+            nodes[0]._rename(name)

@@ -1,0 +1,242 @@
+"""The schema of a backend's quantization rules, and how a target name finds its rules.
+
+Rules are data (backends/<name>/rules.py defines RULES); deploy.frontend.prepare is the one
+generic pass that applies them. Adding a backend means adding a folder with a rules.py, nothing
+here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeVar
+
+from qat_deploy import backends
+from qat_deploy.deploy.common.errors import BadInputError
+from qat_deploy.deploy.quant.spec import QuantSpec
+
+T = TypeVar("T")
+
+
+class Inputs(str, Enum):
+    """Which tensor inputs of an op get a quantizer."""
+
+    ACTIVATION = "activation"  # the data input of a weighted op (its weight is handled apart)
+    ALL = "all"  # every tensor input (MatMul, Add in CNNs, pooling, ...)
+    SKIP_BRANCH = "skip_branch"  # residual Add: only inputs NOT produced by a fusible Conv(+BN)
+
+
+@dataclass(frozen=True)
+class OpRule:
+    inputs: Inputs = Inputs.ALL
+    #: One quantizer shared by all inputs (Concat), so the op needs no requantization.
+    shared_scale: bool = False
+    #: Activation spec for this op's inputs when it differs from the backend default.
+    activation: QuantSpec | None = None
+    #: Quantize the op's output too (after the ReLU/ReLU6 fused into it), unless it is a graph
+    #: output: for runtimes that run the op in int8 only between a DQ and a Q (onnxruntime's
+    #: QLinearConv), even where its readers stay float.
+    output: bool = False
+
+
+@dataclass(frozen=True)
+class BackendRules:
+    """Everything the front end needs to know about a backend's int8 support."""
+
+    name: str
+    activation: QuantSpec
+    weight: QuantSpec
+    #: op kind (see deploy.rules.ops) -> how its inputs are quantized, CNN mode.
+    ops: Mapping[str, OpRule]
+    #: op kinds whose input and output share quantization (no quantizer of their own).
+    pass_through: frozenset[str]
+    #: producer chains the backend fuses into one kernel; no quantizer goes inside them.
+    fusions: tuple[tuple[str, ...], ...]
+    #: transformer mode: op rules replacing `ops` (kinds absent here stay float).
+    transformer_ops: Mapping[str, OpRule] = field(default_factory=dict)
+    #: weight quantization axis per op kind (default: weight spec's axis).
+    weight_axis: Mapping[str, int] = field(default_factory=dict)
+    #: Where the engine's int8 arithmetic departs from plain Q/DQ semantics. prepare() makes
+    #: the fake-quant model compute the same (deploy/frontend/arithmetic.py), so what QAT trains and
+    #: what the accuracy check compares against is what the engine runs.
+    #: Weighted op kinds whose float bias the engine rounds to int32 at input scale x weight
+    #: scale; export writes those biases as int32 DequantizeLinear (some fusions require it).
+    int32_bias: frozenset[str] = frozenset()
+    #: The engine fuses a residual Add into the Conv producing its first Conv operand and
+    #: applies that operand's quantizer as a clamp, without rounding.
+    unrounded_fused_add: bool = False
+    #: The engine quantizes activations as round(clamp(x) * k + b) (k = levels / range, float32
+    #: steps), not round(x / scale) + zero point: prepare() makes the activation quantizers
+    #: round the same way (deploy.quant.functional.scale_shift_fake_quantize).
+    scale_shift_quantize: bool = False
+    #: The engine's u8 x s8 kernels add product pairs in saturating int16 on x86 CPUs without
+    #: VNNI (255 * 127 * 2 > 32767): prepare() then quantizes weights to 7 bits, which keeps
+    #: every pair sum exact (onnxruntime's reduce_range, NNCF's overflow_fix).
+    int16_pair_sums_without_vnni: bool = False
+    #: Quantize a quantized op's output before the pass-through ops (MaxPool, reshapes, splits)
+    #: that carry it to its quantized readers, in their group (deploy.frontend.prepare): a runtime
+    #: that fuses an op with the Q right after it, and does not move a Q up across such ops itself,
+    #: then writes that output in int8 instead of leaving the op in float.
+    quantize_pass_through_inputs: bool = False
+    #: Composite ops written out as their parts before placement, where the parts have int8
+    #: kernels and the whole has none: kinds of deploy.frontend.lowering.DECOMPOSITIONS, and
+    #: "fused_projection" (a Linear whose output is only used split into equal parts).
+    decompose: frozenset[str] = frozenset()
+    #: ONNX post-passes (names in deploy/export/passes.py) export() applies for this backend.
+    export_passes: tuple[str, ...] = ()
+    #: Transformer mode: SmoothQuant migration strengths to choose from, per activation
+    #: quantizer read only by Linear layers (deploy.training.smooth); empty: off. It adds a
+    #: per-channel Mul before those quantizers, which the runtime must fold into its
+    #: quantization step to stay fast.
+    smooth_quant_alphas: tuple[float, ...] = ()
+    #: Op kinds whose constant table the engine stores int8 and dequantizes itself (weight-only
+    #: int8: Embedding): per-row symmetric 8-bit codes, float compute. The export writes the
+    #: table as int8 -> DequantizeLinear -> Gather, which must not cost run time (the runtime
+    #: gathers from the compressed table, or folds the DQ once).
+    weight_only: frozenset[str] = frozenset()
+    notes: str = ""
+
+    def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:
+        return self.transformer_ops if transformer else self.ops
+
+    @property
+    def int8_carriers(self) -> frozenset[str]:
+        """Kinds int8 data crosses unchanged: the pass-through ops, and the activations every
+        backend fuses into the op before them (float_islands walks through both)."""
+        return self.pass_through | frozenset(FUSED_ACTIVATIONS)
+
+
+def available_targets() -> list[str]:
+    """Every sub-package of backends/ that ships a rules module."""
+    names = []
+    for info in pkgutil.iter_modules(backends.__path__):
+        if (
+            info.ispkg
+            and importlib.util.find_spec(f"qat_deploy.backends.{info.name}.rules") is not None
+        ):
+            names.append(info.name)
+    return sorted(names)
+
+
+def get_rules(target: str) -> BackendRules:
+    targets = available_targets()
+    if target not in targets:
+        raise BadInputError(f"unknown target '{target}'; known targets: {', '.join(targets)}")
+    return importlib.import_module(f"qat_deploy.backends.{target}.rules").RULES
+
+
+#: Every backend quantizes the data input of weighted ops and both inputs of MatMul.
+WEIGHTED_OPS: Mapping[str, OpRule] = {
+    "conv": OpRule(Inputs.ACTIVATION),
+    "conv_transpose": OpRule(Inputs.ACTIVATION),
+    "linear": OpRule(Inputs.ACTIVATION),
+    "matmul": OpRule(Inputs.ALL),
+}
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    """What the rule interpreter needs to know about one tensor input of an op, whichever
+    graph it comes from (a captured torch graph in prepare, an ONNX graph in lint)."""
+
+    constant: bool  # known before run time (a weight, a folded constant)
+    #: produced by a Conv(+BN) that has no other reader, so a backend can fuse it into this op
+    fusible_conv: bool = False
+
+
+def selected_inputs(kind: str | None, rule: OpRule, inputs: Sequence[InputFacts]) -> list[int]:
+    """Indices of the run-time inputs of an op that its rule quantizes. The one interpreter of
+    a backend's op rules: prepare() places quantizers where it says, lint() checks the same.
+    A weighted op's weight is not among them (it has its own per-channel quantizer)."""
+    runtime = [i for i, facts in enumerate(inputs) if not facts.constant]
+    if rule.inputs is Inputs.ACTIVATION:
+        return [0] if 0 in runtime else []
+    if kind in ("add", "mul") and len(runtime) < 2:
+        return []  # x + constant: nothing to requantize
+    if rule.inputs is Inputs.SKIP_BRANCH:
+        fusible = [i for i in runtime if inputs[i].fusible_conv]
+        if fusible:  # the backend fuses the first Conv(+BN) into the Add; quantize the rest
+            return [i for i in runtime if i != fusible[0]]
+    return runtime
+
+
+#: Activations every backend fuses into the op before it: an op's quantized output follows them.
+FUSED_ACTIVATIONS = ("relu", "relu6")
+
+
+def fused_output(node: T, users: Callable[[T], list[T]], kind: Callable[[T], str | None]) -> T:
+    """Where an op's output quantizer goes: after the ReLU/ReLU6 that alone reads it (and so
+    on). One walk for the torch graph (prepare) and the ONNX graph (lint)."""
+    while len(following := users(node)) == 1 and kind(following[0]) in FUSED_ACTIVATIONS:
+        node = following[0]
+    return node
+
+
+#: Producer chains every backend fuses into its Conv / Linear kernel.
+CONV_FUSIONS: tuple[tuple[str, ...], ...] = (
+    ("conv", "bn"),
+    ("conv", "bn", "relu"),
+    ("conv", "bn", "relu6"),
+    ("conv", "relu"),
+    ("conv", "relu6"),
+    ("linear", "relu"),
+)
+
+
+def float_islands(
+    nodes: Iterable[T],
+    *,
+    ruled: Callable[[T], bool],
+    kept: Callable[[T], bool],
+    weighted: Callable[[T], bool],
+    transparent: Callable[[T], bool],
+    producers: Callable[[T], Iterable[T | None]],
+    users: Callable[[T], Iterable[T | None]],
+) -> set[T]:
+    """The ops whose rule would quantize them, left float because every op they exchange data
+    with computes in float, with at least one kept float by the user (keep_float or the latency
+    tuner): an Add, Mul, pooling or attention MatMul between float layers would only add Q/DQ
+    pairs that no int8 kernel reads. One interpreter for the torch graph (prepare) and the ONNX
+    graph (lint, the tuner's rewrite); each passes its own walks over hashable node handles.
+
+    ruled: the op's kind has a rule; kept: a layer kept float; weighted: Conv/Linear, which
+    never join an island (only keep_float moves them); transparent: ops the data crosses
+    unchanged in int8 (pass-through kinds, fused activations, Q/DQ). producers / users: the
+    data neighbours, None for a graph input or output."""
+    near = {
+        node: [*_across(node, producers, transparent), *_across(node, users, transparent)]
+        for node in nodes
+        if ruled(node) and not kept(node) and not weighted(node) and not transparent(node)
+    }
+    islands: set[T] = set()
+    grown = True
+    while grown:
+        grown = False
+        for node, neighbours in near.items():
+            if node in islands:
+                continue
+            floats = [n is None or kept(n) or n in islands or not ruled(n) for n in neighbours]
+            seeded = any(n is not None and (kept(n) or n in islands) for n in neighbours)
+            if all(floats) and seeded:
+                islands.add(node)
+                grown = True
+    return islands
+
+
+def _across(
+    node: T, step: Callable[[T], Iterable[T | None]], transparent: Callable[[T], bool]
+) -> list[T | None]:
+    """The ops one step from `node` in one direction, seen through transparent ops."""
+    found: list[T | None] = []
+    pending, seen = list(step(node)), set()
+    while pending:
+        current = pending.pop()
+        if current is None or not transparent(current):
+            found.append(current)
+        elif current not in seen:
+            seen.add(current)
+            pending.extend(step(current))
+    return found
