@@ -90,3 +90,17 @@ def test_every_package_folder_is_installed():
         for p in (REPO / top).rglob("__init__.py")
     }
     assert on_disk == installed
+
+
+def test_tests_mirror_the_package_layout():
+    """tests/<folder> exists only for a folder of the code, and a test module at the top of
+    tests/ only for a module at the top of deploy/ (or this check)."""
+    tests = REPO / "tests"
+    test_folders = {p.parent.relative_to(tests) for p in tests.rglob("__init__.py")} - {Path(".")}
+    code_folders = {p.relative_to(DEPLOY) for p in _folders()}
+    code_folders |= {Path(top) for top in ("backends", "models", "benchmarks")}
+    helpers = {Path("fixtures")}  # models and data the tests share
+    assert test_folders - helpers <= code_folders, sorted(map(str, test_folders - code_folders))
+    top_modules = {p.stem for p in DEPLOY.glob("*.py") if not p.stem.startswith("_")}
+    top_tests = {p.stem.removeprefix("test_") for p in tests.glob("test_*.py")}
+    assert top_tests - {"layering"} <= top_modules
