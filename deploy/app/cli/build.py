@@ -269,6 +269,8 @@ def summary_table(report: dict) -> Table:
                 f"{precision} latency p50 / p99", f"{row['p50']:.3f} / {row['p99']:.3f} ms"
             )
         table.add_row("int8 speedup (paired)", f"{speedup['value']:.2f}x")
+        if speedup["value"] < 1.0:
+            table.add_row("int8 slower because", _slower_int8_reason(report))
     elif latency:
         table.add_row("latency", f"not measured: {latency['reason']}")
     accuracy = report.get("accuracy")
@@ -306,6 +308,24 @@ def summary_table(report: dict) -> Table:
             )
     table.add_row("status", report["status"])
     return table
+
+
+def _slower_int8_reason(report: dict) -> str:
+    """What a user can do when int8 lost to fp32: the usual cause on x86 is a CPU without int8
+    dot-product instructions, where int8 convolutions gain little over fp32 FMA."""
+    isa = report.get("environment", {}).get("isa", {})
+    dot_product = ("avx512_vnni", "avx_vnni", "amx_int8")
+    x86 = isa.get("avx2") or isa.get("avx512f")
+    if x86 and not any(isa.get(flag) for flag in dot_product):
+        cause = (
+            "this CPU has no int8 dot-product instructions (VNNI/AMX), so int8 kernels gain "
+            "little here"
+        )
+    else:
+        cause = "this model's int8 kernels and Q/DQ transitions cost more than they save here"
+    if report.get("latency_tuning"):
+        return f"{cause}; even the tuned placement loses: fp32 is the faster engine to ship here"
+    return f"{cause}; --tune-latency keeps float the layers that run faster float"
 
 
 def _tuning_row(tuning: dict) -> str:

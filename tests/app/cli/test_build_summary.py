@@ -1,0 +1,61 @@
+"""The build summary says why int8 lost to fp32 when it did, and nothing when it did not."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from qat_deploy.deploy.app.cli.build import summary_table
+
+AVX2_ONLY = {"avx2": True, "avx512f": False, "avx512_vnni": False, "avx_vnni": False}
+VNNI = {**AVX2_ONLY, "avx512f": True, "avx512_vnni": True}
+
+
+def _rendered(speedup: float, isa: dict, **extra) -> str:
+    latency = {"p50": 1.0, "p99": 2.0}
+    report = {
+        "model": {"name": "m"},
+        "target": "onnxruntime",
+        "latency_ms": {"measured": True, "fp32": latency, "int8": latency},
+        "speedup": {"measured": True, "value": speedup},
+        "environment": {"isa": isa},
+        "status": "ok",
+        **extra,
+    }
+    console = Console(record=True, width=300)
+    console.print(summary_table(report))
+    return console.export_text()
+
+
+def test_int8_slower_on_a_cpu_without_vnni_names_the_instructions_and_the_remedy():
+    text = _rendered(0.89, AVX2_ONLY)
+    assert "int8 slower because" in text
+    assert "no int8 dot-product instructions" in text and "--tune-latency" in text
+
+
+def test_int8_slower_on_a_vnni_cpu_does_not_blame_the_cpu():
+    text = _rendered(0.89, VNNI)
+    assert "int8 slower because" in text and "--tune-latency" in text
+    assert "dot-product" not in text
+
+
+@pytest.mark.parametrize("isa", [AVX2_ONLY, VNNI])
+def test_no_reason_when_int8_is_faster(isa):
+    assert "int8 slower because" not in _rendered(1.7, isa)
+
+
+def test_after_tuning_the_summary_says_fp32_is_the_faster_engine_instead_of_tuning_again():
+    tuning = {
+        "float_layers": [],
+        "time_ratio": 1.0,
+        "reverted": None,
+        "threshold": 0.03,
+        "regions": 8,
+        "taken": [],
+        "exhausted": False,
+        "comparisons": 15,
+        "seconds": 36.0,
+        "cache": {"hits": 3, "misses": 17},
+    }
+    text = _rendered(0.91, AVX2_ONLY, latency_tuning=tuning)
+    assert "fp32 is the faster engine" in text and "--tune-latency" not in text
