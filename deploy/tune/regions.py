@@ -60,9 +60,24 @@ def regions(model: onnx.ModelProto, rules: BackendRules) -> list[Region]:
 def _quantized_weighted(ctx: Context, node: onnx.NodeProto) -> bool:
     if ctx.graph.kind(node) not in WEIGHTED_KINDS or ctx.rule(node) is None:
         return False
-    weight = node.input[1] if len(node.input) > 1 else ""
-    producer = ctx.graph.producer.get(weight)
-    return producer is not None and producer.op_type == DEQUANTIZE
+    return len(node.input) > 1 and _constant_dequantized(ctx.graph, node.input[1]) is not None
+
+
+def _constant_dequantized(graph: Graph, name: str) -> tuple[onnx.NodeProto, list | None] | None:
+    """The DequantizeLinear of constant codes that `name` comes from, and the permutation of
+    the Transpose between them if any: a Linear on 3-D inputs exports as MatMul reading
+    Transpose(DQ(W)) (every Linear of a transformer)."""
+    producer, transpose = graph.producer.get(name), None
+    if producer is not None and producer.op_type == "Transpose":
+        transpose, producer = producer, graph.producer.get(producer.input[0])
+    if producer is None or producer.op_type != DEQUANTIZE:
+        return None
+    if not graph.is_constant(producer.input[0]):
+        return None
+    if transpose is None:
+        return producer, None
+    rank = graph.value(producer.input[0]).ndim
+    return producer, list(attribute(transpose, "perm", None) or range(rank)[::-1])
 
 
 def with_float(
@@ -91,9 +106,12 @@ def _make_float(proto: onnx.GraphProto, graph: Graph, node: onnx.NodeProto) -> N
     other reader or int8 producer needs it (the kept layer then reads the float tensor)."""
     node.metadata_props.add(key=FLOAT_KEY, value="1")
     for index, name in enumerate(node.input):
-        dq = graph.producer.get(name)
-        if dq is not None and dq.op_type == DEQUANTIZE and graph.is_constant(dq.input[0]):
-            tensor = numpy_helper.from_array(_dequantized(graph, dq), f"{name}_float")
+        found = _constant_dequantized(graph, name)
+        if found is not None:
+            dq, perm = found
+            values = _dequantized(graph, dq)
+            values = values if perm is None else np.ascontiguousarray(values.transpose(perm))
+            tensor = numpy_helper.from_array(values, f"{name}_float")
             proto.initializer.append(tensor)
             node.input[index] = tensor.name
 

@@ -59,6 +59,21 @@ class SqueezeExciteBlock(nn.Module):
         return self.project(y * gate) + x
 
 
+class TokenMLP(nn.Module):
+    """A transformer's MLP on (batch, tokens, channels): its Linears export as a MatMul reading
+    Transpose(DQ(W)), the form every Linear of a transformer takes."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.fc2 = nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.fc1(x))) + x
+
+
+TOKENS = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
+
 BLOCKS = {
     "basic": lambda: randomize_bn(BasicBlock()),
     "inverted": lambda: randomize_bn(InvertedResidual()),
@@ -67,11 +82,11 @@ BLOCKS = {
 }
 
 
-def exported(model, target, tmp_path, name, keep_float=()):
+def exported(model, target, tmp_path, name, keep_float=(), example=IMG):
     torch.manual_seed(0)
-    prepared = prepare(model, target, IMG, reduce_range=False, keep_float=keep_float)
-    calibrate(prepared, [IMG], progress=False)
-    return onnx.load(export(prepared, tmp_path / f"{name}.onnx", IMG))
+    prepared = prepare(model, target, example, reduce_range=False, keep_float=keep_float)
+    calibrate(prepared, [example], progress=False)
+    return onnx.load(export(prepared, tmp_path / f"{name}.onnx", example))
 
 
 def shape_of(model: onnx.ModelProto, target: str) -> tuple:
@@ -136,6 +151,42 @@ def test_ops_between_float_regions_go_float_with_them_as_prepare_places_them(tar
             fed = [producers[i] for i in node.input if i in producers]
             dequantized = [p.output[0] for p in fed if p.op_type == "DequantizeLinear"]
             assert all("Conv" in readers[d] for d in dequantized), node.name
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_linears_on_token_inputs_are_regions_as_keep_float_makes_them(target, tmp_path):
+    model = TokenMLP().eval()
+    untuned = exported(model, target, tmp_path, "untuned", example=TOKENS)
+    rules = get_rules(target)
+    names = [r.layer for r in regions(untuned, rules)]
+    assert names == ["fc1", "fc2"]
+    for layer in names:
+        rewritten = with_float(untuned, [layer], rules)
+        reference = exported(model, target, tmp_path, layer, keep_float=[layer], example=TOKENS)
+        (ops, floats), (reference_ops, reference_floats) = (
+            shape_of(m, target) for m in (rewritten, reference)
+        )
+        # the two exports number their nodes differently: compare how many are float
+        assert (ops, len(floats)) == (reference_ops, len(reference_floats)), layer
+        assert lint(rewritten, target) == [], layer
+
+
+def test_float_token_linears_compute_what_the_transposed_int8_weights_say(tmp_path):
+    untuned = exported(TokenMLP().eval(), "onnxruntime", tmp_path, "untuned", example=TOKENS)
+    rewritten = with_float(untuned, ["fc1", "fc2"], get_rules("onnxruntime"))
+    assert not any(n.op_type == "DequantizeLinear" for n in rewritten.graph.node)
+    feed = {untuned.graph.input[0].name: TOKENS.numpy()}
+
+    def run(m):
+        # unoptimized: onnxruntime's fusions of the DQ(W) -> MatMul reference change its
+        # arithmetic, and this compares the weights, not the kernels
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(m.SerializeToString(), options, ["CPUExecutionProvider"])
+        return session.run(None, feed)[0]
+
+    weights_only = _weights_dequantized_by_ort(untuned)
+    np.testing.assert_allclose(run(rewritten), run(weights_only), rtol=1e-5, atol=1e-5)
 
 
 def test_float_regions_compute_what_the_int8_weights_say(tmp_path):

@@ -332,7 +332,9 @@ def _tuning_row(tuning: dict) -> str:
     """e.g. "12 of 54 layers float: 0.81x the untuned int8 time (3 changes, 58 s)"."""
     float_layers, ratio = tuning["float_layers"], tuning["time_ratio"]
     reverted = tuning["reverted"]
-    if not float_layers:
+    if not tuning["regions"]:
+        head = "no quantized weighted layer to move"
+    elif not float_layers:
         why = (
             f"the re-prepared placement timed {reverted['time_ratio']:.2f}x: reverted"
             if reverted

@@ -27,6 +27,22 @@ def _rendered(speedup: float, isa: dict, **extra) -> str:
     return console.export_text()
 
 
+def _untouched_tuning(regions: int) -> dict:
+    """report.json's latency_tuning of a search that kept every layer int8."""
+    return {
+        "float_layers": [],
+        "time_ratio": 1.0,
+        "reverted": None,
+        "threshold": 0.03,
+        "regions": regions,
+        "taken": [],
+        "exhausted": False,
+        "comparisons": 2 * regions,
+        "seconds": 30.0,
+        "cache": {"hits": 0, "misses": 1},
+    }
+
+
 def test_int8_slower_on_a_cpu_without_vnni_names_the_instructions_and_the_remedy():
     text = _rendered(0.89, AVX2_ONLY)
     assert "int8 slower because" in text
@@ -45,17 +61,10 @@ def test_no_reason_when_int8_is_faster(isa):
 
 
 def test_after_tuning_the_summary_says_fp32_is_the_faster_engine_instead_of_tuning_again():
-    tuning = {
-        "float_layers": [],
-        "time_ratio": 1.0,
-        "reverted": None,
-        "threshold": 0.03,
-        "regions": 8,
-        "taken": [],
-        "exhausted": False,
-        "comparisons": 15,
-        "seconds": 36.0,
-        "cache": {"hits": 3, "misses": 17},
-    }
-    text = _rendered(0.91, AVX2_ONLY, latency_tuning=tuning)
+    text = _rendered(0.91, AVX2_ONLY, latency_tuning=_untouched_tuning(regions=8))
     assert "fp32 is the faster engine" in text and "--tune-latency" not in text
+
+
+def test_a_tuning_with_nothing_to_move_says_so_rather_than_all_zero_layers_int8():
+    text = _rendered(0.46, AVX2_ONLY, latency_tuning=_untouched_tuning(regions=0))
+    assert "no quantized weighted layer to move" in text and "all 0 layers" not in text
