@@ -12,7 +12,7 @@ engine beside fp32 and ours on each runtime (interleaved blocks, paired ratios),
 embedding cosine vs the fp32 engine's, mean and worst over the 64 held-out sentences.
 
     python -m benchmarks.minilm_sentences [--target openvino] [--out out/minilm] [--qat-epochs N]
-                                          [--vendors]
+                                          [--calibration minmax|mse|percentile|entropy] [--vendors]
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/minilm"))
     parser.add_argument("--qat-epochs", type=int, default=0, help="distillation QAT epochs")
     parser.add_argument("--vendors", action="store_true", help="NNCF and quantize_dynamic too")
+    parser.add_argument("--calibration", default="minmax", help="activation range observer")
     args = parser.parse_args(argv)
     data = write_data(args.out / "sentences.npz")
     rows = []
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                 batch_size=8,
                 eval_samples=HELD_OUT,
                 qat_epochs=args.qat_epochs,
+                calibration=args.calibration,
                 out_dir=args.out / target,
             )
         )
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             {
                 "target": target,
+                "calibration": args.calibration,
                 "cosine_mean": accuracy["cosine"],
                 "samples": accuracy["samples"],
                 "speedup": report["speedup"]["value"],

@@ -49,7 +49,7 @@ from qat_deploy.deploy.engines.timing import (
     summarize,
     time_interleaved,
 )
-from qat_deploy.deploy.lint import float_by_rule, lint
+from qat_deploy.deploy.lint import float_by_rule, lint, quantized_by_rule
 from qat_deploy.deploy.training.calibrate import call_model, first_tensor
 from qat_deploy.deploy.verify import closeness, layer_debug
 from qat_deploy.models import ModelSpec
@@ -251,13 +251,14 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
 
     kernels = adapter.kernel_report(int8)
     kernels.float_by_rule = float_by_rule(qdq_path, o.target)
+    kernels.quantized_by_rule = quantized_by_rule(qdq_path, o.target)
     report.set("kernels", kernels.to_dict())
     _stage(report, progress, "kernels")
-    planned = len(kernels.compute_layers) - len(kernels.float_by_rule)
+    planned = kernels.planned_int8
     if planned <= 0:
         raise CheckFailedError(
             "no compute layer is left to run int8: the rules or --keep-float keep all "
-            f"{len(kernels.compute_layers)} float"
+            f"{len(kernels.float_by_rule)} float"
         )
     if kernels.int8_fraction_of_quantized < o.min_int8_fraction:
         floats = ", ".join(kernels.fallback_layers)

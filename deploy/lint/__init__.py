@@ -44,7 +44,7 @@ from qat_deploy.deploy.lint.structure import (
 from qat_deploy.deploy.rules.backend import BackendRules, get_rules
 from qat_deploy.deploy.rules.ops import COMPUTE_KINDS
 
-__all__ = ["Violation", "float_by_rule", "lint", "load_model"]
+__all__ = ["Violation", "float_by_rule", "lint", "load_model", "quantized_by_rule"]
 
 _CHECKS: tuple[Callable[[Context], Iterator[Violation]], ...] = (
     check_opset,
@@ -73,11 +73,28 @@ def float_by_rule(
     purpose, e.g. onnxruntime's attention MatMuls and ConvTranspose, and the layers the user
     keeps float (prepare's keep_float): an engine running them in float is doing what was
     asked, not falling back."""
+    return _compute_nodes(model_or_path, target, quantized=False)
+
+
+def quantized_by_rule(
+    model_or_path: onnx.ModelProto | str | os.PathLike, target: str | BackendRules
+) -> list[str]:
+    """The compute nodes the target's rules quantize: the layers an engine should run in int8,
+    counted on the QDQ model (an engine may merge or split layers)."""
+    return _compute_nodes(model_or_path, target, quantized=True)
+
+
+def _compute_nodes(
+    model_or_path: onnx.ModelProto | str | os.PathLike,
+    target: str | BackendRules,
+    *,
+    quantized: bool,
+) -> list[str]:
     ctx = _context(model_or_path, target)
     return [
         Graph.label(node)
         for node in ctx.graph.nodes
-        if ctx.graph.kind(node) in COMPUTE_KINDS and ctx.rule(node) is None
+        if ctx.graph.kind(node) in COMPUTE_KINDS and (ctx.rule(node) is not None) == quantized
     ]
 
 

@@ -16,7 +16,7 @@ import torch
 from qat_deploy.deploy.common.errors import BadInputError
 from qat_deploy.deploy.export.qdq import export
 from qat_deploy.deploy.frontend.prepare import prepare
-from qat_deploy.deploy.lint import float_by_rule, lint
+from qat_deploy.deploy.lint import float_by_rule, lint, quantized_by_rule
 from qat_deploy.deploy.rules.ops import FLOAT_KEY
 from tests.frontend.blocks import BasicBlock, FusedQKVAttention, randomize_bn
 from tests.frontend.test_placement import IMG, SEQ, TARGETS
@@ -81,6 +81,7 @@ def test_the_export_tags_kept_layers_and_lint_accepts_them(target, tmp_path):
     assert kept.input[1] in weights  # a float initializer, no DequantizeLinear in between
     assert lint(model, target) == []
     assert float_by_rule(model, target) == [kept.name]
+    assert quantized_by_rule(model, target) == [n for n in convs if n != kept.name]
     # without its tag the same graph is a float Conv where the rules want int8: lint says so
     del kept.metadata_props[:]
     assert any(v.node == kept.name for v in lint(model, target))
