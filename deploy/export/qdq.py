@@ -142,9 +142,8 @@ def _torch_export(model, example_inputs, opset: int, dynamic_batch: bool) -> onn
             dynamic = tuple({0: batch} for _ in inputs)
             if _takes_varargs(model):  # forward(*args): one entry holding all inputs
                 dynamic = (dynamic,)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # chatter about torchvision ops
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _quiet(EXPORTER_LOGGERS):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
@@ -164,6 +163,26 @@ def _torch_export(model, example_inputs, opset: int, dynamic_batch: bool) -> onn
             root = root.__cause__
         raise BadInputError(f"torch.onnx.export failed: {one_line(root)}") from exc
     return program.model_proto
+
+
+#: loggers whose warnings are not the user's problem: torch.onnx's chatter about torchvision
+#: ops, and onnxscript's constant folding, which logs "Evaluation failed" for every node it
+#: could not fold (dozens on a BERT) and then leaves it for the runtime
+EXPORTER_LOGGERS = ("torch.onnx", "onnxscript.optimizer")
+
+
+@contextlib.contextmanager
+def _quiet(names: Sequence[str]) -> Iterator[None]:
+    """Those loggers at ERROR for the export, and as the user had them afterwards."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _takes_varargs(model: nn.Module) -> bool:

@@ -3,6 +3,7 @@ passes the full ONNX checker, and is written deterministically and atomically.""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -215,3 +216,30 @@ def test_layers_sharing_one_bias_constant_get_their_own_int32_bias(tmp_path):
     assert len({dq.input[0] for dq in bias_dqs}) == len(bias_dqs) == 3
     got, expected, _ = compare_per_quantizer(prepared, path, torch.randn(64, 8))
     assert np.abs(got - expected).max() <= 1e-5 + np.abs(expected).max() * 1e-4
+
+
+def test_the_exporters_chatter_is_silenced_for_the_export_only(monkeypatch, caplog, tmp_path):
+    """onnxscript's constant folding logs "Evaluation failed" for every node it leaves to the
+    runtime (dozens on a BERT): not the user's problem during the export, and the user's own
+    logging setup is back afterwards."""
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    real_export = torch.onnx.export
+
+    def chatty_export(*args, **kwargs):
+        folding.warning("Evaluation failed: cannot reshape")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", chatty_export)
+    _, prepared = _calibrated(lambda: randomize_bn(BasicBlock()), IMG8, "onnxruntime")
+    parent = logging.getLogger("onnxscript.optimizer")
+    before = parent.level
+    parent.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.WARNING):
+            export(prepared, tmp_path / "m.onnx", torch.randn(1, *IMG8))
+            assert "Evaluation failed" not in caplog.text
+            assert parent.level == logging.INFO
+            folding.warning("after the export")
+        assert "after the export" in caplog.text
+    finally:
+        parent.setLevel(before)
