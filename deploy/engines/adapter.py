@@ -74,7 +74,7 @@ class KernelReport:
         reported for all-MiniLM-L6-v2 while 4 Linears still ran int8)."""
         if self.quantized_by_rule is not None:
             return len(self.quantized_by_rule)
-        return len(self.compute_layers) - len(self.float_by_rule)
+        return max(0, len(self.compute_layers) - len(self.float_by_rule))
 
     @property
     def int8_fraction_of_quantized(self) -> float:
@@ -89,6 +89,7 @@ class KernelReport:
             "int8_fraction": self.int8_fraction,
             "float_by_rule": self.float_by_rule,
             "int8_fraction_of_quantized": self.int8_fraction_of_quantized,
+            "planned_int8": self.planned_int8,
             "fallback_layers": self.fallback_layers,
             "source": self.source,
             "layers": [asdict(layer) for layer in self.layers],

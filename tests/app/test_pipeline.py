@@ -181,6 +181,7 @@ def test_a_layer_kept_float_builds_float_on_purpose_and_passes_the_checks(tmp_pa
     # the digits net has 8 compute layers: the 4 kept ones run float on purpose, every other
     # one int8, and the accuracy check held the engine to its mixed fake-quant model
     assert kernels["int8"] == 4 and len(kernels["float_by_rule"]) == 4
+    assert kernels["planned_int8"] == 4
     assert kernels["int8_fraction_of_quantized"] == 1.0 and report["accuracy"]["measured"]
 
 
