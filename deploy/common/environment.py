@@ -79,13 +79,17 @@ def _cpuinfo() -> dict[str, object]:
         return parse_cpuinfo("")
 
 
+#: x86 ISA flags of int8 dot products that accumulate in int32
+INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def has_int8_dot_product() -> bool:
     """Whether this x86 CPU multiplies int8 with VNNI (or AMX). Without it, int8 kernels use
     AVX2/AVX-512BW vpmaddubsw, which adds pairs of u8 x s8 products in saturating int16.
     Non-x86 CPUs are taken to have it (their int8 dot products accumulate in int32)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return True
-    return bool(_cpuinfo()["flags"] & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(_cpuinfo()["flags"] & INT8_DOT_PRODUCT_FLAGS)
 
 
 def environment(threads: int | None = None) -> dict:

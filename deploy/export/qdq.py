@@ -30,6 +30,7 @@ from torch import nn
 
 from qat_deploy.deploy.common.artifacts import write_atomic
 from qat_deploy.deploy.common.errors import BadInputError, one_line
+from qat_deploy.deploy.common.logs import quieted
 from qat_deploy.deploy.export.passes import (
     GraphIndex,
     drop_dead_nodes,
@@ -143,7 +144,7 @@ def _torch_export(model, example_inputs, opset: int, dynamic_batch: bool) -> onn
             if _takes_varargs(model):  # forward(*args): one entry holding all inputs
                 dynamic = (dynamic,)
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _quiet(EXPORTER_LOGGERS):
+        with torch.no_grad(), warnings.catch_warnings(), quieted(EXPORTER_LOGGERS, logging.ERROR):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
@@ -169,20 +170,6 @@ def _torch_export(model, example_inputs, opset: int, dynamic_batch: bool) -> onn
 #: ops, and onnxscript's constant folding, which logs "Evaluation failed" for every node it
 #: could not fold (dozens on a BERT) and then leaves it for the runtime
 EXPORTER_LOGGERS = ("torch.onnx", "onnxscript.optimizer")
-
-
-@contextlib.contextmanager
-def _quiet(names: Sequence[str]) -> Iterator[None]:
-    """Those loggers at ERROR for the export, and as the user had them afterwards."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _takes_varargs(model: nn.Module) -> bool:

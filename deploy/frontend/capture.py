@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.fx import _pytree as fx_pytree
 
 from qat_deploy.deploy.common.errors import BadInputError, one_line
+from qat_deploy.deploy.common.logs import quieted
 
 #: Why torch.export fails on user code, and what the user can do about it.
 _FIXES: tuple[tuple[str, str, str], ...] = (
@@ -36,6 +37,9 @@ _FIXES: tuple[tuple[str, str, str], ...] = (
         "move it out of forward() or rewrite it with torch operations",
     ),
 )
+
+#: torch.export logs graph dumps on failure; the user gets our one line instead
+CAPTURE_LOGGERS = ("torch", "torch._dynamo", "torch.export")
 
 
 def capture(
@@ -114,7 +118,7 @@ def _export(model: nn.Module, args, kwargs, *, dynamic: bool):
             warnings.catch_warnings(),
             contextlib.redirect_stdout(noise),
             contextlib.redirect_stderr(noise),
-            _quiet_torch_logs(),
+            quieted(CAPTURE_LOGGERS, logging.CRITICAL),
         ):
             warnings.simplefilter("ignore")
             return torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=shapes)
@@ -137,20 +141,6 @@ def _as_signature_shapes(model, args, kwargs, shapes):
         return shapes["kwargs"]
     names = list(inspect.signature(model.forward).parameters)
     return {**dict(zip(names, shapes["args"], strict=False)), **shapes["kwargs"]}
-
-
-@contextlib.contextmanager
-def _quiet_torch_logs():
-    """torch.export logs graph dumps on failure; the user gets our one line instead."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch._dynamo", "torch.export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def explain_capture_failure(model: nn.Module, exc: BaseException) -> str:

@@ -14,6 +14,7 @@ from qat_deploy.deploy import recipe
 from qat_deploy.deploy.app.cli.app import app, console
 from qat_deploy.deploy.app.pipeline import STAGES, BuildOptions, build
 from qat_deploy.deploy.common import errors
+from qat_deploy.deploy.common.environment import INT8_DOT_PRODUCT_FLAGS
 from qat_deploy.deploy.recipe import (
     CHECKPOINT_NAME,
     DEFAULT_MODEL,
@@ -314,9 +315,8 @@ def _slower_int8_reason(report: dict) -> str:
     """What a user can do when int8 lost to fp32: the usual cause on x86 is a CPU without int8
     dot-product instructions, where int8 convolutions gain little over fp32 FMA."""
     isa = report.get("environment", {}).get("isa", {})
-    dot_product = ("avx512_vnni", "avx_vnni", "amx_int8")
     x86 = isa.get("avx2") or isa.get("avx512f")
-    if x86 and not any(isa.get(flag) for flag in dot_product):
+    if x86 and not any(isa.get(flag) for flag in INT8_DOT_PRODUCT_FLAGS):
         cause = (
             "this CPU has no int8 dot-product instructions (VNNI/AMX), so int8 kernels gain "
             "little here"
