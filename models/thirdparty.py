@@ -192,7 +192,14 @@ def timm_repvgg_a0(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
     a perturbation about sqrt(3)x, and after 22 blocks the model's float64 and float32 outputs
     differ (cosine 0.955) before any quantization: no int8 engine can match such a model, and
     a trained RepVGG does not behave so. Each branch's BatchNorm scale and shift are divided
-    by sqrt(branches) before the statistics are measured, so blocks keep unit variance."""
+    by sqrt(branches) before the statistics are measured, so blocks keep unit variance.
+
+    The model is then well-conditioned (float64 vs float32 cosine 1.0), but its identity
+    BatchNorms normalise sparse post-ReLU channels (gains up to ~48), so activations carry
+    rare outliers hundreds of times their RMS, growing over the identity path; QARepVGG (Chu
+    et al., AAAI 2023) reports the same mechanism costing trained RepVGG-A0 20 points of
+    top-1 under plain PTQ. What keeps int8 close: merging the Conv branches, leaving the sum
+    float, and MSE ranges (deploy.frontend.lowering, float_branch_sums, --calibration auto)."""
     model = _timm("repvgg_a0")
     for block in model.modules():
         if type(block).__name__ != "RepVggBlock":

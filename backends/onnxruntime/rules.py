@@ -78,4 +78,8 @@ RULES = BackendRules(
     # differ from its fake-quant model by 44 output steps (p99.9, cosine 0.988); the MLAS
     # u8s8 AVX2 kernels saturate int16 pair sums.
     int16_pair_sums_without_vnni=True,
+    # An Add of parallel Conv/BN branches of one input stays float (RepVGG's identity BN + the
+    # merged 3x3 Conv, which still writes int8 through QLinearConv): no per-tensor scale on
+    # the identity BN's output, whose per-channel gains spread it over thousands of steps.
+    float_branch_sums=True,
 )

@@ -48,6 +48,10 @@ RULES = BackendRules(
     # 0.986, vs this emulation 0.9966; ResNet-18: error 6x lower with the first Conv operand
     # unrounded than with none or with the second (downsample) operand.
     unrounded_fused_add=True,
+    # An Add of parallel Conv/BN branches of one input stays float (after lowering merged the
+    # Conv branches: RepVGG's identity BN + the merged 3x3): the CPU plugin fuses it into the
+    # int8 Conv as a float sum post-op, and the sum is quantized once, by its reader.
+    float_branch_sums=True,
     # The CPU plugin's FakeQuantize rounds clamp(x) * k + b (k = levels / range, each step in
     # float32), a helper found bit-exact; ONNX's round(x / scale) codes differ at near-ties.
     # Random ShuffleNetV2 amplifies those flips: OpenVINO vs the fake-quant model cosine

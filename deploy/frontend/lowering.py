@@ -10,6 +10,11 @@
   of the moment of capture; torchao needs move_exported_model_to_train for the same reason).
 - scaled_dot_product_attention is written out as MatMul(Q, K^T) -> scale -> mask -> Softmax
   -> MatMul(P, V), so the rules can quantize its two MatMuls like any other.
+- Parallel Conv(+BN) branches of one input summed by an Add (RepVGG, ACNet and Diverse Branch
+  Blocks in training form) become one Conv: the smaller kernel zero-padded into the larger,
+  each branch's BatchNorm folded in with its running statistics. Exact in eval mode, one Conv
+  instead of two on every runtime, and one quantized output instead of one per branch. QAT
+  then trains the merged Conv, its branch BatchNorms frozen.
 - A backend may ask for composite ops to be written out (BackendRules.decompose): SiLU as
   x * sigmoid(x), and "fused_projection", a Linear whose output is only ever split into equal
   parts (timm's qkv: reshape to (B, N, 3, heads, dim), permute, unbind) as one Linear per part.
@@ -19,6 +24,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import operator
@@ -68,6 +74,7 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
             _decompose_attention(gm, node)
     if FUSED_PROJECTION in decompose:
         _split_fused_projections(gm)
+    _merge_parallel_convs(gm)
     gm.graph.eliminate_dead_code()
     _name_after_modules(gm)
     gm.graph.lint()
@@ -276,6 +283,102 @@ def _place(
 def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def _merge_parallel_convs(gm: fx.GraphModule) -> None:
+    """Add(Conv_a(+BN)(x), Conv_b(+BN)(x)) -> one Conv at Conv_a's or Conv_b's (the larger
+    kernel's) path, repeatedly, so a sum of three or more branches folds too."""
+    gm.graph.eliminate_dead_code()  # the attributes the modules took over: no longer read
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or aten_kind(node.target) != "add" or node.kwargs:
+            continue
+        branches = [_conv_branch(gm, arg) for arg in node.args]
+        if len(branches) != 2 or None in branches or branches[0][2] is not branches[1][2]:
+            continue
+        (a, a_bn, _), (b, b_bn, _) = sorted(
+            branches, key=lambda branch: -gm.get_submodule(branch[0].target).weight[0].numel()
+        )
+        merged = _merged_conv(*_modules(gm, a, a_bn), *_modules(gm, b, b_bn))
+        if merged is None:
+            continue
+        _set_submodule(gm, a.target, merged)
+        node.replace_all_uses_with(a)
+        a.meta = dict(node.meta)
+        for dead in (node, *(n for n in (a_bn, b_bn) if n is not None), b):
+            gm.graph.erase_node(dead)
+        for dead in (a_bn, b_bn, b):
+            if dead is not None:
+                gm.delete_submodule(dead.target)
+
+
+def _conv_branch(gm: fx.GraphModule, node) -> tuple[fx.Node, fx.Node | None, fx.Node] | None:
+    """(conv, its BatchNorm or None, their input) when `node` is Conv(x) or BN(Conv(x)) and
+    each is read once and owns its module; else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != 1:
+        return None
+    bn = None
+    if isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+        bn, node = node, node.args[0]
+        if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != 1:
+            return None
+    conv = gm.get_submodule(node.target)
+    if type(conv) not in _CONV_CLASSES["conv"] or not isinstance(node.args[0], fx.Node):
+        return None
+    targets = {node.target, bn.target if bn is not None else None}
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in targets]
+    if len(calls) != (1 if bn is None else 2):
+        return None  # a module called twice: merging would change its other call
+    return node, bn, node.args[0]
+
+
+def _modules(gm: fx.GraphModule, conv: fx.Node, bn: fx.Node | None) -> tuple[nn.Module, ...]:
+    return gm.get_submodule(conv.target), gm.get_submodule(bn.target) if bn is not None else None
+
+
+def _merged_conv(a: nn.Module, a_bn, b: nn.Module, b_bn) -> nn.Module | None:
+    """One Conv computing a(+BN) + b(+BN), b's kernel placed inside a's; None where their
+    geometry differs or b's taps cannot be aligned with a's."""
+    same = ("in_channels", "out_channels", "stride", "groups", "padding_mode")
+    if any(getattr(a, f) != getattr(b, f) for f in same) or a.padding_mode != "zeros":
+        return None
+    if isinstance(a.padding, str) or isinstance(b.padding, str):
+        return None
+    offsets = []
+    geometry = (a.kernel_size, b.kernel_size, a.padding, b.padding, a.dilation, b.dilation)
+    for k_a, k_b, p_a, p_b, d_a, d_b in zip(*geometry, strict=True):
+        offset, rest = divmod(p_a - p_b, d_a)  # b's first tap lands on a's tap `offset`
+        if rest or not 0 <= offset <= k_a - k_b or (k_b > 1 and d_b != d_a):
+            return None
+        offsets.append(offset)
+    folded_a, folded_b = _folded(a, a_bn), _folded(b, b_bn)
+    if folded_a is None or folded_b is None:
+        return None
+    (weight_a, bias_a), (weight_b, bias_b) = folded_a, folded_b
+    window = tuple(slice(o, o + k) for o, k in zip(offsets, b.kernel_size, strict=True))
+    weight = weight_a.clone()
+    weight[(slice(None), slice(None), *window)] += weight_b
+    merged = copy.deepcopy(a)
+    merged.weight = nn.Parameter(weight)
+    merged.bias = nn.Parameter(bias_a + bias_b)
+    return merged
+
+
+@torch.no_grad()
+def _folded(conv: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Conv(+BN)'s weight and bias as one Conv's, BN at its running statistics; None for a
+    BN without them."""
+    weight = conv.weight.detach()
+    bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+    if bn is None:
+        return weight, bias
+    if bn.running_mean is None or bn.running_var is None:
+        return None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    view = (-1, *([1] * (weight.dim() - 1)))
+    return weight * scale.reshape(view), bias * scale + shift
 
 
 def _decompose_attention(gm: fx.GraphModule, node: fx.Node) -> None:

@@ -50,6 +50,7 @@ from qat_deploy.deploy.rules.backend import (
     InputFacts,
     Inputs,
     OpRule,
+    branch_sum_root,
     float_islands,
     fused_output,
     get_rules,
@@ -410,21 +411,36 @@ def _float_ops(
     ]
 
 
-def _selected_inputs(node: fx.Node, rule: OpRule, kinds) -> list[fx.Node]:
+def _selected_inputs(node: fx.Node, rule: OpRule, kinds, rules: BackendRules) -> list[fx.Node]:
     """The input edges of `node` that its rule says to quantize (interpreted by
     deploy.rules.backend)."""
     tensors = [a for a in node.all_input_nodes if _is_tensor(a)]
     if rule.inputs is Inputs.ACTIVATION:  # the data input is the first argument
         first = node.args[0] if node.args else None
         tensors = [first, *(a for a in tensors if a is not first)] if _is_tensor(first) else []
+    branch_sum = kinds.get(node) == "add" and _branch_sum_root(node, kinds) is not None
     facts = [
         InputFacts(
             constant=a.op == "get_attr",
             fusible_conv=kinds.get(a) in ("conv", "conv_transpose") and len(a.users) == 1,
+            branch_sum=branch_sum,
         )
         for a in tensors
     ]
-    return [tensors[i] for i in selected_inputs(kinds.get(node), rule, facts)]
+    chosen = selected_inputs(kinds.get(node), rule, facts, rules.float_branch_sums)
+    return [tensors[i] for i in chosen]
+
+
+def _branch_sum_root(add: fx.Node, kinds) -> fx.Node | None:
+    """deploy.rules.backend.branch_sum_root on the torch graph."""
+
+    def terms(node: fx.Node) -> list[fx.Node | None]:
+        return [a if isinstance(a, fx.Node) and len(a.users) == 1 else None for a in node.args]
+
+    def source(node: fx.Node) -> fx.Node | None:
+        return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+    return branch_sum_root(add, terms, kinds.get, source)
 
 
 Key = tuple[fx.Node, QuantSpec]  # a value, quantized with a spec
@@ -442,7 +458,7 @@ def _place_activation_quantizers(
     readers: dict[Key, list[fx.Node]] = {}
     for node in list(gm.graph.nodes):
         rule = op_rules(node, kinds.get(node))
-        selected = _selected_inputs(node, rule, kinds) if rule is not None else []
+        selected = _selected_inputs(node, rule, kinds, factory.rules) if rule is not None else []
         if not selected:
             continue
         spec = (rule.activation or factory.rules.activation).with_bits(factory.bits)

@@ -15,6 +15,7 @@ from qat_deploy.deploy.rules.backend import (
     InputFacts,
     Inputs,
     OpRule,
+    branch_sum_root,
     fused_output,
     selected_inputs,
 )
@@ -106,11 +107,17 @@ def _selected_inputs(
         names = [node.input[0]]
     else:
         names = graph.data_inputs(node)
+    branch_sum = kind == "add" and _branch_sum_root(graph, node) is not None
     facts = [
-        InputFacts(graph.is_constant(n), fusible_conv=_fusible_conv(ctx, n) is not None)
+        InputFacts(
+            graph.is_constant(n),
+            fusible_conv=_fusible_conv(ctx, n) is not None,
+            branch_sum=branch_sum,
+        )
         for n in names
     ]
-    selected = [(names[i], "input") for i in selected_inputs(kind, rule, facts)]
+    chosen = selected_inputs(kind, rule, facts, ctx.rules.float_branch_sums)
+    selected = [(names[i], "input") for i in chosen]
     if rule.inputs is Inputs.ACTIVATION and len(node.input) > 1:
         selected.append((node.input[_WEIGHT_INPUT[node.op_type]], "weight"))
     return selected
@@ -210,3 +217,29 @@ def _conv_behind_qdq(ctx: Context, name: str) -> tuple[NodeProto, NodeProto] | N
         return None  # the quantized value feeds other ops too: the Conv cannot fuse anyway
     conv = _fusible_conv(ctx, quantize.input[0])
     return (quantize, conv) if conv is not None else None
+
+
+def _branch_sum_root(graph: Graph, add: NodeProto) -> str | None:
+    """deploy.rules.backend.branch_sum_root on the ONNX graph, through the Q/DQ pairs that
+    quantize a Conv's input or (onnxruntime) its output."""
+
+    def read_once(name: str) -> bool:
+        return len(graph.consumers.get(name, ())) == 1
+
+    def terms(node: NodeProto) -> list[NodeProto | None]:
+        pairs = [(name, _behind_qdq(graph, name)) for name in graph.data_inputs(node)]
+        return [
+            graph.producer.get(value) if read_once(name) and read_once(value) else None
+            for name, value in pairs
+        ]
+
+    return branch_sum_root(add, terms, graph.kind, lambda node: _behind_qdq(graph, node.input[0]))
+
+
+def _behind_qdq(graph: Graph, name: str) -> str:
+    """The value a DequantizeLinear(QuantizeLinear(value)) pair reproduces, else `name`."""
+    dequantize = graph.producer.get(name)
+    if dequantize is None or dequantize.op_type != DEQUANTIZE:
+        return name
+    quantize = graph.producer.get(dequantize.input[0])
+    return quantize.input[0] if quantize is not None and quantize.op_type == QUANTIZE else name

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
@@ -85,6 +85,11 @@ class BackendRules:
     #: kernels and the whole has none: kinds of deploy.frontend.lowering.DECOMPOSITIONS, and
     #: "fused_projection" (a Linear whose output is only used split into equal parts).
     decompose: frozenset[str] = frozenset()
+    #: Leave an Add float when it only sums parallel linear branches of one value
+    #: (InputFacts.branch_sum: RepVGG / ACNet / DBB blocks in training form): the sum is
+    #: quantized once, by its reader. Quantizing each branch puts one per-tensor scale on an
+    #: identity BatchNorm whose per-channel gains spread its output over thousands of steps.
+    float_branch_sums: bool = False
     #: ONNX post-passes (names in deploy/export/passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()
     #: Transformer mode: SmoothQuant migration strengths to choose from, per activation
@@ -145,17 +150,25 @@ class InputFacts:
     constant: bool  # known before run time (a weight, a folded constant)
     #: produced by a Conv(+BN) that has no other reader, so a backend can fuse it into this op
     fusible_conv: bool = False
+    #: a term of a parallel-branch sum: the op adds only linear branches of one value
+    #: (branch_sum_root), so with BackendRules.float_branch_sums it stays float
+    branch_sum: bool = False
 
 
-def selected_inputs(kind: str | None, rule: OpRule, inputs: Sequence[InputFacts]) -> list[int]:
+def selected_inputs(
+    kind: str | None, rule: OpRule, inputs: Sequence[InputFacts], float_branch_sums: bool = False
+) -> list[int]:
     """Indices of the run-time inputs of an op that its rule quantizes. The one interpreter of
     a backend's op rules: prepare() places quantizers where it says, lint() checks the same.
-    A weighted op's weight is not among them (it has its own per-channel quantizer)."""
+    A weighted op's weight is not among them (it has its own per-channel quantizer).
+    float_branch_sums: the backend's BackendRules.float_branch_sums."""
     runtime = [i for i, facts in enumerate(inputs) if not facts.constant]
     if rule.inputs is Inputs.ACTIVATION:
         return [0] if 0 in runtime else []
     if kind in ("add", "mul") and len(runtime) < 2:
         return []  # x + constant: nothing to requantize
+    if kind == "add" and float_branch_sums and all(inputs[i].branch_sum for i in runtime):
+        return []  # parallel branches of one value: quantized once, after the sum
     if rule.inputs is Inputs.SKIP_BRANCH:
         fusible = [i for i in runtime if inputs[i].fusible_conv]
         if fusible:  # the backend fuses the first Conv(+BN) into the Add; quantize the rest
@@ -173,6 +186,36 @@ def fused_output(node: T, users: Callable[[T], list[T]], kind: Callable[[T], str
     while len(following := users(node)) == 1 and kind(following[0]) in FUSED_ACTIVATIONS:
         node = following[0]
     return node
+
+
+#: Op kinds that are one linear branch of their data input: a Conv (its BatchNorm folded in)
+#: or a standalone BatchNorm.
+BRANCH_KINDS = ("conv", "bn")
+
+
+def branch_sum_root(
+    add: T,
+    terms: Callable[[T], Sequence[T | None]],
+    kind: Callable[[T], str | None],
+    source: Callable[[T], Hashable],
+) -> Hashable | None:
+    """The value X when `add` sums only parallel linear branches of X: Conv(+BN)(X), BN(X),
+    or Adds of such (RepVGG's 3x3 + 1x1 + identity BN, ACNet, Diverse Branch Blocks), each
+    read by that sum alone; else None. A residual x + f(x) is no such sum: x is not a branch
+    of itself. One walk for the torch graph (prepare) and the ONNX graph (lint).
+
+    terms: the ops producing an Add's run-time inputs, None where a term has other readers or
+    no producer; source: the data input of a branch op, as a hashable handle."""
+    roots: set[Hashable | None] = set()
+    for term in terms(add):
+        term_kind = kind(term) if term is not None else None
+        if term_kind in BRANCH_KINDS:
+            roots.add(source(term))
+        elif term_kind == "add":
+            roots.add(branch_sum_root(term, terms, kind, source))
+        else:
+            return None
+    return roots.pop() if len(roots) == 1 and None not in roots else None
 
 
 #: Producer chains every backend fuses into its Conv / Linear kernel.

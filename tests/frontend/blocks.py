@@ -190,3 +190,19 @@ class UpBlock(nn.Module):
 
     def forward(self, x):
         return self.fuse(torch.cat([self.up(self.relu(self.down(x))), x], 1))
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG's training form (timm RepVggBlock): 3x3 Conv+BN + 1x1 Conv+BN + identity BN,
+    summed, then ReLU; `dilation` spreads the 3x3 taps (the 1x1 still sits on the centre)."""
+
+    def __init__(self, c=8, dilation=1):
+        super().__init__()
+        self.conv_kxk = nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn_kxk = nn.BatchNorm2d(c)
+        self.conv_1x1, self.bn_1x1 = conv_bn(c, c, 1)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn_1x1(self.conv_1x1(x)) + self.bn_kxk(self.conv_kxk(x))
+        return torch.relu(y + self.identity(x))

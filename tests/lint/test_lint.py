@@ -412,13 +412,14 @@ def attention_tail(net: Net, x: str) -> str:
     return net.op("MatMul", [net.qdq(probs, "q_probs", dtype=np.int8, zero_point=0), q], "ctx")
 
 
-def two_conv_add(target: str, marker: str) -> onnx.ModelProto:
-    """Add of two float Conv outputs, then `marker`: attention flips to transformer rules; a
-    Softmax alone (a classifier head) or a LayerNorm (ConvNeXt) keeps CNN rules, as in
-    prepare (deploy.rules.ops.is_transformer)."""
+def two_conv_add(target: str, marker: str, same_input: bool = False) -> onnx.ModelProto:
+    """Add of two float Conv outputs (of x and ReLU(x), or both of x: a parallel-branch sum),
+    then `marker`: attention flips to transformer rules; a Softmax alone (a classifier head)
+    or a LayerNorm (ConvNeXt) keeps CNN rules, as in prepare (deploy.rules.ops.is_transformer)."""
     net = Net(target)
     x = net.qdq("x", "q_in")
-    add = net.op("Add", [net.conv(x, "conv_a"), net.conv(x, "conv_b")], "add")
+    other = x if same_input else net.qdq(net.op("Relu", ["x"], "relu"), "q_relu")
+    add = net.op("Add", [net.conv(x, "conv_a"), net.conv(other, "conv_b")], "add")
     if marker == "attention":
         return net.model(attention_tail(net, add))
     if marker == "LayerNormalization":
@@ -440,6 +441,15 @@ def test_transformer_rules_leave_residual_add_float(target):
     assert ("unquantized-input", "add") not in transformer
     for marker in ("Softmax", "LayerNormalization"):  # a classifier head, ConvNeXt's norm
         assert found(two_conv_add(target, marker), target).count(("unquantized-input", "add")) == 2
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
+def test_a_sum_of_parallel_branches_stays_float_where_the_rules_say(target):
+    """Conv_a(x) + Conv_b(x) sums branches of one value (RepVGG): the CPU backends' rules
+    (float_branch_sums) leave it float; TensorRT's residual rule wants one input quantized."""
+    violations = found(two_conv_add(target, "Identity", same_input=True), target)
+    expected = [("unquantized-skip", "add")] if target == "tensorrt" else []
+    assert [v for v in violations if v[1] == "add"] == expected
 
 
 def int8_transformer_matmul(target: str) -> onnx.ModelProto:
