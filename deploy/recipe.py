@@ -7,6 +7,7 @@ build ships: same trained weights, same calibration data, same example input.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +32,7 @@ from qat_deploy.deploy.frontend.prepare import OBSERVERS, PreparedModel, prepare
 from qat_deploy.deploy.rules.backend import get_rules
 from qat_deploy.deploy.training import distributed
 from qat_deploy.deploy.training.calibrate import calibrate, call_model, first_tensor
+from qat_deploy.deploy.training.choice import AUTO_OBSERVERS, choose_observer
 from qat_deploy.deploy.training.qat import distillation_loss, train_qat
 from qat_deploy.deploy.training.smooth import choose_alpha, smooth_linear_inputs
 from qat_deploy.deploy.tune.cache import TimingCache, default_cache_path
@@ -40,6 +42,8 @@ from qat_deploy.models import ModelSpec, load_model
 from qat_deploy.models.inputs import InputSpec
 
 DEFAULT_MODEL = "digits_resnet"
+#: Recipe.calibration that chooses the activation observer on the calibration data
+AUTO = "auto"
 QAT_LOSSES = ("auto", "cross_entropy", "distill")
 #: Distillation nudges the model toward its own float outputs: small steps, ranges frozen at
 #: calibration. 3 epochs on 32 real sentences, pretrained MiniLM embedding cosine vs fp32 on 64
@@ -68,8 +72,9 @@ class Recipe:
     data: Path | None = None  # .npz file or image folder; None = the model's default data
     calib_batches: int = 8
     batch_size: int = 16  # calibration / QAT batch size
-    #: activation range observer (deploy.frontend.prepare.OBSERVERS)
-    calibration: str = "minmax"
+    #: activation range observer (deploy.frontend.prepare.OBSERVERS), or AUTO: the one of
+    #: deploy.training.choice.AUTO_OBSERVERS closest to fp32 on held-out calibration samples
+    calibration: str = AUTO
     #: module-path globs of Conv/Linear layers that stay float (deploy.frontend.prepare keep_float)
     keep_float: tuple[str, ...] = ()
     #: keep the fewest layers float for the fake-quant output to reach this mean cosine vs
@@ -115,8 +120,8 @@ def check(recipe: Recipe) -> None:
     budget = recipe.accuracy_budget
     if budget is not None and not 0 < budget <= 1:  # NaN fails too
         raise BadInputError(f"bad --accuracy-budget {budget}; expected a cosine in (0, 1]")
-    if recipe.calibration not in OBSERVERS:
-        known = ", ".join(OBSERVERS)
+    if recipe.calibration not in (AUTO, *OBSERVERS):
+        known = ", ".join((AUTO, *OBSERVERS))
         raise BadInputError(f"unknown calibration '{recipe.calibration}'; known: {known}")
     for name in ("calib_batches", "batch_size", "eval_samples"):
         value = getattr(recipe, name)
@@ -163,6 +168,13 @@ def quantize(
     batches = batches[: recipe.calib_batches]
     prepared = _prepare(loaded, recipe, recipe.keep_float)
     on_stage("prepare")
+    auto = None
+    if recipe.calibration == AUTO:
+        observer, scores = choose_observer(prepared, loaded.model, batches)
+        auto = {"observer": observer, "cosine": scores}
+        recipe = dataclasses.replace(recipe, calibration=observer)  # for every later prepare
+        for quantizer in prepared.activation_quantizers():
+            quantizer.reset_observer(OBSERVERS[observer])
     _calibrate(prepared, loaded.model, batches)
     if recipe.accuracy_budget is not None:
         # chosen on the calibration data, so every entry point picks the same layers
@@ -181,6 +193,7 @@ def quantize(
         _qat(prepared, loaded, recipe)
         on_stage("qat")
     distributed.leave()  # rank 0 goes on alone
+    prepared.plan.calibration = {"observer": recipe.calibration, "auto": auto}
     return prepared
 
 
@@ -243,7 +256,7 @@ def _prepare(loaded: Loaded, recipe: Recipe, keep_float: tuple[str, ...]) -> Pre
         loaded.model,
         recipe.target,
         loaded.example,
-        observer=recipe.calibration,
+        observer=AUTO_OBSERVERS[0] if recipe.calibration == AUTO else recipe.calibration,
         keep_float=keep_float,
     )
 

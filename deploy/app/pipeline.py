@@ -214,6 +214,9 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     report.set("environment", environment(o.threads))
     report.set("calibration", o.calibration)
     prepared = recipe.quantize(loaded, o, lambda name: _stage(report, progress, name))
+    report.set("calibration", prepared.plan.calibration["observer"])  # what "auto" chose
+    if prepared.plan.calibration["auto"] is not None:
+        report.set("calibration_choice", prepared.plan.calibration["auto"])
     report.set("quantizers", len(prepared.quantizers()))
     report.set("placement_mode", prepared.plan.mode)
     report.set("kept_float", prepared.plan.kept_float)
@@ -431,7 +434,8 @@ def _accuracy(
         closeness.check(results["int8_vs_fp32"], thresholds["int8_vs_fp32"], "int8_vs_fp32")
     except CheckFailedError as exc:
         # the engine computes what its fake-quant model computes: the loss is quantization's
-        clipping = [name for name in CLIPPING_OBSERVERS if name != o.calibration]
+        tried = prepared.plan.calibration["auto"] or {"cosine": [o.calibration]}
+        clipping = [name for name in CLIPPING_OBSERVERS if name not in tried["cosine"]]
         raise CheckFailedError(
             f"{exc}; the engine matches its fake-quant model, so the quantization itself loses "
             f"this much: try --calibration {' or '.join(clipping)} (clips activation outliers), "

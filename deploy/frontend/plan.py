@@ -38,6 +38,9 @@ class QuantPlan:
     kept_float: list[str] = field(default_factory=list)
     #: what deploy.recipe's accuracy budget chose (deploy.verify.sensitivity.BudgetChoice.to_dict)
     accuracy_budget: dict | None = None
+    #: activation observer deploy.recipe calibrated with: {"observer", "auto"}, "auto" the
+    #: choice's held-out cosine per candidate ({"observer", "cosine"}) or None when named
+    calibration: dict | None = None
     #: SmoothQuant chosen by deploy.recipe: {"alpha", "cosine", "quantizers"}
     smooth_quant: dict | None = None
     #: QAT run by deploy.recipe: {"epochs", "loss", "loss_per_epoch"}

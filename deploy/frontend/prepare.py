@@ -82,6 +82,11 @@ class PreparedModel(nn.Module):
     def quantizers(self) -> list[FakeQuantize]:
         return [m for m in self.modules() if isinstance(m, FakeQuantize)]
 
+    def activation_quantizers(self) -> list[FakeQuantize]:
+        """The quantizers of activations (the ones the `observer` of prepare() calibrates)."""
+        modules = dict(self.named_modules())
+        return [modules[s.module] for s in self.plan.sites if s.role == "activation"]
+
     def summary(self):
         return self.plan.table(self)
 

@@ -75,11 +75,17 @@ class FakeQuantize(nn.Module):
         #: a constant per-channel scale applied before quantizing (deploy.training.smooth); it is
         #: part of the float function, so it applies with fake quantization off too
         self.smooth: nn.Module | None = None  # SMOOTH_ATTRIBUTE
+        #: True: observing leaves the qparams alone until update_qparams() (calibration with
+        #: fake quantization off computes them once at the end: a histogram observer's range
+        #: search then runs once, not once per batch)
+        self.defer_qparams = False
 
-    def reset_observer(self) -> None:
-        """Forget observed ranges: the next calibration starts afresh (same observer kind)."""
+    def reset_observer(self, observer: ObserverFactory | None = None) -> None:
+        """Forget observed ranges: the next calibration starts afresh, with `observer` from
+        now on when given, else the same observer kind."""
         channels = self.scale.numel() if self.spec.per_channel else None
         location = self.location
+        self._observer_factory = observer or self._observer_factory
         self.observer = self._observer_factory(self.spec, channels)
         self.location = location
 
@@ -131,6 +137,11 @@ class FakeQuantize(nn.Module):
 
     def _observe(self, x: torch.Tensor) -> None:
         self.observer(x)
+        if not self.defer_qparams:
+            self.update_qparams()
+
+    def update_qparams(self) -> None:
+        """Scale and zero point from what the observer saw so far."""
         scale, zero_point = self.observer.compute_qparams()
         with torch.no_grad():
             self.scale.copy_(scale)

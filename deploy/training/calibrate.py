@@ -94,19 +94,27 @@ def calibrate(
     quantizers = model.quantizers()
     for fq in quantizers:
         fq.enable_observer(True).enable_fake_quant(False)
+        fq.defer_qparams = True
     model.eval()
     used = 0
-    with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("calibrating", total=max_batches)
-        for batch in batches:
-            if max_batches is not None and used >= max_batches:
-                break
-            check_batch(_positional(batch, model.plan.input_names), used, model.plan.input_shapes)
-            call_model(model, batch)
-            used += 1
-            bar.advance(task)
+    try:
+        with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("calibrating", total=max_batches)
+            for batch in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                inputs = _positional(batch, model.plan.input_names)
+                check_batch(inputs, used, model.plan.input_shapes)
+                call_model(model, batch)
+                used += 1
+                bar.advance(task)
+    finally:
+        for fq in quantizers:
+            fq.defer_qparams = False
     if used == 0:
         raise BadInputError("no calibration batches: the calibration data is empty")
     for fq in quantizers:
+        if fq.observer.has_data:  # a quantizer the data never reached keeps its qparams
+            fq.update_qparams()
         fq.enable_observer(False).enable_fake_quant(True)
     return used

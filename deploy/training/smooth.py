@@ -8,9 +8,9 @@ For an activation quantizer read only by Linear layers, per input channel j
 divides the activation before quantizing and multiplies every reader's weight column: the float
 function is unchanged, the activation flatter, the weight (quantized per output channel) a
 little less so. The strength is chosen for the whole model on the calibration data
-(choose_alpha): the candidate, or none, whose fake-quant output is closest to float on
-calibration samples the candidate was not fitted to. Judged
-layer by layer instead, smoothing looked better on every Linear of random-weight LeViT and made
+(choose_alpha, deploy.training.choice): the candidate, or none, whose fake-quant output is
+closest to float on calibration samples the candidate was not fitted to. Judged layer by
+layer instead, smoothing looked better on every Linear of random-weight LeViT and made
 its output worse (cosine 0.994 -> 0.974, one quantizer alone 0.977): a layer's own error is
 not what reaches the output. The division is a constant per-channel Mul before the quantizer
 in the exported graph (NNCF's OpenVINO graphs carry the same), which a runtime folds into its
@@ -19,26 +19,18 @@ quantization step.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import fx, nn
 
 from qat_deploy.deploy.frontend.quant_modules import QuantLinear
 from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE, FakeQuantize, fake_quant_only
-from qat_deploy.deploy.training.calibrate import calibrate, call_model, first_tensor
-from qat_deploy.deploy.verify.closeness import mean_cosine
+from qat_deploy.deploy.training.calibrate import call_model
+from qat_deploy.deploy.training.choice import choose
 
 #: floor of the activation / weight channel maxima: a channel that is all zero keeps s = 1-ish
 _FLOOR = 1e-5
-
-
-#: smoothing must leave at most this fraction of the unsmoothed output error (1 - cosine) on
-#: held-out calibration samples: smaller gains were noise of a few samples (random LeViT: 4%
-#: less error on 16 samples, 2x more on 32 others); outlier-laden MiniLM: 83% less
-CLEAR_GAIN = 0.75
 
 
 class SmoothScale(nn.Module):
@@ -97,40 +89,23 @@ def smooth_linear_inputs(prepared: nn.Module, batches: Iterable, alpha: float) -
     return list(maxima)
 
 
-@torch.no_grad()
 def choose_alpha(
     prepared: nn.Module, model: nn.Module, batches: list, alphas: Sequence[float]
 ) -> tuple[float | None, dict[str, float]]:
     """The candidate strength (None: no smoothing) whose fake-quant output comes closest to
-    `model`'s (mean cosine), with every candidate's score. Each candidate is smoothed and
-    calibrated on the first half of `batches` and scored on the other half: smoothing sets
-    every channel's range from few samples' maxima, and a choice scored on the samples it
-    was fitted to favours that (random LeViT: 0.9951 vs 0.9946 there, 0.973 vs 0.994 held out).
-    A candidate must also beat no smoothing clearly (CLEAR_GAIN)."""
-    half = len(batches) // 2
-    fit, held_out = (batches[:half], batches[half:]) if half else (batches, batches)
-    reference = _outputs(model, held_out)
-    scores = {}
-    for alpha in (None, *alphas):
-        trial = copy.deepcopy(prepared)
-        if alpha is None:
-            for quantizer in trial.quantizers():
-                quantizer.reset_observer()
-        else:
-            smooth_linear_inputs(trial, fit, alpha)
-        calibrate(trial, fit, progress=False)
-        scores["none" if alpha is None else str(alpha)] = mean_cosine(
-            reference, _outputs(trial, held_out)
-        )
-    best = max(scores, key=scores.__getitem__)
-    if 1.0 - scores[best] > CLEAR_GAIN * (1.0 - scores["none"]):
-        return None, scores  # within noise of not smoothing
+    `model`'s (mean cosine on held-out calibration samples, deploy.training.choice), with
+    every candidate's score; a strength must beat no smoothing clearly."""
+
+    def unsmoothed(trial, fit) -> None:
+        for quantizer in trial.quantizers():
+            quantizer.reset_observer()
+
+    def smoothed(alpha: float):
+        return lambda trial, fit: smooth_linear_inputs(trial, fit, alpha)
+
+    candidates = {"none": unsmoothed, **{str(alpha): smoothed(alpha) for alpha in alphas}}
+    best, scores = choose(prepared, model, batches, candidates)
     return (None if best == "none" else float(best)), scores
-
-
-def _outputs(model: nn.Module, batches: list) -> np.ndarray:
-    model.eval()
-    return torch.cat([first_tensor(call_model(model, b)) for b in batches]).double().numpy()
 
 
 def _float_input_maxima(prepared, targets, batches) -> dict[str, torch.Tensor]:

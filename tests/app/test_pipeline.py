@@ -161,11 +161,16 @@ def test_quantization_loss_fails_with_a_hint_and_a_clipping_calibration_fixes_it
     model = "tests.app.test_pipeline:outlier_sensitive_model"
     common = {"target": "onnxruntime", "model": model, "data": data, "calib_batches": 8, **FAST}
     with pytest.raises(errors.CheckFailedError) as failure:
-        build(BuildOptions(out_dir=tmp_path / "minmax", **common))
+        build(BuildOptions(out_dir=tmp_path / "minmax", calibration="minmax", **common))
     message = str(failure.value)
     assert "int8_vs_fp32" in message and "--calibration percentile or mse" in message
     report = read_report(tmp_path / "minmax")
     assert report["accuracy"]["int8_vs_fakequant"]["cosine"] >= 0.999  # the engine is right
+    # auto tried minmax and mse on held-out calibration samples: the hint names the others
+    with pytest.raises(errors.CheckFailedError) as failure:
+        build(BuildOptions(out_dir=tmp_path / "auto", **common))
+    assert "--calibration percentile or entropy" in str(failure.value)
+    assert set(read_report(tmp_path / "auto")["calibration_choice"]["cosine"]) == {"minmax", "mse"}
     report = build(BuildOptions(out_dir=tmp_path / "pct", calibration="percentile", **common))
     assert report["status"] == "ok" and report["calibration"] == "percentile"
     assert report["accuracy"]["int8_vs_fp32"]["cosine"] >= 0.9

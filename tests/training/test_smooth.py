@@ -13,8 +13,8 @@ from qat_deploy.deploy.app.pipeline import BuildOptions, build
 from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.frontend.quant_modules import QuantLinear
 from qat_deploy.deploy.training.calibrate import calibrate
+from qat_deploy.deploy.training.choice import CLEAR_GAIN
 from qat_deploy.deploy.training.smooth import (
-    CLEAR_GAIN,
     SmoothScale,
     choose_alpha,
     linear_only_quantizers,

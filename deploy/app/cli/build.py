@@ -84,7 +84,10 @@ DEFAULT = DEFAULT_THRESHOLDS["int8_vs_fakequant"]
 TargetOption = Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or onnxruntime")]
 CalibrationOption = Annotated[
     str,
-    Opt(help="Activation ranges: minmax, percentile, mse or entropy (these clip outliers), ema."),
+    Opt(
+        help="Activation ranges: auto (minmax or mse, whichever is closer to fp32 on held-out "
+        "calibration samples), minmax, percentile, mse or entropy (these clip outliers), ema."
+    ),
 ]
 ModelOption = Annotated[str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")]
 InputShapeOption = Annotated[
@@ -106,7 +109,7 @@ def build_command(
     input_spec: InputSpecOption = None,
     data: DataOption = None,
     calib_batches: CalibBatchesOption = 8,
-    calibration: CalibrationOption = "minmax",
+    calibration: CalibrationOption = "auto",
     keep_float: Annotated[
         list[str] | None,
         Opt(help="Conv/Linear layers to keep float, module-path glob (classifier, *.attn.*)."),

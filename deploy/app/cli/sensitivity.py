@@ -35,7 +35,7 @@ def sensitivity_command(
     input_spec: InputSpecOption = None,
     data: DataOption = None,
     calib_batches: CalibBatchesOption = 8,
-    calibration: CalibrationOption = "minmax",
+    calibration: CalibrationOption = "auto",
     samples: Annotated[int, Opt(help="Held-out samples the layers are scored on.")] = 64,
     out: Annotated[Path, Opt("--out", help="Folder for sensitivity.json (the cache).")] = Path(
         "out-sensitivity"
