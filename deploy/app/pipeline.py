@@ -280,9 +280,10 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     if prepared.plan.accuracy_budget and prepared.plan.accuracy_budget["kept_float"]:
         engines[ALL_INT8] = _all_int8_engine(loaded, adapter, out / ALL_INT8, o)
     runners = _runners(adapter, engines)
-    if isinstance(runners, str):  # cannot run here (TensorRT without a GPU): say so, exit 0
+    if isinstance(runners, str):  # cannot run here (TensorRT without a GPU): say so
         for key in ("accuracy", "latency_ms", "speedup"):
             report.set(key, NotMeasured(runners))
+        _fake_quant_accuracy(report, model, prepared, evaluation, spec, runners)
         return
     try:
         _accuracy(report, progress, model, prepared, runners["int8"], evaluation, spec, o)
@@ -389,6 +390,27 @@ def _outputs(
             )
             outputs.append(first_tensor(call_model(model, batch)))
     return torch.cat(outputs).to(torch.float32).numpy()
+
+
+def _fake_quant_accuracy(report, model, prepared, evaluation: Dataset, spec, why: str) -> None:
+    """Where the engine cannot run: the fake-quant model vs fp32 on the evaluation data. An
+    engine that matches its fake-quant model (what the accuracy check holds it to) is this
+    far from fp32, so below the int8_vs_fp32 bound the build fails (exit 4) instead of
+    shipping an engine nobody could check."""
+    arrays = evaluation.arrays(spec.inputs)
+    float_out = _outputs(model, spec, arrays, torch.float32)
+    fake_quant = _outputs(prepared, spec, arrays, torch.float32)
+    result = closeness.compare(fake_quant, float_out, closeness.range_step(float_out))
+    report.set("fakequant_vs_fp32", result)
+    try:
+        bound = closeness.DEFAULT_THRESHOLDS["int8_vs_fp32"]
+        closeness.check(result, bound, "fakequant_vs_fp32")
+    except CheckFailedError as exc:
+        raise CheckFailedError(
+            f"{exc}: the quantized model itself is this far from fp32, so its engine would be "
+            f"too (the engine was built but not run: {why}); try another --calibration, "
+            "--keep-float or QAT"
+        ) from exc
 
 
 def _accuracy(

@@ -10,16 +10,19 @@ from qat_deploy.deploy.app.pipeline import BuildOptions, build
 from qat_deploy.deploy.common import errors
 from tests.report_schema import read_report
 
-FAST = {"eval_samples": 200, "min_time_s": 0.2}
+#: minmax: the calibration choice (auto, the default) has its own tests (tests/training/
+#: test_choice.py, the default builds below); elsewhere it would only triple calibration time
+FAST = {"eval_samples": 200, "min_time_s": 0.2, "calibration": "minmax"}
 
 
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
 def test_default_build_writes_artifacts_and_a_complete_report(target, tmp_path):
-    report = build(BuildOptions(target=target, out_dir=tmp_path, **FAST))
+    report = build(BuildOptions(target=target, out_dir=tmp_path, **{**FAST, "calibration": "auto"}))
     names = {p.name for p in tmp_path.iterdir()}
     assert {"model.fp32.onnx", "model.qdq.onnx", "report.json"} <= names
     on_disk = read_report(tmp_path)
     assert on_disk["status"] == "ok" and on_disk["target"] == target
+    assert on_disk["calibration"] == on_disk["calibration_choice"]["observer"]  # auto, default
     # single-input models keep input_shape/input_dtype and name their input after forward(x)
     assert on_disk["model"]["name"] == "digits_resnet"
     assert on_disk["model"]["input_shape"] == [1, 1, 64, 64]
@@ -73,6 +76,26 @@ def test_tensorrt_builds_ahead_of_time_and_says_latency_is_not_measured(tmp_path
     for key in ("latency_ms", "accuracy", "speedup"):
         assert report[key]["measured"] is False and "GPU" in report[key]["reason"]
     assert "RTX" in report["engine"]["builder"]
+    assert report["fakequant_vs_fp32"]["cosine"] >= 0.9  # what could be checked, was
+
+
+def test_tensorrt_without_a_gpu_still_fails_a_model_quantization_ruins(tmp_path):
+    """The engine cannot run, but its fake-quant model can: far from fp32, the build fails
+    (exit 4) instead of shipping an engine nobody checked."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed")
+    options = BuildOptions(
+        target="tensorrt",
+        model="tests.app.test_pipeline:outlier_sensitive_model",
+        data=_outlier_data(tmp_path / "spiky.npz"),
+        out_dir=tmp_path / "out",
+        **FAST,
+    )
+    with pytest.raises(errors.CheckFailedError) as failure:
+        build(options)
+    assert failure.value.exit_code == errors.CHECK_FAILED
+    assert "fakequant_vs_fp32" in str(failure.value) and "not run" in str(failure.value)
+    report = read_report(tmp_path / "out")
+    assert report["fakequant_vs_fp32"]["cosine"] < 0.9 and report["exit_code"] == 4
 
 
 def test_missing_backend_exits_3_before_any_work(tmp_path, monkeypatch):
@@ -161,17 +184,19 @@ def test_quantization_loss_fails_with_a_hint_and_a_clipping_calibration_fixes_it
     model = "tests.app.test_pipeline:outlier_sensitive_model"
     common = {"target": "onnxruntime", "model": model, "data": data, "calib_batches": 8, **FAST}
     with pytest.raises(errors.CheckFailedError) as failure:
-        build(BuildOptions(out_dir=tmp_path / "minmax", calibration="minmax", **common))
+        build(BuildOptions(out_dir=tmp_path / "minmax", **common))
     message = str(failure.value)
     assert "int8_vs_fp32" in message and "--calibration percentile or mse" in message
     report = read_report(tmp_path / "minmax")
     assert report["accuracy"]["int8_vs_fakequant"]["cosine"] >= 0.999  # the engine is right
     # auto tried minmax and mse on held-out calibration samples: the hint names the others
     with pytest.raises(errors.CheckFailedError) as failure:
-        build(BuildOptions(out_dir=tmp_path / "auto", **common))
+        build(BuildOptions(out_dir=tmp_path / "auto", **{**common, "calibration": "auto"}))
     assert "--calibration percentile or entropy" in str(failure.value)
     assert set(read_report(tmp_path / "auto")["calibration_choice"]["cosine"]) == {"minmax", "mse"}
-    report = build(BuildOptions(out_dir=tmp_path / "pct", calibration="percentile", **common))
+    report = build(
+        BuildOptions(out_dir=tmp_path / "pct", **{**common, "calibration": "percentile"})
+    )
     assert report["status"] == "ok" and report["calibration"] == "percentile"
     assert report["accuracy"]["int8_vs_fp32"]["cosine"] >= 0.9
 

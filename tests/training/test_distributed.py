@@ -293,7 +293,7 @@ def test_no_worker_variables_means_one_process():
 #: a QAT long enough to kill a rank in the middle of it: 8 steps an epoch on mnist_cnn
 CLI_BUILD = [
     "build", "--target", "onnxruntime", "--model", "mnist_cnn", "--export-only",
-    "--nproc", "2", "--qat-epochs", "6",
+    "--nproc", "2", "--qat-epochs", "6", "--calibration", "minmax",
 ]  # fmt: skip
 
 
