@@ -236,6 +236,15 @@ def _file_name(model: str) -> str:
     return model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
 
 
+def _calibration_row(report: dict) -> str:
+    """The observer used, and with --calibration auto the scores it was chosen by."""
+    choice = report.get("calibration_choice")
+    if not choice:
+        return report["calibration"]
+    scores = ", ".join(f"{name} {cosine:.4f}" for name, cosine in choice["cosine"].items())
+    return f"{report['calibration']} (auto; held-out fake-quant cosine vs fp32: {scores})"
+
+
 def summary_table(report: dict) -> Table:
     table = Table(title=f"{report['model']['name']} on {report['target']}")
     table.add_column("item")
@@ -244,6 +253,8 @@ def summary_table(report: dict) -> Table:
     if kernels:
         total = kernels["int8"] + kernels["float"]
         table.add_row("int8 compute layers", f"{kernels['int8']}/{total}")
+    if "calibration" in report:
+        table.add_row("calibration", _calibration_row(report))
     if report.get("kept_float"):
         table.add_row("kept float", ", ".join(report["kept_float"]))
     budget = report.get("accuracy_budget")
@@ -294,6 +305,13 @@ def summary_table(report: dict) -> Table:
             )
     elif accuracy:
         table.add_row("accuracy", f"not measured: {accuracy['reason']}")
+    if "fakequant_vs_fp32" in report:  # what could be checked where the engine cannot run
+        m = report["fakequant_vs_fp32"]
+        table.add_row(
+            "fake-quant vs fp32",
+            f"cosine {m['cosine']:.5f}, top-1 agree {m['top1_agreement']:.4f} "
+            f"({m['samples']} samples; the engine it was built from could not run here)",
+        )
     if "layers" in report:
         table.add_row("most error enters at", _worst_layers(report["layers"]))
         flagged = report["layers"]["flagged"]

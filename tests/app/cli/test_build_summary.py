@@ -1,4 +1,5 @@
-"""The build summary says why int8 lost to fp32 when it did, and nothing when it did not."""
+"""The build summary says why int8 lost to fp32 when it did, and nothing when it did not; what
+auto calibration chose and why; what was checked where the engine could not run."""
 
 from __future__ import annotations
 
@@ -68,3 +69,16 @@ def test_after_tuning_the_summary_says_fp32_is_the_faster_engine_instead_of_tuni
 def test_a_tuning_with_nothing_to_move_says_so_rather_than_all_zero_layers_int8():
     text = _rendered(0.46, AVX2_ONLY, latency_tuning=_untouched_tuning(regions=0))
     assert "no quantized weighted layer to move" in text and "all 0 layers" not in text
+
+
+def test_auto_calibration_shows_the_observer_and_the_scores_it_was_chosen_by():
+    choice = {"observer": "mse", "cosine": {"minmax": 0.806, "mse": 0.913}}
+    text = _rendered(1.3, AVX2_ONLY, calibration="mse", calibration_choice=choice)
+    assert "mse (auto; held-out fake-quant cosine vs fp32: minmax 0.8060, mse 0.9130)" in text
+    assert "auto" not in _rendered(1.3, AVX2_ONLY, calibration="minmax")
+
+
+def test_a_build_whose_engine_could_not_run_shows_the_fake_quant_check():
+    check = {"cosine": 0.95, "top1_agreement": 0.99, "samples": 64}
+    text = _rendered(1.3, AVX2_ONLY, fakequant_vs_fp32=check)
+    assert "fake-quant vs fp32" in text and "cosine 0.95000" in text and "could not run" in text
