@@ -32,7 +32,7 @@ from qat_deploy.deploy.frontend.prepare import OBSERVERS, PreparedModel, prepare
 from qat_deploy.deploy.rules.backend import get_rules
 from qat_deploy.deploy.training import distributed
 from qat_deploy.deploy.training.calibrate import calibrate, call_model, first_tensor
-from qat_deploy.deploy.training.choice import AUTO_OBSERVERS, choose_observer
+from qat_deploy.deploy.training.choice import AUTO_OBSERVERS, choose_observer, use_observer
 from qat_deploy.deploy.training.qat import distillation_loss, train_qat
 from qat_deploy.deploy.training.smooth import choose_alpha, smooth_linear_inputs
 from qat_deploy.deploy.tune.cache import TimingCache, default_cache_path
@@ -173,8 +173,7 @@ def quantize(
         observer, scores = choose_observer(prepared, loaded.model, batches)
         auto = {"observer": observer, "cosine": scores}
         recipe = dataclasses.replace(recipe, calibration=observer)  # for every later prepare
-        for quantizer in prepared.activation_quantizers():
-            quantizer.reset_observer(OBSERVERS[observer])
+        use_observer(prepared, observer)
     _calibrate(prepared, loaded.model, batches)
     if recipe.accuracy_budget is not None:
         # chosen on the calibration data, so every entry point picks the same layers

@@ -402,8 +402,8 @@ def _fake_quant_accuracy(report, model, prepared, evaluation: Dataset, spec, why
     fake_quant = _outputs(prepared, spec, arrays, torch.float32)
     result = closeness.compare(fake_quant, float_out, closeness.range_step(float_out))
     report.set("fakequant_vs_fp32", result)
+    bound = closeness.DEFAULT_THRESHOLDS["int8_vs_fp32"]
     try:
-        bound = closeness.DEFAULT_THRESHOLDS["int8_vs_fp32"]
         closeness.check(result, bound, "fakequant_vs_fp32")
     except CheckFailedError as exc:
         raise CheckFailedError(
@@ -456,8 +456,9 @@ def _accuracy(
         closeness.check(results["int8_vs_fp32"], thresholds["int8_vs_fp32"], "int8_vs_fp32")
     except CheckFailedError as exc:
         # the engine computes what its fake-quant model computes: the loss is quantization's
-        tried = prepared.plan.calibration["auto"] or {"cosine": [o.calibration]}
-        clipping = [name for name in CLIPPING_OBSERVERS if name not in tried["cosine"]]
+        auto = prepared.plan.calibration["auto"]
+        tried = set(auto["cosine"]) if auto else {o.calibration}
+        clipping = [name for name in CLIPPING_OBSERVERS if name not in tried]
         raise CheckFailedError(
             f"{exc}; the engine matches its fake-quant model, so the quantization itself loses "
             f"this much: try --calibration {' or '.join(clipping)} (clips activation outliers), "

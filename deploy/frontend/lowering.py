@@ -32,6 +32,7 @@ import re
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, aten_kind
 
@@ -365,20 +366,16 @@ def _merged_conv(a: nn.Module, a_bn, b: nn.Module, b_bn) -> nn.Module | None:
 
 @torch.no_grad()
 def _folded(conv: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Conv(+BN)'s weight and bias as one Conv's, BN at its running statistics; None for a
-    BN without them."""
+    """Conv(+BN)'s weight and bias as one Conv's, BN at its running statistics (torch's
+    fuse_conv_bn_eval, as prepare folds the BN of a kept-float Conv); None for a BN without
+    them."""
+    if bn is not None:
+        if bn.running_mean is None or bn.running_var is None:
+            return None
+        conv = fuse_conv_bn_eval(conv, bn)
     weight = conv.weight.detach()
     bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(weight.shape[0])
-    if bn is None:
-        return weight, bias
-    if bn.running_mean is None or bn.running_var is None:
-        return None
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * scale
-    if bn.affine:
-        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-    view = (-1, *([1] * (weight.dim() - 1)))
-    return weight * scale.reshape(view), bias * scale + shift
+    return weight, bias
 
 
 def _decompose_attention(gm: fx.GraphModule, node: fx.Node) -> None:

@@ -207,11 +207,8 @@ def _fusible_conv(ctx: Context, name: str) -> NodeProto | None:
 
 def _conv_behind_qdq(ctx: Context, name: str) -> tuple[NodeProto, NodeProto] | None:
     """(QuantizeLinear, Conv) when `name` is a fusible Conv's output sent only through Q->DQ."""
-    dequantize = ctx.graph.producer.get(name)
-    if dequantize is None or dequantize.op_type != DEQUANTIZE:
-        return None
-    quantize = ctx.graph.producer.get(dequantize.input[0])
-    if quantize is None or quantize.op_type != QUANTIZE:
+    quantize = _quantize_of(ctx.graph, name)
+    if quantize is None:
         return None
     if len(ctx.graph.consumers.get(name, ())) != 1:
         return None  # the quantized value feeds other ops too: the Conv cannot fuse anyway
@@ -238,8 +235,14 @@ def _branch_sum_root(graph: Graph, add: NodeProto) -> str | None:
 
 def _behind_qdq(graph: Graph, name: str) -> str:
     """The value a DequantizeLinear(QuantizeLinear(value)) pair reproduces, else `name`."""
+    quantize = _quantize_of(graph, name)
+    return quantize.input[0] if quantize is not None else name
+
+
+def _quantize_of(graph: Graph, name: str) -> NodeProto | None:
+    """The QuantizeLinear of the Q->DQ pair that produces `name`, if one does."""
     dequantize = graph.producer.get(name)
     if dequantize is None or dequantize.op_type != DEQUANTIZE:
-        return name
+        return None
     quantize = graph.producer.get(dequantize.input[0])
-    return quantize.input[0] if quantize is not None and quantize.op_type == QUANTIZE else name
+    return quantize if quantize is not None and quantize.op_type == QUANTIZE else None

@@ -70,10 +70,12 @@ def choose_observer(
     """choose() among activation observers (names of deploy.frontend.prepare.OBSERVERS)."""
 
     def observed_by(name: str) -> Setup:
-        def setup(trial: PreparedModel, fit: list) -> None:
-            for quantizer in trial.activation_quantizers():
-                quantizer.reset_observer(OBSERVERS[name])
-
-        return setup
+        return lambda trial, fit: use_observer(trial, name)
 
     return choose(prepared, model, batches, {name: observed_by(name) for name in names})
+
+
+def use_observer(prepared: PreparedModel, name: str) -> None:
+    """Observe activations with OBSERVERS[name] from the next calibration on."""
+    for quantizer in prepared.activation_quantizers():
+        quantizer.reset_observer(OBSERVERS[name])
