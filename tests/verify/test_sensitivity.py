@@ -8,15 +8,18 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from qat_deploy.deploy.common import errors
+from qat_deploy.deploy.data import default_dataset
 from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.rules.backend import available_targets
 from qat_deploy.deploy.training.calibrate import calibrate
 from qat_deploy.deploy.verify.closeness import mean_cosine
 from qat_deploy.deploy.verify.sensitivity import analyse, choose_keep_float, layer_groups, sqnr_db
+from qat_deploy.models.registry import load_model
 from tests.frontend.blocks import Bottleneck, randomize_bn
 from tests.report_schema import read_report
 
@@ -50,6 +53,42 @@ def test_a_layer_quantized_badly_on_purpose_ranks_first(target):
     worst = result.layers[0]
     # with it alone float, the rest is closer to fp32 than with every layer quantized
     assert worst.alone_float_sqnr_db > result.all_quantized_sqnr_db
+
+
+def _ranks(values) -> np.ndarray:
+    return np.argsort(np.argsort(values))
+
+
+@pytest.mark.parametrize("target", available_targets())
+def test_the_analysis_predicts_real_keep_float_builds(target):
+    """Brute force: for each layer, prepare with --keep-float on it alone and calibrate again.
+    The analysis (one calibration, quantizers switched) must predict each of those models'
+    output SQNR. The trained digits ResNet's residual blocks share a quantized input between
+    conv1 and the shortcut conv: switching that quantizer off for one of them (the analysis
+    before this check) missed layer1.conv1's build by 1.07 dB on TensorRT and ranked the
+    layers at 0.74 Spearman. OpenVINO's ranking stays at 0.86: its layers lie within 0.3 dB
+    of each other, and keeping layer1.conv2 float moves the fused-Add rounding to the
+    shortcut's quantizer (deploy.frontend.arithmetic), which the analysis does not emulate
+    (0.15 dB)."""
+    model, spec = load_model("digits_resnet", pretrained=True)
+    images = torch.from_numpy(default_dataset(spec, 128, split="calib").inputs)
+    calib, held_out = list(images[:64].split(16)), list(images[64:].split(16))
+    prepared = prepare(model, target, calib[0])
+    calibrate(prepared, calib, progress=False)
+    result = analyse(prepared, model, held_out)
+    with torch.no_grad():
+        reference = torch.cat([model(b) for b in held_out])
+    predicted, built = [], []
+    for layer in result.layers:
+        kept = prepare(model, target, calib[0], keep_float=[layer.layer])
+        calibrate(kept, calib, progress=False)
+        with torch.no_grad():
+            built.append(sqnr_db(reference, torch.cat([kept(b) for b in held_out])))
+        predicted.append(layer.alone_float_sqnr_db)
+    assert len(built) == 8
+    np.testing.assert_allclose(predicted, built, atol=0.2)  # dB
+    spearman = np.corrcoef(_ranks(predicted), _ranks(built))[0, 1]
+    assert spearman >= (0.85 if target == "openvino" else 0.9)
 
 
 def test_the_analysis_leaves_the_quantizers_as_it_found_them():

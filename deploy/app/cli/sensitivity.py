@@ -25,6 +25,8 @@ from qat_deploy.deploy.common import errors
 
 Opt = typer.Option
 RESULT = "sensitivity.json"
+#: part of the cache key: a result cached by an older analysis is computed again
+ANALYSIS_VERSION = 2  # 2: alone-float emulates --keep-float (shared inputs, rounding)
 
 
 @app.command("sensitivity")
@@ -41,9 +43,9 @@ def sensitivity_command(
         "out-sensitivity"
     ),
 ) -> None:
-    """Score each Conv/Linear layer's quantizers alone on and alone off in the calibrated
-    fake-quant model (output SQNR vs fp32), most damaging first; the result is cached in
-    OUT/sensitivity.json per model, weights, data and settings."""
+    """Score each Conv/Linear layer quantized alone and kept float alone in the calibrated
+    fake-quant model (output SQNR vs fp32), the layer whose keeping float helps most first;
+    the result is cached in OUT/sensitivity.json per model, weights, data and settings."""
     import torch
 
     from qat_deploy.deploy import recipe
@@ -86,7 +88,7 @@ def sensitivity_command(
     console.print(
         f"next: deploy build --target {target}"
         + (f" --model {model}" if model else "")
-        + f" --keep-float {worst}   # the most damaging layer kept float",
+        + f" --keep-float {worst}   # the layer whose keeping float helps most",
         markup=False,
         soft_wrap=True,
     )
@@ -94,7 +96,7 @@ def sensitivity_command(
 
 def _cache_key(plan, model) -> str:
     """Everything that changes the result: the recipe, and the weights themselves."""
-    digest = hashlib.sha256(repr(sorted(vars(plan).items())).encode())
+    digest = hashlib.sha256(f"{ANALYSIS_VERSION}{sorted(vars(plan).items())!r}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -114,13 +116,13 @@ def _table(result: dict) -> Table:
         f"{result['all_quantized_sqnr_db']:.1f} dB SQNR vs fp32 ({result['samples']} samples)"
     )
     table.add_column("layer", overflow="fold")  # long module paths stay whole
-    for col in ("only this quantized, dB", "all but this quantized, dB", "quantizers"):
+    for col in ("this layer float, dB", "only this quantized, dB", "quantizers"):
         table.add_column(col)
     for row in result["layers"]:
         table.add_row(
             row["layer"],
-            f"{row['alone_quantized_sqnr_db']:.1f}",
             f"{row['alone_float_sqnr_db']:.1f}",
+            f"{row['alone_quantized_sqnr_db']:.1f}",
             str(row["quantizers"]),
         )
     return table
