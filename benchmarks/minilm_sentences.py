@@ -13,6 +13,7 @@ embedding cosine vs the fp32 engine's, mean and worst over the 64 held-out sente
 
     python -m benchmarks.minilm_sentences [--target openvino] [--out out/minilm] [--qat-epochs N]
                                           [--calibration minmax|mse|percentile|entropy] [--vendors]
+                                          [--keep-float GLOB ...] [--accuracy-budget COSINE]
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qat-epochs", type=int, default=0, help="distillation QAT epochs")
     parser.add_argument("--vendors", action="store_true", help="NNCF and quantize_dynamic too")
     parser.add_argument("--calibration", default="minmax", help="activation range observer")
+    parser.add_argument("--keep-float", action="append", default=[], help="layer glob (repeat)")
+    parser.add_argument("--accuracy-budget", type=float, help="fake-quant cosine to reach")
     args = parser.parse_args(argv)
     data = write_data(args.out / "sentences.npz")
     rows = []
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
                 eval_samples=HELD_OUT,
                 qat_epochs=args.qat_epochs,
                 calibration=args.calibration,
+                keep_float=tuple(args.keep_float),
+                accuracy_budget=args.accuracy_budget,
                 out_dir=args.out / target,
             )
         )
@@ -193,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                 "speedup": report["speedup"]["value"],
                 "int8_layers": f"{report['kernels']['int8']}/"
                 f"{report['kernels']['int8'] + report['kernels']['float']}",
+                "kept_float": report.get("kept_float", []),
+                "accuracy_budget": report.get("accuracy_budget"),
                 "smooth_quant": report.get("smooth_quant"),
                 "qat": report.get("qat"),
             }
