@@ -152,6 +152,8 @@ class _Steps:
             for m in self.model.modules():
                 if isinstance(m, QuantConvBn):
                     m.freeze_bn()
+                elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()  # a BN no Conv folds (RepVGG's identity branch): running stats
         if step == self.freeze_observers_after:
             for fq in self.activation_quantizers:
                 fq.enable_observer(False)
