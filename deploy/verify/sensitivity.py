@@ -133,7 +133,7 @@ class _Probe:
                 shared.append(fq)
         rounding = [self.clamps[n] for n in nodes if n in self.clamps]
         with (
-            _reading_unquantized(self.prepared, shared, [self.layer[n] for n in layers]),
+            _reading_unquantized(self.prepared, shared, [self.layer[path] for path in layers]),
             _rounding(rounding),
         ):
             return self.outputs(self.everything - off)
@@ -154,7 +154,8 @@ def _rounding(quantizers: Sequence[FakeQuantize]) -> Iterator[None]:
 def _reading_unquantized(
     model: nn.Module, quantizers: Sequence[FakeQuantize], layers: Sequence[nn.Module]
 ) -> Iterator[None]:
-    """For the block, `layers` read the input of any of `quantizers` instead of its output."""
+    """For the block, `layers` read the input of any of `quantizers` instead of its output,
+    where they read that output directly (not through a reshape in between)."""
     if not quantizers:
         yield
         return
