@@ -152,8 +152,10 @@ class _Steps:
             for m in self.model.modules():
                 if isinstance(m, QuantConvBn):
                     m.freeze_bn()
-                elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()  # a BN no Conv folds (RepVGG's identity branch): running stats
+                # every BN normalises by running statistics from now on: the one inside a
+                # QuantConvBn (unused once frozen) and one no Conv folds (RepVGG's identity)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         if step == self.freeze_observers_after:
             for fq in self.activation_quantizers:
                 fq.enable_observer(False)

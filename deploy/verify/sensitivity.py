@@ -98,7 +98,6 @@ class _Probe:
         modules = dict(prepared.named_modules())
         weights = [s for s in prepared.plan.sites if s.role == "weight"]
         self.node = {_layer_path(s): s.producer for s in weights}
-        self.weight = {_layer_path(s): modules[s.module] for s in weights}
         self.layer = {
             _layer_path(s): modules[s.module.removesuffix(".weight_quant")] for s in weights
         }
@@ -124,7 +123,7 @@ class _Probe:
         """The outputs with `layers` float as prepare(keep_float=layers) would leave them, on
         this calibration (see the module docstring)."""
         nodes = {self.node[layer] for layer in layers}
-        off = {id(self.weight[layer]) for layer in layers}
+        off = {id(self.layer[layer].weight_quant) for layer in layers}
         shared = []
         for fq, readers in self.inputs:
             if readers <= nodes:
