@@ -254,18 +254,28 @@ def float_islands(
         for node in nodes
         if ruled(node) and not kept(node) and not weighted(node) and not transparent(node)
     }
+
+    def computes_float(neighbour: T | None, floating: set[T]) -> bool:
+        return neighbour is None or kept(neighbour) or not ruled(neighbour) or neighbour in floating
+
+    # The largest set of candidates with no int8 neighbour outside it. Grown from the kept
+    # layers one op at a time instead, a chain of such ops (ShuffleNet's concats, joined
+    # through reshapes and splits) would never start: each waits for the next to be float.
+    floating = set(near)
+    shrunk = True
+    while shrunk:
+        shrunk = False
+        for node in [n for n in floating if not all(computes_float(m, floating) for m in near[n])]:
+            floating.discard(node)
+            shrunk = True
+    # ... of which only the ops a kept layer reaches: a model with no layer kept stays as is
     islands: set[T] = set()
-    grown = True
-    while grown:
-        grown = False
-        for node, neighbours in near.items():
-            if node in islands:
-                continue
-            floats = [n is None or kept(n) or n in islands or not ruled(n) for n in neighbours]
-            seeded = any(n is not None and (kept(n) or n in islands) for n in neighbours)
-            if all(floats) and seeded:
-                islands.add(node)
-                grown = True
+    pending = [n for n in floating if any(m is not None and kept(m) for m in near[n])]
+    while pending:
+        node = pending.pop()
+        if node not in islands:
+            islands.add(node)
+            pending.extend(m for m in near[node] if m in floating)
     return islands
 
 

@@ -167,9 +167,31 @@ def _unneeded(ctx: Context, quantize: onnx.NodeProto) -> bool:
     readers = [r for dq, _ in dequantizers for r, _ in graph.consumers[dq.output[0]]]
     if any(dq.output[0] in outputs for dq, _ in dequantizers):
         return False
-    if any(ctx.rule(r) is not None or ctx.passes_through(r) for r in readers):
+    if any(ctx.rule(r) is not None or _carries_to_int8(ctx, r, outputs) for r in readers):
         return False
     return not _quantized_output(ctx, quantize.input[0])
+
+
+def _carries_to_int8(ctx: Context, node: onnx.NodeProto, outputs: set[str]) -> bool:
+    """Whether a pass-through op hands its data, through more of them and Q/DQ pairs, to an
+    op the rules quantize or to a graph output: only then must its input stay quantized. A
+    reshape, transpose or split between float layers is left float with them."""
+    if not ctx.passes_through(node):
+        return False
+    pending, seen = list(node.output), set()
+    while pending:
+        name = pending.pop()
+        if name in outputs:
+            return True
+        for reader, _ in ctx.graph.consumers.get(name, ()):
+            if id(reader) in seen:
+                continue
+            seen.add(id(reader))
+            if reader.op_type in (QUANTIZE, DEQUANTIZE) or ctx.passes_through(reader):
+                pending.extend(reader.output)
+            elif ctx.rule(reader) is not None:
+                return True
+    return False
 
 
 def _quantized_output(ctx: Context, tensor: str) -> bool:

@@ -72,6 +72,29 @@ class TokenMLP(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(x))) + x
 
 
+class ShuffleChain(nn.Module):
+    """ShuffleNetV2's units in a row between two 1x1 Convs: chunk, a Conv branch, concat,
+    channel shuffle (reshape, transpose, reshape); then a 1x1 head. Each concat reaches the
+    next one only through pass-through ops, so whether one may go float depends on the
+    other."""
+
+    def __init__(self, c=8, units=3):
+        super().__init__()
+        self.stem = nn.Conv2d(c, c, 1)
+        self.branches = nn.ModuleList(nn.Conv2d(c // 2, c // 2, 3, padding=1) for _ in range(units))
+        self.tail = nn.Conv2d(c, c, 1)
+        self.head = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for branch in self.branches:
+            kept, passed = x.chunk(2, dim=1)
+            x = torch.cat([kept, torch.relu(branch(passed))], dim=1)
+            n, c, h, w = x.shape
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(torch.relu(self.tail(x)))
+
+
 TOKENS = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
 
 BLOCKS = {
@@ -151,6 +174,39 @@ def test_ops_between_float_regions_go_float_with_them_as_prepare_places_them(tar
             fed = [producers[i] for i in node.input if i in producers]
             dequantized = [p.output[0] for p in fed if p.op_type == "DequantizeLinear"]
             assert all("Conv" in readers[d] for d in dequantized), node.name
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_chain_of_concats_between_float_layers_goes_float_whole(target, tmp_path):
+    """Every layer but the head float: no concat, reshape, transpose or split between them
+    keeps a Q/DQ pair (the concats wait on each other; before, none of them went float), in
+    the rewrite as in prepare(keep_float=...); the only activation quantizers left are the
+    head's. (A concat that fed the int8 head through the shuffle would stay int8, and with it
+    every concat before it: the rules quantize a concat unless all its neighbours are
+    float.)"""
+    model = ShuffleChain().eval()
+    untuned = exported(model, target, tmp_path, "untuned")
+    rules = get_rules(target)
+    floated = [r.layer for r in regions(untuned, rules) if r.layer != "head"]
+    assert len(floated) == 5
+    rewritten = with_float(untuned, floated, rules)
+    reference = exported(model, target, tmp_path, "kept", keep_float=floated)
+    assert shape_of(rewritten, target) == shape_of(reference, target)
+    assert lint(rewritten, target) == []
+    constants = {i.name for i in rewritten.graph.initializer}
+    producers = {o: n for n in rewritten.graph.node for o in n.output}
+    readers = collections.defaultdict(list)
+    for node in rewritten.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    for q in rewritten.graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in constants:
+            continue
+        source = producers.get(q.input[0])
+        after = [r for dq in readers[q.output[0]] for r in readers[dq.output[0]]]
+        head_input = {r.op_type for r in after} == {"Conv"}
+        head_output = source is not None and source.op_type == "Conv"
+        assert head_input or head_output, (source and source.op_type, [r.op_type for r in after])
 
 
 @pytest.mark.parametrize("target", TARGETS)
