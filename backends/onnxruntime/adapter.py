@@ -6,6 +6,14 @@ shows the outcome node by node, so that file is both the artifact and the kernel
 With ORT_ENABLE_ALL it holds layout ops for this CPU (NCHWc), so it is valid on this machine only;
 the runner therefore loads the ONNX given to onnxruntime with the same options. That is the QDQ
 model itself, or a copy with the one fusion onnxruntime misses (matmul_bias.py).
+
+One optimizer is off (DISABLED_OPTIMIZERS): WeightBiasQuantization gives any Conv, ConvTranspose
+or Gemm that reads a DequantizeLinear and has a float weight per-tensor int8 weights. That is
+every layer kept float (--keep-float, --accuracy-budget, --tune-latency) after an int8 one, so
+the engine would compute what neither the fake-quant model nor the user asked for (ShuffleNetV2
+with 21 layers float: one such layer became a QLinearConv, engine vs fake-quant cosine 0.9977).
+Our int8 layers carry int8 weights and int32 biases already, so it has nothing else to do. A
+QDQ model deployed outside this tool needs the same `disabled_optimizers` argument.
 """
 
 from __future__ import annotations
@@ -85,6 +93,10 @@ _TYPE_PRESERVING = frozenset(
 _INT8_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
 
 
+#: onnxruntime graph optimizers that would change what the QDQ model computes (see above)
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
+
 def session_options(threads: int, optimized_path: Path | None = None) -> ort.SessionOptions:
     """Latency-oriented CPU options shared by the build and the runner."""
     options = ort.SessionOptions()
@@ -103,7 +115,12 @@ def create_session(
 ) -> ort.InferenceSession:
     options = session_options(threads, optimized_path)
     try:
-        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(onnx_path),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(DISABLED_OPTIMIZERS),
+        )
     except Exception as exc:  # onnxruntime's error types share no useful base class
         raise BadInputError(f"onnxruntime cannot load {onnx_path}: {one_line(exc)}") from exc
 
@@ -131,6 +148,7 @@ class OnnxruntimeAdapter(Adapter):
                 "onnxruntime": ort.__version__,
                 "provider": "CPUExecutionProvider",
                 "graph_optimization": "ORT_ENABLE_ALL",
+                "disabled_optimizers": ", ".join(DISABLED_OPTIMIZERS),
                 "artifact": "optimized ONNX graph; CPU-specific layouts, valid on this machine",
                 "matmul_bias_fused": str(fused),
             },

@@ -6,11 +6,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from qat_deploy.backends.onnxruntime.adapter import ADAPTER, graph_precisions
 from qat_deploy.deploy.common.errors import BadInputError, CheckFailedError
 from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.training.calibrate import calibrate
 from qat_deploy.deploy.verify import closeness
 from tests.ort_outputs import ort_outputs
 
@@ -163,3 +167,47 @@ def test_the_adapter_base_checks_arguments_and_times_every_build(mnist_fp32, tmp
     assert engine.artifact.is_file() and float(engine.info["build_seconds"]) >= 0
     with pytest.raises(BadInputError, match="onnxruntime has no build option sm"):
         ADAPTER.with_options(sm="sm86")
+
+
+class _FloatBetweenInt8(torch.nn.Module):
+    """conv2 kept float between int8 conv1 and conv3: it reads conv1's int8 output
+    dequantized and writes into conv3's input quantizer. Half of its output channels have
+    weights 1000x smaller than the rest, which a per-tensor int8 weight scale rounds to zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.conv2.weight[:4] *= 1e-3
+            self.conv2.bias[:4] *= 1e-3
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return self.conv3(torch.relu(y)), y
+
+
+def test_a_layer_kept_float_between_int8_ones_computes_float_in_the_engine(tmp_path):
+    """onnxruntime's WeightBiasQuantization would give conv2 per-tensor int8 weights and make
+    it a QLinearConv (its small channels then become zero); the adapter turns it off, so the
+    engine computes what the fake-quant model does."""
+    torch.manual_seed(0)
+    model = _FloatBetweenInt8().eval()
+    x = torch.randn(4, 3, 12, 12)
+    prepared = prepare(model, "onnxruntime", x[:1], keep_float=["conv2"])
+    calibrate(prepared, [x], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", x[:1])
+    engine = ADAPTER.build(path, tmp_path / "engine", precision="int8", threads=1)
+    report = ADAPTER.kernel_report(engine)
+    # conv3 writes a graph output: onnxruntime has no QLinearConv for that, so any precision
+    assert [layer.precision for layer in report.compute_layers][:2] == ["int8", "float"]
+    graph = onnx.load(str(path)).graph
+    feed, fetch = graph.input[0].name, graph.output[1].name  # conv2's output
+    with ADAPTER.runner(engine) as runner:
+        got = np.concatenate([runner.infer({feed: x[i : i + 1].numpy()})[fetch] for i in range(4)])
+    with torch.no_grad():
+        want = prepared(x)[1].numpy()
+    small = (got[:, :4].ravel(), want[:, :4].ravel())
+    cosine = small[0] @ small[1] / np.linalg.norm(small[0]) / np.linalg.norm(small[1])
+    assert cosine > 0.999
