@@ -1,9 +1,10 @@
 """Turn a captured ATen graph into the graph prepare() places quantizers on.
 
-- Weighted ops (conv, conv_transpose, linear, and matmul with a constant 2-D right side)
-  become call_module nodes of nn.Conv*/nn.Linear modules that hold the very same parameters,
-  whether the user wrote nn.Conv2d or F.conv2d on an nn.Parameter; prepare() then swaps them
-  for fake-quantized modules and folds BatchNorm, as torchao's PT2E QAT does for conv-bn.
+- Weighted ops (conv, conv_transpose, linear, matmul with a constant 2-D right side, and
+  addmm of a constant weight and bias: transformers' Conv1D in GPT-2) become call_module
+  nodes of nn.Conv*/nn.Linear modules that hold the very same parameters, whether the user
+  wrote nn.Conv2d or F.conv2d on an nn.Parameter; prepare() then swaps them for fake-quantized
+  modules and folds BatchNorm, as torchao's PT2E QAT does for conv-bn.
 - embedding of a constant table becomes an nn.Embedding module (weight-only int8 tables).
 - batch_norm and dropout become nn.BatchNorm*/nn.Dropout modules, so train()/eval() of the
   prepared graph switches them as it switches the user's model (torch.export records the mode
@@ -63,7 +64,9 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
         kind = aten_kind(node.target)
         if kind in decompose and DECOMPOSITIONS[kind](gm, node):
             continue
-        if kind in WEIGHTED_KINDS or (kind == "matmul" and _constant_2d(gm, node)):
+        if node.target == aten.addmm.default:
+            _addmm_to_linear(gm, node)
+        elif kind in WEIGHTED_KINDS or (kind == "matmul" and _constant_2d(gm, node)):
             _to_weighted_module(gm, node, kind)
         elif kind == "embedding":
             _to_embedding(gm, node)
@@ -170,6 +173,22 @@ def _to_weighted_module(gm: fx.GraphModule, node: fx.Node, kind: str) -> None:
         module.bias = None if bias is None else _parameter(bias)
         name = _owner_path(weight_node, kind)
     _to_module(gm, node, module, name, a.get("input", node.args[0]))
+
+
+def _addmm_to_linear(gm: fx.GraphModule, node: fx.Node) -> None:
+    """addmm(b, x, W) == linear(x, W.T, b) for a constant W (in, out) and b, beta = alpha = 1:
+    transformers' Conv1D (GPT-2's attention and MLP projections) computes so."""
+    bias_node, data, weight_node = node.args[:3]
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return
+    weight, bias = _tensor_attr(gm, weight_node), _tensor_attr(gm, bias_node)
+    if weight is None or bias is None or weight.dim() != 2 or bias.shape != weight.shape[1:]:
+        return
+    with torch.device("meta"):
+        module = nn.Linear(weight.shape[0], weight.shape[1])
+    module.weight = nn.Parameter(weight.detach().t().contiguous())
+    module.bias = _parameter(bias)
+    _to_module(gm, node, module, _owner_path(weight_node, "linear"), data)
 
 
 def _to_embedding(gm: fx.GraphModule, node: fx.Node) -> None:

@@ -34,7 +34,8 @@ class Untraceable(nn.Module):
 
 
 class Functional(nn.Module):
-    """The layers of a Conv -> ReLU -> Linear net as bare parameters and functional calls."""
+    """The layers of a Conv -> ReLU -> Linear net as bare parameters and functional calls,
+    ending in addmm as transformers' Conv1D (GPT-2) computes a projection."""
 
     def __init__(self):
         super().__init__()
@@ -42,10 +43,13 @@ class Functional(nn.Module):
         self.b1 = nn.Parameter(torch.randn(6) * 0.1)
         self.w2 = nn.Parameter(torch.randn(5, 6 * 6 * 6) * 0.05)
         self.proj = nn.Parameter(torch.randn(5, 4) * 0.3)  # used as x @ proj
+        self.w3 = nn.Parameter(torch.randn(4, 3) * 0.3)  # (in, out), as Conv1D stores it
+        self.b3 = nn.Parameter(torch.randn(3) * 0.1)
 
     def forward(self, x):
         y = F.relu(F.conv2d(x, self.w1, self.b1))
-        return F.linear(torch.flatten(y, 1), self.w2) @ self.proj
+        z = F.linear(torch.flatten(y, 1), self.w2) @ self.proj
+        return torch.addmm(self.b3, z, self.w3)
 
 
 class Attention(nn.Module):
@@ -101,7 +105,7 @@ def test_functional_weights_get_per_channel_quantizers_like_modules(target):
     x = torch.randn(2, 3, 8, 8)
     prepared = prepare(model, target, x)
     weights = {s.producer: s.spec for s in prepared.plan.sites if s.role == "weight"}
-    assert len(weights) == 3  # conv, linear, and the matmul with a constant side
+    assert len(weights) == 4  # conv, linear, the matmul with a constant side, addmm
     assert all(spec.per_channel and spec.axis == 0 for spec in weights.values())
     inputs = {consumer for s in prepared.plan.sites for _, consumer in s.edges}
     assert inputs >= set(weights)  # every weighted op reads a quantized input
