@@ -13,7 +13,6 @@ differ). Models returning a tuple, dict or ModelOutput are checked on their firs
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -427,7 +426,7 @@ def _accuracy(
     step = closeness.range_step(fake_quant)
     # how far the same fake-quant model drifts from itself in float64: the noise floor
     floor = closeness.compare(
-        _outputs(copy.deepcopy(prepared).double(), spec, x, torch.float64), fake_quant, step
+        _outputs(prepared.in_float64(), spec, x, torch.float64), fake_quant, step
     )
     thresholds = {
         "int8_vs_fakequant": closeness.floor_adjusted(o.thresholds, floor),

@@ -67,6 +67,17 @@ OBSERVERS = {
 }
 
 
+def _float64(value):
+    """`value` (a node's args or kwargs) with every torch.float32 in it made torch.float64."""
+    if value is torch.float32:
+        return torch.float64
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float64(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _float64(v) for k, v in value.items()}
+    return value
+
+
 class PreparedModel(nn.Module):
     """A fake-quantized model plus the plan that says what was quantized and why."""
 
@@ -89,6 +100,18 @@ class PreparedModel(nn.Module):
 
     def summary(self):
         return self.plan.table(self)
+
+    def in_float64(self) -> PreparedModel:
+        """A float64 copy (the accuracy check's noise floor). torch.export records the dtype
+        a model casts to (GPT-2's `.to(dtype)` becomes to(float32) plus a float32 metadata
+        assert), which a plain .double() would leave in the graph: those become float64 too."""
+        twin = copy.deepcopy(self).double()
+        if isinstance(twin.model, fx.GraphModule):
+            for node in twin.model.graph.nodes:
+                node.args = _float64(node.args)
+                node.kwargs = _float64(node.kwargs)
+            twin.model.recompile()
+        return twin
 
 
 def prepare(

@@ -255,3 +255,29 @@ def test_an_upsampling_conv_transpose_is_written_out_as_conv_and_pixel_shuffle(
         assert convs[0].out_channels == 6 * stride * stride and convs[0].stride == (1, 1)
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x), atol=1e-5)
+
+
+def test_the_float64_copy_runs_a_graph_that_casts_to_float32():
+    """GPT-2 casts hidden states with `.to(dtype)`: torch.export records to(float32) and a
+    float32 metadata assert, so a plain .double() copy of the prepared model fails ("Tensor
+    dtype mismatch") and the accuracy check's float64 noise floor crashed the build."""
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).to(dtype=torch.float32))
+
+    ids = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(0))
+    prepared = prepare(Casting().eval(), "onnxruntime", ids[:1])
+    with torch.no_grad():
+        prepared(ids)  # observe ranges once
+        twin = prepared.in_float64()
+        out32, out64 = prepared(ids), twin(ids)
+    assert out64.dtype == torch.float64 and prepared(ids).dtype == torch.float32
+    # equal up to a rounding tie flipping one step of the Linear input quantizer
+    torch.testing.assert_close(out64.float(), out32, rtol=0, atol=0.05)
+    assert all(p.dtype == torch.float32 for p in prepared.parameters())  # the original stays
