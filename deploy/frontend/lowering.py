@@ -511,20 +511,21 @@ SOURCE_MODULE = "qat_deploy_source_module"
 
 
 def _split_fused_projections(gm: fx.GraphModule) -> None:
-    """Linear -> reshape (..., k, *rest) -> permute -> unbind of the k axis becomes k Linears
-    on row slices of the weight, each reshaped and permuted like its part was. Exact: each
-    output channel, and its per-channel weight quantizer, stays what it was."""
+    """A Linear whose output is only used as k equal parts becomes k Linears on row slices of
+    the weight, each followed by the shape ops its part went through. Two forms: timm's
+    reshape (..., k, *rest) -> permute -> unbind of the k axis, and GPT-2's (transformers'
+    Conv1D) [reshape of the leading dims] -> split of the last axis. Exact: each output
+    channel, and its per-channel weight quantizer, stays what it was."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         linear = modules.get(node.target) if node.op == "call_module" else None
-        found = _fused_parts(node) if isinstance(linear, nn.Linear) else None
+        if not isinstance(linear, nn.Linear):
+            continue
+        found = _fused_parts(node) or _split_parts(node)
         if found is None:
             continue
-        reshape, permute, parts, axis = found
-        k = len(parts)
-        rows = linear.out_features // k
-        shape = [d for i, d in enumerate(reshape.args[1]) if i != axis]
-        dims = [d - (d > axis) for d in permute.args[1] if d != axis]
+        parts, shape_ops = found
+        rows = linear.out_features // len(parts)
         graph = gm.graph
         for i, part in enumerate(parts):
             with torch.device("meta"):
@@ -536,17 +537,52 @@ def _split_fused_projections(gm: fx.GraphModule) -> None:
             with graph.inserting_before(part):
                 out = graph.call_module(path, (node.args[0],))
                 out.meta[SOURCE_MODULE] = str(node.target)  # what keep_float globs match
-                out = graph.call_function(reshape.target, (out, shape))
-                out = graph.call_function(aten.permute.default, (out, dims))
+                for target, argument in shape_ops:
+                    out = graph.call_function(target, (out, argument))
             out.meta = dict(part.meta)
             part.replace_all_uses_with(out)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
 
 
+def _split_parts(node: fx.Node):
+    """([part per index], shape ops) when `node`'s output reaches its readers only as equal
+    parts of its last axis: [reshape keeping that axis] -> split -> getitem 0..k-1."""
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor) or len(node.users) != 1:
+        return None
+    split, shape_ops = next(iter(node.users)), []
+    if split.target in _RESHAPES:
+        shaped = split.meta.get("val")
+        if not isinstance(shaped, torch.Tensor) or shaped.shape[-1] != out.shape[-1]:
+            return None
+        if len(split.users) != 1:
+            return None
+        reshape, split = split, next(iter(split.users))
+        shape_ops = [(reshape.target, list(reshape.args[1]))]
+    if split.target not in (aten.split.Tensor, aten.split_with_sizes.default):
+        return None
+    source = split.args[0].meta.get("val")
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if not isinstance(source, torch.Tensor) or dim % source.dim() != source.dim() - 1:
+        return None
+    parts = sorted(split.users, key=lambda n: n.args[1] if n.target is operator.getitem else -1)
+    sizes = [p.meta["val"].shape[-1] for p in parts if isinstance(p.meta.get("val"), torch.Tensor)]
+    k = len(parts)
+    if any(p.target is not operator.getitem for p in parts) or k < 2 or len(sizes) != k:
+        return None
+    if [p.args[1] for p in parts] != list(range(k)) or set(sizes) != {out.shape[-1] // k}:
+        return None
+    if out.shape[-1] % k:
+        return None
+    for i, (target, shape) in enumerate(shape_ops):  # each part's own width on the last axis
+        shape_ops[i] = (target, [*shape[:-1], sizes[0]])
+    return parts, shape_ops
+
+
 def _fused_parts(node: fx.Node):
-    """(reshape, permute, [part per index], split axis) when `node`'s output reaches its
-    readers only as equal parts: reshape -> permute -> unbind along the new axis."""
+    """([part per index], shape ops) when `node`'s output reaches its readers only as equal
+    parts: reshape -> permute -> unbind along the new axis."""
     users = list(node.users)
     out = node.meta.get("val")
     if len(users) != 1 or users[0].target not in _RESHAPES or not isinstance(out, torch.Tensor):
@@ -572,7 +608,9 @@ def _fused_parts(node: fx.Node):
     k = int(shaped.shape[axis])
     if [p.args[1] for p in parts] != list(range(k)) or node.meta["val"].shape[-1] % k:
         return None
-    return reshape, permute, parts, axis
+    shape = [d for i, d in enumerate(reshape.args[1]) if i != axis]
+    dims = [d - (d > axis) for d in permute.args[1] if d != axis]
+    return parts, [(reshape.target, shape), (aten.permute.default, dims)]
 
 
 def _name_after_modules(gm: fx.GraphModule) -> None:

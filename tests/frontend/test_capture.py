@@ -226,6 +226,46 @@ def test_a_fused_qkv_linear_is_written_out_as_one_linear_per_part_where_the_rule
     assert trt == {"qkv_0", "qkv_1", "qkv_2", "proj"} and ort == {"qkv", "proj"}
 
 
+class SplitQKV(nn.Module):
+    """GPT-2's fused projection: one (in, 3d) weight through addmm on the flattened tokens
+    (transformers' Conv1D), reshaped back and split into q, k, v; or an nn.Linear split
+    directly."""
+
+    def __init__(self, d=16, conv1d=True):
+        super().__init__()
+        self.conv1d = conv1d
+        self.weight = nn.Parameter(torch.randn(d, 3 * d) * 0.2)
+        self.bias = nn.Parameter(torch.randn(3 * d) * 0.1)
+        self.c_attn = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        if self.conv1d:
+            qkv = torch.addmm(self.bias, x.view(-1, d), self.weight).view(b, t, 3 * d)
+        else:
+            qkv = self.c_attn(x)
+        q, k, v = qkv.split(d, dim=2)
+        return (q @ k.transpose(1, 2)).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("conv1d", [True, False])
+def test_a_linear_split_into_equal_parts_is_written_out_per_part_where_the_rules_ask(conv1d):
+    from qat_deploy.deploy.frontend.capture import capture
+    from qat_deploy.deploy.frontend.lowering import lower
+
+    torch.manual_seed(0)
+    model, x = SplitQKV(conv1d=conv1d).eval(), torch.randn(2, 5, 16)
+    gm = capture(model, (x,), {})
+    lower(gm, frozenset({"fused_projection"}))
+    linears = [m for m in gm.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [16, 16, 16]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    layer = "weight_linear" if conv1d else "c_attn"  # the addmm's Linear is named so
+    trt = prepare(model, "tensorrt", x).plan.weight_layers
+    assert trt == {f"{layer}_{i}" for i in range(3)}
+
+
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "output_padding", "written_out"),
     [
