@@ -29,6 +29,7 @@ import copy
 import itertools
 import math
 import operator
+import os
 import re
 
 import torch
@@ -132,10 +133,15 @@ def _rank(node) -> int | None:
 def _tensor_attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part, None)
+    value = _attribute(gm, node.target)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _attribute(gm: fx.GraphModule, path: str):
+    value = gm
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def _constant_2d(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -151,8 +157,10 @@ def _to_weighted_module(gm: fx.GraphModule, node: fx.Node, kind: str) -> None:
     call = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
     a = dict(call.kwargs) if call is not None else {}
     weight_node = a.get("weight", a.get("other"))
-    weight = _tensor_attr(gm, weight_node)
-    if weight is None:  # a weight computed at run time: an activation x activation op
+    weight, sources = _tensor_attr(gm, weight_node), None
+    if weight is None and kind != "matmul":  # computed in forward, from parameters only?
+        weight, sources = _parameter_function(gm, weight_node)
+    if weight is None:  # a weight computed from the inputs: an activation x activation op
         return
     bias_node = a.get("bias")
     bias = _tensor_attr(gm, bias_node)
@@ -171,8 +179,64 @@ def _to_weighted_module(gm: fx.GraphModule, node: fx.Node, kind: str) -> None:
     else:
         module.weight = _parameter(weight)
         module.bias = None if bias is None else _parameter(bias)
-        name = _owner_path(weight_node, kind)
+        name = (
+            _owner_path(weight_node, kind)
+            if sources is None
+            else _weight_owner(gm, sources, weight)
+        )
     _to_module(gm, node, module, name, a.get("input", node.args[0]))
+
+
+def _parameter_function(gm: fx.GraphModule, node) -> tuple[torch.Tensor | None, list[str]]:
+    """The value of a weight the model computes in forward from its parameters alone (weight
+    standardisation in timm's NF nets, weight_norm parametrisations in wav2vec2), evaluated
+    once, as deployment folds it, with the paths of the parameters it reads; (None, []) when it
+    depends on an input. QAT then trains the folded weight."""
+    values: dict[fx.Node, object] = {}
+    sources: list[str] = []
+
+    def value(n):
+        if not isinstance(n, fx.Node):
+            return n
+        if n not in values:
+            values[n] = _UNKNOWN
+            if n.op == "get_attr":
+                values[n] = _tensor_attr(gm, n)
+                sources.append(n.target)
+            elif n.op == "call_function":
+                args = fx.node.map_aggregate(n.args, value)
+                kwargs = fx.node.map_aggregate(n.kwargs, value)
+                known = not _has_unknown((args, kwargs))
+                values[n] = n.target(*args, **kwargs) if known else _UNKNOWN
+        return values[n]
+
+    with torch.no_grad():
+        folded = value(node) if isinstance(node, fx.Node) else None
+    if not isinstance(folded, torch.Tensor):
+        return None, []
+    return folded, sources
+
+
+#: a value that depends on the model's inputs (or an op lowering does not evaluate)
+_UNKNOWN = object()
+
+
+def _has_unknown(value) -> bool:
+    if value is _UNKNOWN:
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_unknown(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_unknown(v) for v in value.values())
+    return False
+
+
+def _weight_owner(gm: fx.GraphModule, paths: list[str], weight: torch.Tensor) -> str:
+    """The module a computed weight belongs to: the holder of the parameter of its shape (a
+    parametrised layer's, not its parametrizations container's), else of all of `paths`."""
+    shaped = [p for p in paths if getattr(_attribute(gm, p), "shape", None) == weight.shape]
+    parts = [p.split(".")[:-1] for p in (shaped[:1] or paths)]
+    return ".".join(os.path.commonprefix(parts)).split(".parametrizations")[0] or "weight_fn"
 
 
 def _addmm_to_linear(gm: fx.GraphModule, node: fx.Node) -> None:

@@ -113,6 +113,43 @@ def test_functional_weights_get_per_channel_quantizers_like_modules(target):
         torch.testing.assert_close(_fake_quant_off(prepared)(x), model(x))
 
 
+class ComputedWeights(nn.Module):
+    """Weights the model computes in forward from its parameters: timm's ScaledStdConv2d
+    (NF-Nets) standardises its weight with F.batch_norm, wav2vec2's positional conv is a
+    weight_norm parametrisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gain = nn.Parameter(torch.rand(8, 1, 1, 1) + 0.5)
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3, padding=1), dim=2)
+
+    def forward(self, x):
+        flat = self.conv.weight.reshape(1, 8, -1)
+        standard = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6)
+        w = standard.reshape_as(self.conv.weight) * self.gain
+        return self.wn(torch.relu(F.conv2d(x, w, self.conv.bias, padding=1)))
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_weights_computed_from_parameters_are_folded_and_quantized(target, tmp_path):
+    """Before, both convs kept float weights the linter refused (NF-RegNet-B0: 54 lint
+    violations, wav2vec2: 1; deploy build exit 4)."""
+    from qat_deploy.deploy.export.qdq import export
+    from qat_deploy.deploy.lint import lint
+
+    torch.manual_seed(0)
+    model, x = ComputedWeights().eval(), torch.randn(2, 3, 8, 8)
+    prepared = prepare(model, target, x)
+    weights = [s.spec for s in prepared.plan.sites if s.role == "weight"]
+    assert len(weights) == 2 and all(spec.per_channel for spec in weights)
+    with torch.no_grad():
+        prepared(x)  # observe ranges
+    assert lint(export(prepared, tmp_path / "m.onnx", x), target) == []
+    with torch.no_grad():  # quantizers off: exactly the user's function
+        torch.testing.assert_close(_fake_quant_off(prepared)(x), model(x))
+
+
 def test_keyword_inputs_and_attention_matmuls_are_quantized_by_transformer_rules():
     model = Attention().eval()
     ids = torch.randint(0, 50, (2, 7))
