@@ -206,7 +206,9 @@ def _parameter_function(gm: fx.GraphModule, node) -> tuple[torch.Tensor | None, 
             elif n.op == "call_function":
                 args = fx.node.map_aggregate(n.args, value)
                 kwargs = fx.node.map_aggregate(n.kwargs, value)
-                known = not _has_unknown((args, kwargs))
+                leaves: list = []
+                fx.node.map_aggregate((args, kwargs), leaves.append)
+                known = not any(v is _UNKNOWN for v in leaves)
                 values[n] = n.target(*args, **kwargs) if known else _UNKNOWN
         return values[n]
 
@@ -219,16 +221,6 @@ def _parameter_function(gm: fx.GraphModule, node) -> tuple[torch.Tensor | None, 
 
 #: a value that depends on the model's inputs (or an op lowering does not evaluate)
 _UNKNOWN = object()
-
-
-def _has_unknown(value) -> bool:
-    if value is _UNKNOWN:
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(_has_unknown(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_unknown(v) for v in value.values())
-    return False
 
 
 def _weight_owner(gm: fx.GraphModule, paths: list[str], weight: torch.Tensor) -> str:
@@ -637,7 +629,7 @@ def _split_parts(node: fx.Node):
         return None
     if [p.args[1] for p in parts] != list(range(k)) or set(sizes) != {out.shape[-1] // k}:
         return None
-    if out.shape[-1] % k:
+    if out.shape[-1] % k:  # an unread last part (50 = 16 + 16 + 16 + 2, three read)
         return None
     for i, (target, shape) in enumerate(shape_ops):  # each part's own width on the last axis
         shape_ops[i] = (target, [*shape[:-1], sizes[0]])

@@ -68,14 +68,7 @@ OBSERVERS = {
 
 
 def _float64(value):
-    """`value` (a node's args or kwargs) with every torch.float32 in it made torch.float64."""
-    if value is torch.float32:
-        return torch.float64
-    if isinstance(value, (tuple, list)):
-        return type(value)(_float64(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _float64(v) for k, v in value.items()}
-    return value
+    return torch.float64 if value is torch.float32 else value
 
 
 class PreparedModel(nn.Module):
@@ -108,8 +101,8 @@ class PreparedModel(nn.Module):
         twin = copy.deepcopy(self).double()
         if isinstance(twin.model, fx.GraphModule):
             for node in twin.model.graph.nodes:
-                node.args = _float64(node.args)
-                node.kwargs = _float64(node.kwargs)
+                node.args = fx.node.map_aggregate(node.args, _float64)
+                node.kwargs = fx.node.map_aggregate(node.kwargs, _float64)
             twin.model.recompile()
         return twin
 
