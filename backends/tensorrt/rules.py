@@ -4,7 +4,8 @@ recommendations"; NVIDIA/TensorRT#1992, #2592, #2774; ModelOpt concat handling).
 - int8 only symmetric: activations int8 zero point 0, weights int8 per-channel narrow range.
 - Quantize the inputs of weighted ops, not their outputs; TensorRT fuses Conv+BN+ReLU itself.
 - Residual Add: Q/DQ on the skip branch only, so TensorRT fuses Conv(+BN)+Add(+ReLU); a Q/DQ
-  between the Conv and the Add would break that fusion.
+  between the Conv and the Add would break that fusion. A sum of parallel branches of one
+  value (RepVGG) is no residual: it stays float (float_branch_sums below).
 - AvgPool does not commute with quantization: quantize its input so it runs in int8.
 - MaxPool, reshapes and Concat commute: TensorRT propagates Q/DQ through them, so Concat needs
   no per-input quantizers (its consumers' quantizer gives every input one shared scale).
@@ -39,4 +40,10 @@ RULES = BackendRules(
     # helper tried); written out as Conv + pixel shuffle (DepthToSpace) it builds an int8
     # correlation (the U-Net's decoder)
     decompose=frozenset({"fused_projection", "conv_transpose"}),
+    # RepVGG / ACNet blocks in training form (Conv branches merged by lowering + identity BN):
+    # their sum is not a residual. A Q/DQ on the identity BN would let TensorRT fuse the Add
+    # into the int8 Conv, but one per-tensor scale cannot hold that BN's per-channel gains
+    # (random timm RepVGG-A0: fake-quant cosine vs fp32 0.73, exit 4); left float, the Conv
+    # writes float into the Add and the next reader quantizes the sum once (0.91, 23/23 int8).
+    float_branch_sums=True,
 )

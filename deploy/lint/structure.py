@@ -153,6 +153,8 @@ def check_residual_adds(ctx: Context) -> Iterator[Violation]:
     for node in ctx.graph.nodes:
         if ctx.graph.kind(node) != "add" or (rule := ctx.rule(node)) is None:
             continue
+        if ctx.rules.float_branch_sums and _branch_sum_root(ctx.graph, node) is not None:
+            continue  # parallel branches of one value: the rules leave their sum float
         inputs = ctx.graph.runtime_inputs(node) if rule.inputs is Inputs.SKIP_BRANCH else []
         if len(inputs) > 1:
             yield from _check_residual(ctx, node, inputs)
