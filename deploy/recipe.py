@@ -32,7 +32,7 @@ from qat_deploy.deploy.frontend.prepare import OBSERVERS, PreparedModel, prepare
 from qat_deploy.deploy.rules.backend import get_rules
 from qat_deploy.deploy.training import distributed
 from qat_deploy.deploy.training.calibrate import calibrate, call_model, first_tensor
-from qat_deploy.deploy.training.choice import AUTO_OBSERVERS, choose_observer, use_observer
+from qat_deploy.deploy.training.choice import choose_observer, use_observer
 from qat_deploy.deploy.training.qat import distillation_loss, train_qat
 from qat_deploy.deploy.training.smooth import choose_alpha, smooth_linear_inputs
 from qat_deploy.deploy.tune.cache import TimingCache, default_cache_path
@@ -73,7 +73,7 @@ class Recipe:
     calib_batches: int = 8
     batch_size: int = 16  # calibration / QAT batch size
     #: activation range observer (deploy.frontend.prepare.OBSERVERS), or AUTO: the one of
-    #: deploy.training.choice.AUTO_OBSERVERS closest to fp32 on held-out calibration samples
+    #: the target's BackendRules.auto_observers closest to fp32 on held-out calibration samples
     calibration: str = AUTO
     #: module-path globs of Conv/Linear layers that stay float (deploy.frontend.prepare keep_float)
     keep_float: tuple[str, ...] = ()
@@ -255,7 +255,11 @@ def _prepare(loaded: Loaded, recipe: Recipe, keep_float: tuple[str, ...]) -> Pre
         loaded.model,
         recipe.target,
         loaded.example,
-        observer=AUTO_OBSERVERS[0] if recipe.calibration == AUTO else recipe.calibration,
+        observer=(
+            get_rules(recipe.target).auto_observers[0]
+            if recipe.calibration == AUTO
+            else recipe.calibration
+        ),
         keep_float=keep_float,
     )
 

@@ -26,12 +26,6 @@ from qat_deploy.deploy.verify.closeness import mean_cosine
 #: less error on 16 samples, 2x more on 32 others); outlier-laden MiniLM smoothing: 83% less
 CLEAR_GAIN = 0.75
 
-#: The activation observers calibration="auto" chooses from: minmax keeps every value in
-#: range; MSE clips the rare outliers that otherwise leave the bulk of a tensor a few codes
-#: (random timm RepVGG-A0, whose identity BatchNorms amplify sparse channels: fake-quant
-#: cosine vs fp32 0.78 with minmax, 0.93 with MSE on OpenVINO).
-AUTO_OBSERVERS = ("minmax", "mse")
-
 #: sets a candidate up on a copy of the prepared model, given the batches it calibrates on
 Setup = Callable[[PreparedModel, list], None]
 
@@ -65,13 +59,14 @@ def outputs(model: nn.Module, batches: list) -> np.ndarray:
 
 
 def choose_observer(
-    prepared: PreparedModel, model: nn.Module, batches: list, names=AUTO_OBSERVERS
+    prepared: PreparedModel, model: nn.Module, batches: list
 ) -> tuple[str, dict[str, float]]:
-    """choose() among activation observers (names of deploy.frontend.prepare.OBSERVERS)."""
+    """choose() among the target's activation observers (BackendRules.auto_observers)."""
 
     def observed_by(name: str) -> Setup:
         return lambda trial, fit: use_observer(trial, name)
 
+    names = prepared.rules.auto_observers
     return choose(prepared, model, batches, {name: observed_by(name) for name in names})
 
 

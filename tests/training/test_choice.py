@@ -14,7 +14,8 @@ from qat_deploy.deploy import recipe
 from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.quant.histogram_observers import PercentileObserver
 from qat_deploy.deploy.quant.observers import MinMaxObserver
-from qat_deploy.deploy.training.choice import AUTO_OBSERVERS, choose
+from qat_deploy.deploy.rules.backend import get_rules
+from qat_deploy.deploy.training.choice import choose
 from tests.frontend.blocks import BasicBlock, randomize_bn
 
 IMG = torch.randn(2, 8, 8, 8)
@@ -61,7 +62,8 @@ def test_the_recipe_records_what_auto_calibration_chose_and_a_named_observer_ski
     auto = recipe.Recipe(target="onnxruntime", calib_batches=2, batch_size=8, eval_samples=8)
     loaded = recipe.load(auto)
     record = recipe.quantize(loaded, auto).plan.calibration
-    assert record["observer"] == record["auto"]["observer"] in AUTO_OBSERVERS
-    assert set(record["auto"]["cosine"]) == set(AUTO_OBSERVERS)
+    observers = get_rules("onnxruntime").auto_observers
+    assert record["observer"] == record["auto"]["observer"] in observers
+    assert set(record["auto"]["cosine"]) == set(observers)
     named = recipe.quantize(loaded, recipe.Recipe(target="onnxruntime", calibration="minmax"))
     assert named.plan.calibration == {"observer": "minmax", "auto": None}

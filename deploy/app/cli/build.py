@@ -85,8 +85,9 @@ TargetOption = Annotated[str, Opt("--target", "-t", help="tensorrt, openvino or 
 CalibrationOption = Annotated[
     str,
     Opt(
-        help="Activation ranges: auto (minmax or mse, whichever is closer to fp32 on held-out "
-        "calibration samples), minmax, percentile, mse or entropy (these clip outliers), ema."
+        help="Activation ranges: auto (minmax, mse or, on tensorrt, entropy: whichever is closer "
+        "to fp32 on held-out calibration samples), minmax, percentile, mse or entropy (these "
+        "clip outliers), ema."
     ),
 ]
 ModelOption = Annotated[str | None, Opt(help="Zoo name (resnet18, ...) or pkg.module:factory.")]
