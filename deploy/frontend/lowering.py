@@ -476,10 +476,19 @@ def _decompose_attention(gm: fx.GraphModule, node: fx.Node) -> None:
             scores = graph.call_function(aten.add.Tensor, (scores, mask))
         probs = graph.call_function(aten.softmax.int, (scores, -1))
         out = graph.call_function(aten.matmul.default, (probs, v))
-    for new in (keys, out):
-        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    keys.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    _stands_for(out, node)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def _stands_for(new: fx.Node, node: fx.Node) -> None:
+    """Give a node computing a value of `node`'s shape its module path and its example value:
+    the rules read the rank of what a mean reduces (_spatial_mean), and without it a
+    squeeze-excite x.mean((2, 3)) of a written-out SiLU went unquantized (timm MixNet)."""
+    new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    if "val" in node.meta:
+        new.meta["val"] = node.meta["val"]
 
 
 def _silu_as_sigmoid_times_input(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -489,7 +498,7 @@ def _silu_as_sigmoid_times_input(gm: fx.GraphModule, node: fx.Node) -> bool:
         gate = graph.call_function(aten.sigmoid.default, (x,))
         product = graph.call_function(aten.mul.Tensor, (x, gate))
     for new in (gate, product):
-        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        _stands_for(new, node)
     node.replace_all_uses_with(product)
     graph.erase_node(node)
     return True

@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qat_deploy.deploy.export.qdq import export
 from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.lint import lint
 from qat_deploy.deploy.quant.spec import QuantSpec
 from qat_deploy.deploy.rules.backend import available_targets
 from tests.frontend.blocks import (
@@ -309,6 +311,34 @@ def test_mobile_block_placement_follows_each_backends_kernels(target):
     assert ("fc1", "relu") in plan.fused  # Conv + ReLU without BN fuses too
     if target != "tensorrt":
         assert "up" in plan.float_ops
+
+
+class MeanSqueezeExcite(torch.nn.Module):
+    """timm's squeeze-excite: x.mean((2, 3), keepdim=True) of a SiLU output, no pooling module."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        nn = torch.nn
+        self.conv, self.act = nn.Conv2d(c, c, 3, padding=1), nn.SiLU()
+        self.fc1, self.fc2, self.out = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.out(y * g)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_spatial_mean_of_a_silu_is_global_pooling_on_every_backend(target, tmp_path):
+    """onnxruntime's rules write the SiLU out as Sigmoid x Mul, so the mean reads a node that
+    lowering made; it is still a 4-D global pooling, quantized by the rules (timm MixNet-S on
+    onnxruntime: 13 unquantized GlobalAveragePools, exit 4)."""
+    example = torch.randn(1, 8, 8, 8)
+    prepared = prepare(MeanSqueezeExcite().eval(), target, example)
+    assert any(consumer == "mean" for _, consumer in prepared.plan.activation_edges)
+    with torch.no_grad():
+        prepared(example)
+    assert lint(export(prepared, tmp_path / "m.onnx", example), target) == []
 
 
 def _activation_groups(plan) -> list[set[tuple[str, str]]]:
