@@ -71,6 +71,21 @@ def _float64(value):
     return torch.float64 if value is torch.float32 else value
 
 
+def _makes_default_float32(node: fx.Node) -> bool:
+    """An op that takes a dtype and made float32 without being given one: a tensor factory
+    (torch.zeros(shape), EdgeNeXt's position encoding) makes torch's default dtype, not the
+    model's. For any other such op (sum, mean) float64 is what its float64 input gives."""
+    schema = getattr(node.target, "_schema", None)
+    val = node.meta.get("val")
+    return (
+        schema is not None
+        and "dtype" not in node.kwargs
+        and any(a.name == "dtype" and a.kwarg_only for a in schema.arguments)
+        and isinstance(val, torch.Tensor)
+        and val.dtype == torch.float32
+    )
+
+
 class PreparedModel(nn.Module):
     """A fake-quantized model plus the plan that says what was quantized and why."""
 
@@ -103,6 +118,8 @@ class PreparedModel(nn.Module):
             for node in twin.model.graph.nodes:
                 node.args = fx.node.map_aggregate(node.args, _float64)
                 node.kwargs = fx.node.map_aggregate(node.kwargs, _float64)
+                if _makes_default_float32(node):
+                    node.kwargs = {**node.kwargs, "dtype": torch.float64}
             twin.model.recompile()
         return twin
 

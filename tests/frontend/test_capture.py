@@ -358,3 +358,26 @@ def test_the_float64_copy_runs_a_graph_that_casts_to_float32():
     # equal up to a rounding tie flipping one step of the Linear input quantizer
     torch.testing.assert_close(out64.float(), out32, rtol=0, atol=0.05)
     assert all(p.dtype == torch.float32 for p in prepared.parameters())  # the original stays
+
+
+def test_the_float64_copy_makes_default_dtype_tensors_float64():
+    """timm EdgeNeXt builds its position encoding from torch.zeros(shape) (torch's default
+    float32) cast with .to(bool): the cast's metadata assert, made float64, then met a
+    float32 tensor, and the build crashed (exit 1)."""
+
+    class DefaultDtype(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            mask = ~torch.zeros(x.shape).to(dtype=torch.bool)
+            return self.fc(x) + mask.cumsum(-1, dtype=torch.float32) + torch.ones(6)
+
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    prepared = prepare(DefaultDtype().eval(), "openvino", x[:1])
+    with torch.no_grad():
+        prepared(x)
+        out64 = prepared.in_float64()(x.double())
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), prepared(x), rtol=0, atol=0.05)
