@@ -79,6 +79,7 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
             _decompose_attention(gm, node)
     if FUSED_PROJECTION in decompose:
         _split_fused_projections(gm)
+    _merge_identical_norms(gm)
     _merge_parallel_convs(gm)
     gm.graph.eliminate_dead_code()
     _name_after_modules(gm)
@@ -359,6 +360,44 @@ def _place(
 def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _merge_identical_norms(gm: fx.GraphModule) -> None:
+    """Norm layers with equal settings and equal tensors reading the same value compute the
+    same value: the ONNX exporter's common-subexpression pass merges them into one node read
+    twice (FastViT's identity BatchNorms of one input, at equal statistics). Lowering merges
+    them first, so prepare places quantizers on the graph that lint will check."""
+    seen: dict[tuple, list[fx.Node]] = {}
+    merged = set()
+    for node in list(gm.graph.nodes):
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, _NORMS) or node.kwargs:
+            continue
+        twins = seen.setdefault((type(module), repr(module), node.args), [])
+        twin = next((t for t in twins if _same_tensors(gm.get_submodule(t.target), module)), None)
+        if twin is None:
+            twins.append(node)
+            continue
+        node.replace_all_uses_with(twin)
+        gm.graph.erase_node(node)
+        merged.add(node.target)
+    gm.graph.eliminate_dead_code()  # the attributes a merged module took over at capture
+    called = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for target in merged:
+        if not any(t == target or t.startswith(f"{target}.") for t in called):
+            gm.delete_submodule(target)
+
+
+def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
+    """Equal parameters and buffers, bit for bit (a BatchNorm's update count aside: it does
+    not change what eval mode computes)."""
+    left, right = a.state_dict(), b.state_dict()
+    left.pop("num_batches_tracked", None)
+    right.pop("num_batches_tracked", None)
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
 
 
 def _merge_parallel_convs(gm: fx.GraphModule) -> None:

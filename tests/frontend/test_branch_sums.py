@@ -114,3 +114,36 @@ def test_a_residual_add_is_no_branch_sum(target):
     prepared = prepare(randomize_bn(Residual()), target, IMG, reduce_range=False)
     into_adds = {edge for edge in prepared.plan.activation_edges if edge[1].startswith("add")}
     assert len(into_adds) == (1 if target == "tensorrt" else 2)
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer: x + (Conv(x) + BN_a(x)) - BN_b(x), two identity BatchNorms of one
+    input (MobileOne blocks in training form)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.bn_conv = conv_bn(c, c, 3)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + (self.bn_conv(self.conv(x)) + self.bn_a(x)) - self.bn_b(x)
+
+
+@pytest.mark.parametrize("equal", [True, False])
+@pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
+def test_equal_norms_of_one_value_are_one_value_as_in_the_export(equal, target, tmp_path):
+    """At equal tensors the exporter merges BN_a and BN_b into one node read twice (timm
+    FastViT-T8 at random weights: 20 lint violations on onnxruntime, exit 4): lowering does
+    too, so the sum is no private branch sum and the export lints clean."""
+    model = randomize_bn(RepMixer())
+    if equal:
+        model.bn_b.load_state_dict(model.bn_a.state_dict())
+    model.eval()
+    gm = _lowered(model)
+    assert _count(gm, nn.BatchNorm2d) == (2 if equal else 3)  # bn_conv folds later, in prepare
+    with torch.no_grad():
+        torch.testing.assert_close(gm(IMG), model(IMG), atol=1e-5, rtol=1e-5)
+    prepared = prepare(model, target, IMG, reduce_range=False)
+    with torch.no_grad():
+        prepared(IMG)
+    assert lint(export(prepared, tmp_path / "m.onnx", IMG), target) == []
