@@ -402,14 +402,14 @@ def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
 
 def _merge_parallel_convs(gm: fx.GraphModule) -> None:
     """Add(Conv_a(+BN)(x), Conv_b(+BN)(x)) -> one Conv at Conv_a's or Conv_b's (the larger
-    kernel's) path, repeatedly, so a sum of three or more branches folds too."""
+    kernel's) path, repeatedly, so a sum of three or more branches folds too; also when one
+    Conv sits in an inner Add with another term (_conv_pair)."""
     gm.graph.eliminate_dead_code()  # the attributes the modules took over: no longer read
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or aten_kind(node.target) != "add" or node.kwargs:
+        found = _conv_pair(gm, node) if _is_plain_add(node) else None
+        if found is None:
             continue
-        branches = [_conv_branch(gm, arg) for arg in node.args]
-        if len(branches) != 2 or None in branches or branches[0][2] is not branches[1][2]:
-            continue
+        *branches, inner, rest = found
         (a, a_bn, _), (b, b_bn, _) = sorted(
             branches, key=lambda branch: -gm.get_submodule(branch[0].target).weight[0].numel()
         )
@@ -417,13 +417,52 @@ def _merge_parallel_convs(gm: fx.GraphModule) -> None:
         if merged is None:
             continue
         _set_submodule(gm, a.target, merged)
-        node.replace_all_uses_with(a)
-        a.meta = dict(node.meta)
-        for dead in (node, *(n for n in (a_bn, b_bn) if n is not None), b):
-            gm.graph.erase_node(dead)
+        if inner is None:
+            node.replace_all_uses_with(a)
+            a.meta = dict(node.meta)
+        else:  # (Conv_a(x) + rest) + Conv_b(x) -> Conv_ab(x) + rest
+            node.args = (a, rest)
+            a.meta = dict(inner.meta)
+        for dead in (inner if inner is not None else node, a_bn, b_bn, b):
+            if dead is not None:
+                gm.graph.erase_node(dead)
         for dead in (a_bn, b_bn, b):
             if dead is not None:
                 gm.delete_submodule(dead.target)
+
+
+Branch = tuple[fx.Node, fx.Node | None, fx.Node]
+
+
+def _conv_pair(
+    gm: fx.GraphModule, add: fx.Node
+) -> tuple[Branch, Branch, fx.Node | None, object] | None:
+    """Two Conv branches of one input that `add` sums: Conv_a(x) + Conv_b(x), or one of them
+    inside an Add read by this one alone, (Conv_a(x) + y) + Conv_b(x): MobileOne and FastViT
+    blocks add their identity BatchNorm y between the Conv branches. Returns both branches,
+    the inner Add (None when direct) and y."""
+    branches = [_conv_branch(gm, arg) for arg in add.args]
+    if None not in branches and branches[0][2] is branches[1][2]:
+        return branches[0], branches[1], None, None
+    for outer in (0, 1):
+        inner, c = add.args[1 - outer], branches[outer]
+        if c is None or not _is_plain_add(inner) or len(inner.users) != 1:
+            continue
+        for j in (0, 1):
+            b = _conv_branch(gm, inner.args[j])
+            if b is not None and b[2] is c[2]:
+                return b, c, inner, inner.args[1 - j]
+    return None
+
+
+def _is_plain_add(node) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and aten_kind(node.target) == "add"
+        and not node.kwargs
+        and len(node.args) == 2
+    )
 
 
 def _conv_branch(gm: fx.GraphModule, node) -> tuple[fx.Node, fx.Node | None, fx.Node] | None:

@@ -43,6 +43,21 @@ class DepthwisePlusPointwise(nn.Module):
         return self.bn_dw(self.dw(x)) + self.bn_pw(self.pw(x))
 
 
+class MobileOneBlock(nn.Module):
+    """MobileOne / FastViT in training form: the identity BN added between the Conv branches,
+    (Conv1x1+BN(x) + BN(x)) + Conv3x3+BN(x)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.scale, self.bn_scale = conv_bn(c, c, 1)
+        self.identity = nn.BatchNorm2d(c)
+        self.kxk, self.bn_kxk = conv_bn(c, c, 3)
+
+    def forward(self, x):
+        out = self.bn_scale(self.scale(x)) + self.identity(x)
+        return out + self.bn_kxk(self.kxk(x))
+
+
 class SharedConv(nn.Module):
     """One Conv called on two inputs and summed: merging would change its other call."""
 
@@ -73,8 +88,16 @@ def _count(gm: torch.fx.GraphModule, cls: type) -> int:
         (ACNetBlock(), 1, 0),
         (DepthwisePlusPointwise(), 2, 2),
         (SharedConv(), 2, 0),
+        (MobileOneBlock(), 1, 1),
     ],
-    ids=["repvgg", "repvgg_dilated", "acnet", "depthwise_plus_pointwise", "shared_conv"],
+    ids=[
+        "repvgg",
+        "repvgg_dilated",
+        "acnet",
+        "depthwise_plus_pointwise",
+        "shared_conv",
+        "mobileone",
+    ],
 )
 def test_parallel_conv_branches_become_one_conv_that_computes_the_same(model, convs, bns):
     model = randomize_bn(model).eval()
@@ -85,12 +108,13 @@ def test_parallel_conv_branches_become_one_conv_that_computes_the_same(model, co
         torch.testing.assert_close(gm(IMG), model(IMG), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", [RepVGGBlock, MobileOneBlock])
 @pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
-def test_a_branch_sum_is_quantized_once_where_the_backend_keeps_it_float(target, tmp_path):
+def test_a_branch_sum_is_quantized_once_where_the_backend_keeps_it_float(block, target, tmp_path):
     """The identity BN's output is the one branch no per-tensor scale fits: no backend
     quantizes it into the Add (onnxruntime still quantizes the merged Conv's output:
     QLinearConv writes int8)."""
-    prepared = prepare(randomize_bn(RepVGGBlock()), target, IMG, reduce_range=False)
+    prepared = prepare(randomize_bn(block()), target, IMG, reduce_range=False)
     quantized = {value for value, _ in prepared.plan.activation_edges}
     assert "identity" not in quantized
     with torch.no_grad():
