@@ -80,6 +80,7 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
     if FUSED_PROJECTION in decompose:
         _split_fused_projections(gm)
     _merge_identical_norms(gm)
+    _batch_norm_into_concat_parts(gm)
     _merge_parallel_convs(gm)
     gm.graph.eliminate_dead_code()
     _name_after_modules(gm)
@@ -398,6 +399,66 @@ def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
     left.pop("num_batches_tracked", None)
     right.pop("num_batches_tracked", None)
     return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def _batch_norm_into_concat_parts(gm: fx.GraphModule) -> None:
+    """BN(Concat(Conv_1(x_1), ..., Conv_k(x_k)) over channels) -> Concat(BN_1(Conv_1(x_1)),
+    ...), BN_i the BN's channels of part i: MixNet's mixed depthwise conv (channel groups
+    with 3x3, 5x5, 7x7 kernels, concatenated, then one BatchNorm). Each slice then folds into
+    its Conv like any Conv+BN instead of running float after the Concat. Exact in eval mode
+    and in training mode (a BatchNorm's statistics are per channel)."""
+    for node in list(gm.graph.nodes):
+        bn = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or node.kwargs:
+            continue
+        parts = _conv_parts_of_concat(gm, node.args[0])
+        if parts is None or _called_elsewhere(gm, node):
+            continue
+        cat, start = node.args[0], 0
+        pieces = []
+        for i, part in enumerate(parts):
+            size = gm.get_submodule(part.target).out_channels
+            path = _place(gm, f"{node.target}_{i}", _batch_norm_slice(bn, start, size))
+            start += size
+            with gm.graph.inserting_after(part):
+                piece = gm.graph.call_module(path, (part,))
+            _stands_for(piece, part)
+            pieces.append(piece)
+        cat.args = (pieces, *cat.args[1:])
+        node.replace_all_uses_with(cat)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+
+
+def _conv_parts_of_concat(gm: fx.GraphModule, cat) -> list[fx.Node] | None:
+    """The parts of a channel Concat read by nothing else, when each is a Conv2d read by the
+    Concat alone; else None."""
+    if not (isinstance(cat, fx.Node) and cat.target == aten.cat.default and len(cat.users) == 1):
+        return None
+    parts, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+    if _rank(cat) != 4 or dim % 4 != 1:
+        return None
+    for part in parts:
+        conv = gm.get_submodule(part.target) if part.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or len(part.users) != 1:
+            return None
+    return list(parts)
+
+
+def _called_elsewhere(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return any(
+        n is not node and n.op == "call_module" and n.target == node.target for n in gm.graph.nodes
+    )
+
+
+def _batch_norm_slice(bn: nn.BatchNorm2d, start: int, size: int) -> nn.BatchNorm2d:
+    piece = nn.BatchNorm2d(size, eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(bn, name) is not None:
+                getattr(piece, name).copy_(getattr(bn, name)[start : start + size])
+        piece.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return piece.train(bn.training)
 
 
 def _merge_parallel_convs(gm: fx.GraphModule) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 
+import onnx
 import torch
 
+from qat_deploy.deploy.export.qdq import export
 from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.frontend.quant_modules import QuantConvBn
+from qat_deploy.deploy.lint import lint
 from tests.frontend.blocks import BasicBlock, Bottleneck, InvertedResidual, randomize_bn
 
 
@@ -72,3 +75,40 @@ def test_weight_quantizer_sees_the_folded_weight():
     expected_scale = folded.abs().reshape(8, -1).max(dim=1).values / 127
     scale, _ = prepared.model.conv1.weight_quant.effective_qparams()
     torch.testing.assert_close(scale, expected_scale)
+
+
+class MixedConv(torch.nn.Module):
+    """MixNet's mixed depthwise conv: channel groups through 3x3 and 5x5 depthwise Convs,
+    concatenated, then one BatchNorm over all channels."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        nn = torch.nn
+        self.small = nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2, bias=False)
+        self.large = nn.Conv2d(c // 2, c // 2, 5, padding=2, groups=c // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return torch.relu(self.bn(torch.cat([self.small(a), self.large(b)], dim=1)))
+
+
+def test_a_batch_norm_after_a_concat_of_convs_folds_into_each_conv(tmp_path):
+    """The BN's channel slices fold into the Convs they come from, in eval and training mode;
+    the export has no BatchNormalization left (timm MixNet-S: 34 of them ran float)."""
+    torch.manual_seed(2)
+    model = randomize_bn(MixedConv())
+    x = torch.randn(4, 8, 8, 8)
+    prepared = _fake_quant_off(prepare(model.eval(), "openvino", x[:1])).eval()
+    assert sum(isinstance(m, QuantConvBn) for m in prepared.modules()) == 2
+    with torch.no_grad():
+        assert _max_rel_err(prepared(x), model(x)) < 1e-5
+    quantized = prepare(model.eval(), "openvino", x[:1])
+    with torch.no_grad():
+        quantized(x)
+    path = export(quantized, tmp_path / "m.onnx", x[:1])
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert lint(path, "openvino") == []
+    reference = copy.deepcopy(model).train()
+    prepared.train()
+    assert _max_rel_err(prepared(x), reference(x)) < 1e-5  # batch statistics per channel
