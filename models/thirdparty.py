@@ -207,6 +207,55 @@ def timm_mobilevit_xxs(size: int = 256) -> tuple[nn.Module, tuple[int, ...]]:
     return _image_model(_timm("mobilevit_xxs"), size)
 
 
+def tv_deeplabv3_mobilenet_v3(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision DeepLabV3 MobileNetV3-Large segmentation (8 classes, dict output): dilated
+    convs, an ASPP head with a global-pool branch upsampled and concatenated."""
+    seg = _tv().segmentation.deeplabv3_mobilenet_v3_large
+    return _image_model(seg(weights=None, weights_backbone=None, num_classes=8), size)
+
+
+def timm_effnetv2_b0(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm EfficientNetV2-B0: fused MBConv (full 3x3 convs) early, SiLU, SE as x.mean()."""
+    return _image_model(_timm("tf_efficientnetv2_b0"), size)
+
+
+def timm_mixnet_s(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm MixNet-S: mixed depthwise convs (channel groups with 3x3 to 9x9 kernels, split and
+    concatenated, one BatchNorm after the concat), grouped pointwise convs, SE."""
+    return _image_model(_timm("mixnet_s"), size)
+
+
+def timm_ecaresnet26t(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm ECA-ResNet26t: efficient channel attention (a Conv1d over pooled channels) in
+    ResNet bottlenecks with a deep tiered stem."""
+    return _image_model(_timm("ecaresnet26t"), size)
+
+
+def timm_fastvit_t8(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm FastViT-T8 in training form: MobileOne blocks (parallel Conv branches around an
+    identity BatchNorm), RepMixer token mixing, large-kernel depthwise convs."""
+    return _image_model(_timm("fastvit_t8"), size)
+
+
+def timm_edgenext_xxs(size: int = 160) -> tuple[nn.Module, tuple[int, ...]]:
+    """timm EdgeNeXt-XX-Small: conv encoders plus split depthwise transposed attention, a
+    position encoding built in forward from torch.zeros."""
+    return _image_model(_timm("edgenext_xx_small"), size)
+
+
+def tv_swin_small(size: int = 224) -> tuple[nn.Module, tuple[int, ...]]:
+    """torchvision SwinTransformer built small (embed 48, depths 2-2-2-2): shifted windows
+    (roll), a relative position bias and attention masks, patch merging."""
+    swin = _tv().SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=48,
+        depths=[2, 2, 2, 2],
+        num_heads=[3, 3, 6, 12],
+        window_size=[7, 7],
+    )
+    return _image_model(swin, size)
+
+
 # --- Ghost, RepVGG, ConvNeXt ----------------------------------------------------------------
 
 
@@ -405,6 +454,24 @@ def hf_distilbert(
     return HiddenStates(DistilBertModel(config)).eval(), token_inputs(config.vocab_size, seq_len)
 
 
+def hf_roberta(
+    layers: int = 2, hidden: int = 256, heads: int = 4, seq_len: int = 128
+) -> tuple[nn.Module, dict[str, dict]]:
+    """transformers RobertaModel with random weights (no pooler): position ids offset past
+    the padding index, computed from the input ids in forward."""
+    install_torchvision_shim()
+    from transformers import RobertaConfig, RobertaModel
+
+    config = RobertaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+    )
+    model = HiddenStates(RobertaModel(config, add_pooling_layer=False))
+    return model.eval(), token_inputs(config.vocab_size, seq_len)
+
+
 def hf_t5_encoder(
     layers: int = 2, hidden: int = 256, heads: int = 4, seq_len: int = 128
 ) -> tuple[nn.Module, dict[str, dict]]:
@@ -503,6 +570,14 @@ ZOO: dict[str, tuple[Factory, str]] = {
     "hf_distilbert": (hf_distilbert, "HF DistilBERT: masked_fill attention"),
     "hf_t5_encoder": (hf_t5_encoder, "HF T5 encoder: RMSNorm, relative position bias"),
     "hf_wav2vec2": (hf_wav2vec2, "HF wav2vec2 audio: Conv1d extractor, weight_norm conv"),
+    "tv_deeplabv3_mobilenet_v3": (tv_deeplabv3_mobilenet_v3, "DeepLabV3: dilated convs, ASPP"),
+    "timm_effnetv2_b0": (timm_effnetv2_b0, "EfficientNetV2: fused MBConv, mean SE"),
+    "timm_mixnet_s": (timm_mixnet_s, "MixNet: mixed-kernel split convs, BN after concat"),
+    "timm_ecaresnet26t": (timm_ecaresnet26t, "ECA: Conv1d channel attention"),
+    "timm_fastvit_t8": (timm_fastvit_t8, "FastViT: MobileOne branches, RepMixer"),
+    "timm_edgenext_xxs": (timm_edgenext_xxs, "EdgeNeXt: split transposed attention"),
+    "tv_swin_small": (tv_swin_small, "Swin: shifted windows, relative position bias"),
+    "hf_roberta": (hf_roberta, "HF RoBERTa: position ids from input ids"),
     "minilm_l6": (minilm_l6, "HF BERT, real pretrained MiniLM"),
     "tv_densenet121": (tv_densenet121, "dense concat"),
     "tv_resnext50_32x4d": (tv_resnext50_32x4d, "grouped conv bottlenecks"),
@@ -517,6 +592,9 @@ HEAVY: frozenset[str] = frozenset(
         "timm_nf_regnet_b0",
         "timm_mobilevit_xxs",
         "hf_wav2vec2",
+        "timm_mixnet_s",
+        "timm_ecaresnet26t",
+        "tv_swin_small",
     }
 )
 
