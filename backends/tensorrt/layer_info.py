@@ -41,11 +41,12 @@ _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
 _INT8 = re.compile(r"\bint8\b", re.IGNORECASE)  # "UInt8" does not match
 #: Input types that carry masks or indices, not the values a layer computes on.
 _NOT_DATA = re.compile(r"\b(bool|int32|int64)\b", re.IGNORECASE)
-#: TensorRT-RTX's fused attention kernel (named after its "_gemm_mha_v2" tactic) takes Q, K,
-#: a mask or an additive score bias, V. The bias (T5's relative positions with the mask folded
-#: in) is added to the scores in float whatever the two GEMMs run in: Q, K and V decide.
+#: TensorRT-RTX's fused attention kernel (named after its "_gemm_mha_v2" tactic) takes Q, K
+#: and V, and masks or additive score biases (T5's relative positions with the mask folded in,
+#: Swin's shifted-window masks), which it adds to the scores in float whatever the two GEMMs
+#: run in. Q, K and V decide: the kernel is int8 when three of its inputs are.
 _FUSED_ATTENTION = re.compile(r"_gemm_mha", re.IGNORECASE)
-_SCORE_BIAS_INPUT = 2
+_ATTENTION_OPERANDS = 3
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,10 @@ class EngineLayer:
 
     @property
     def precision(self) -> str:
-        operands = list(self.input_types)
-        if _FUSED_ATTENTION.search(self.name) and len(operands) == 4:
-            del operands[_SCORE_BIAS_INPUT]
-        data = [t for t in operands if not _NOT_DATA.search(t)]
+        if _FUSED_ATTENTION.search(self.name):
+            int8 = sum(bool(_INT8.search(t)) for t in self.input_types)
+            return "int8" if int8 >= _ATTENTION_OPERANDS else "float"
+        data = [t for t in self.input_types if not _NOT_DATA.search(t)]
         return "int8" if data and all(_INT8.search(t) for t in data) else "float"
 
 

@@ -319,14 +319,15 @@ def test_int8_needs_every_activation_input_int8(types, precision):
     [
         (("Int8", "Int8", "Float", "Int8"), "int8"),  # T5: relative-position score bias
         (("Int8", "Int8", "Bool", "Int8"), "int8"),  # a mask
+        (("Float", "Float", "Int8", "Int8", "Int8"), "int8"),  # Swin: two shifted-window masks
         (("Int8", "Float", "Float", "Int8"), "float"),  # K float
-        (("Int8", "Int8", "Int8", "Float"), "float"),  # V float
-        (("Int8", "Int8", "Float"), "float"),  # no bias input: every input decides
+        (("Int8", "Int8", "Float", "Float"), "float"),  # V float
+        (("Int8", "Int8", "Float"), "float"),  # no bias input: Q, K or V float
     ],
 )
 def test_fused_attention_is_int8_when_q_k_and_v_are(types, precision):
-    """Only the fused-attention kernel's third input is a score bias; a plain GEMM reading the
-    same types is float."""
+    """A fused-attention kernel's masks and score biases are float whatever it computes in;
+    a plain GEMM reading the same types is float."""
     assert EngineLayer("_gemm_mha_v2_myl0_6", "kgen", types, ()).precision == precision
     assert EngineLayer("gemm_myl0_6", "gemm", types, ()).precision == (
         "float" if "Float" in types else "int8"
