@@ -786,7 +786,7 @@ def _split_parts(node: fx.Node):
 
 def _fused_parts(node: fx.Node):
     """([part per index], shape ops) when `node`'s output reaches its readers only as equal
-    parts: reshape -> permute -> unbind along the new axis."""
+    parts: reshape -> permute -> unbind (or one select per part) along the new axis."""
     users = list(node.users)
     out = node.meta.get("val")
     if len(users) != 1 or users[0].target not in _RESHAPES or not isinstance(out, torch.Tensor):
@@ -799,22 +799,30 @@ def _fused_parts(node: fx.Node):
     if len(permutes) != 1 or permutes[0].target != aten.permute.default:
         return None
     permute = permutes[0]
-    unbinds = list(permute.users)
-    dim = list(permute.args[1]).index(axis)
-    if len(unbinds) != 1 or unbinds[0].target != aten.unbind.int:
-        return None
-    if (list(unbinds[0].args[1:]) or [0])[0] != dim:
-        return None
-    parts = list(unbinds[0].users)
-    if any(p.target is not operator.getitem for p in parts):
-        return None
-    parts.sort(key=lambda n: n.args[1])
+    parts = _parts_along(permute, list(permute.args[1]).index(axis))
     k = int(shaped.shape[axis])
-    if [p.args[1] for p in parts] != list(range(k)) or node.meta["val"].shape[-1] % k:
+    if parts is None or [i for _, i in parts] != list(range(k)) or out.shape[-1] % k:
         return None
+    parts = [part for part, _ in parts]
     shape = [d for i, d in enumerate(reshape.args[1]) if i != axis]
     dims = [d - (d > axis) for d in permute.args[1] if d != axis]
     return parts, [(reshape.target, shape), (aten.permute.default, dims)]
+
+
+def _parts_along(value: fx.Node, dim: int) -> list[tuple[fx.Node, int]] | None:
+    """(part, index) of every reader when `value` is only read as parts along `dim`: unbind ->
+    getitem (timm), or one select per part (torchvision Swin's qkv[0], qkv[1], qkv[2])."""
+    readers = list(value.users)
+    if len(readers) == 1 and readers[0].target == aten.unbind.int:
+        if (list(readers[0].args[1:]) or [0])[0] != dim:
+            return None
+        parts = list(readers[0].users)
+        if any(p.target is not operator.getitem for p in parts):
+            return None
+        return sorted(((p, p.args[1]) for p in parts), key=lambda pair: pair[1])
+    if readers and all(r.target == aten.select.int and r.args[1] == dim for r in readers):
+        return sorted(((r, r.args[2]) for r in readers), key=lambda pair: pair[1])
+    return None
 
 
 def _name_after_modules(gm: fx.GraphModule) -> None:

@@ -148,17 +148,18 @@ class InceptionStem(nn.Module):
 
 class FusedQKVAttention(nn.Module):
     """timm's ViT attention: one qkv Linear, reshaped to (B, N, 3, heads, dim), permuted and
-    unbound into q, k, v, then scaled-dot-product attention and an output projection."""
+    unbound into q, k, v, then scaled-dot-product attention and an output projection;
+    indexed: qkv[0], qkv[1], qkv[2] instead of the unbind (torchvision's Swin)."""
 
-    def __init__(self, d=64, heads=2):
+    def __init__(self, d=64, heads=2, indexed=False):
         super().__init__()
-        self.heads, self.head_dim = heads, d // heads
+        self.heads, self.head_dim, self.indexed = heads, d // heads, indexed
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
 
     def forward(self, x):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = (qkv[0], qkv[1], qkv[2]) if self.indexed else qkv.unbind(0)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 

@@ -243,15 +243,17 @@ def test_summary_lists_every_quantizer_with_its_scales():
     assert "uncalibrated" not in text
 
 
-def test_a_fused_qkv_linear_is_written_out_as_one_linear_per_part_where_the_rules_ask():
-    """TensorRT's rules decompose timm's fused qkv projection: three Linears on row slices of
-    its weight, which compute exactly what the one Linear and the unbind did."""
+@pytest.mark.parametrize("indexed", [False, True], ids=["unbind", "select"])
+def test_a_fused_qkv_linear_is_written_out_as_one_linear_per_part_where_the_rules_ask(indexed):
+    """TensorRT's rules decompose timm's fused qkv projection (unbind) and torchvision Swin's
+    (qkv[0], qkv[1], qkv[2]): three Linears on row slices of its weight, which compute exactly
+    what the one Linear and the unbind or the selects did."""
     from qat_deploy.deploy.frontend.capture import capture
     from qat_deploy.deploy.frontend.lowering import lower
     from tests.frontend.blocks import FusedQKVAttention
 
     torch.manual_seed(0)
-    model, x = FusedQKVAttention().eval(), torch.randn(2, 5, 64)
+    model, x = FusedQKVAttention(indexed=indexed).eval(), torch.randn(2, 5, 64)
     gm = capture(model, (x,), {})
     lower(gm, frozenset({"fused_projection"}))
     linears = [m for m in gm.modules() if isinstance(m, nn.Linear)]
