@@ -410,6 +410,17 @@ def token_inputs(vocab_size: int, seq_len: int = 128, batch: int = 1) -> dict[st
     }
 
 
+def _encoder_sizes(layers: int, hidden: int, heads: int) -> dict[str, int]:
+    """The size arguments BERT-style transformers configs share (Bert, RoBERTa, wav2vec2),
+    with the usual 4x feed-forward width."""
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * hidden,
+    }
+
+
 def hf_bert(
     layers: int = 4, hidden: int = 256, heads: int = 4, seq_len: int = 128
 ) -> tuple[nn.Module, dict[str, dict]]:
@@ -420,11 +431,8 @@ def hf_bert(
 
     config = BertConfig(
         vocab_size=30522,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
         max_position_embeddings=max(512, seq_len),
+        **_encoder_sizes(layers, hidden, heads),
     )
     model = HiddenStates(BertModel(config, add_pooling_layer=False))
     return model.eval(), token_inputs(config.vocab_size, seq_len)
@@ -462,12 +470,7 @@ def hf_roberta(
     install_torchvision_shim()
     from transformers import RobertaConfig, RobertaModel
 
-    config = RobertaConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-    )
+    config = RobertaConfig(**_encoder_sizes(layers, hidden, heads))
     model = HiddenStates(RobertaModel(config, add_pooling_layer=False))
     return model.eval(), token_inputs(config.vocab_size, seq_len)
 
@@ -505,12 +508,7 @@ def hf_wav2vec2(
     install_torchvision_shim()
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    config = Wav2Vec2Config(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-    )
+    config = Wav2Vec2Config(**_encoder_sizes(layers, hidden, heads))
     return _LastHiddenState(Wav2Vec2Model(config)).eval(), (1, samples)
 
 

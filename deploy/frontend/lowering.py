@@ -412,7 +412,7 @@ def _batch_norm_into_concat_parts(gm: fx.GraphModule) -> None:
         if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or node.kwargs:
             continue
         parts = _conv_parts_of_concat(gm, node.args[0])
-        if parts is None or _called_elsewhere(gm, node):
+        if parts is None or _calls(gm, node.target) != 1:
             continue
         cat, start = node.args[0], 0
         pieces = []
@@ -445,10 +445,9 @@ def _conv_parts_of_concat(gm: fx.GraphModule, cat) -> list[fx.Node] | None:
     return list(parts)
 
 
-def _called_elsewhere(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return any(
-        n is not node and n.op == "call_module" and n.target == node.target for n in gm.graph.nodes
-    )
+def _calls(gm: fx.GraphModule, target: str) -> int:
+    """How many nodes call the module at `target`."""
+    return sum(n.op == "call_module" and n.target == target for n in gm.graph.nodes)
 
 
 def _batch_norm_slice(bn: nn.BatchNorm2d, start: int, size: int) -> nn.BatchNorm2d:
@@ -539,9 +538,7 @@ def _conv_branch(gm: fx.GraphModule, node) -> tuple[fx.Node, fx.Node | None, fx.
     conv = gm.get_submodule(node.target)
     if type(conv) not in _CONV_CLASSES["conv"] or not isinstance(node.args[0], fx.Node):
         return None
-    targets = {node.target, bn.target if bn is not None else None}
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in targets]
-    if len(calls) != (1 if bn is None else 2):
+    if any(_calls(gm, n.target) != 1 for n in (node, bn) if n is not None):
         return None  # a module called twice: merging would change its other call
     return node, bn, node.args[0]
 
