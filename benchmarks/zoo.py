@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
+from qat_deploy.deploy.common.environment import environment
 from qat_deploy.models.thirdparty import HEAVY, ZOO
 
 TARGETS = ("tensorrt", "openvino", "onnxruntime")
@@ -225,13 +225,11 @@ def render(data: dict, path: Path = TABLE) -> str:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    """The CPU's name, its count and whether it has int8 dot products: two "AMD EPYC" hosts
+    (Zen 1 without VNNI, Zen 4 with it) give int8 speedups of 0.5x and 1.6x on one model."""
+    env = environment()
+    isa = [flag for flag in ("avx512_vnni", "avx_vnni", "amx_int8") if env["isa"].get(flag)]
+    return f"{env['cpu']}, {env['logical_cpus']} CPUs, {' + '.join(isa) or 'no VNNI'}"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
