@@ -86,7 +86,10 @@ def test_the_analysis_predicts_real_keep_float_builds(target):
             built.append(sqnr_db(reference, torch.cat([kept(b) for b in held_out])))
         predicted.append(layer.alone_float_sqnr_db)
     assert len(built) == 8
-    np.testing.assert_allclose(predicted, built, atol=0.2)  # dB
+    # dB: within 0.2 on a Zen 1 EPYC and a Xeon; 0.50 (onnxruntime) and 0.20 (OpenVINO) at the
+    # second and third layers on a Zen 4 EPYC (AVX-512 VNNI), its ranking exact. A wrong
+    # emulation (the shared-quantizer miss above) was off by 1.07 dB.
+    np.testing.assert_allclose(predicted, built, atol=0.6)
     spearman = np.corrcoef(_ranks(predicted), _ranks(built))[0, 1]
     assert spearman >= (0.85 if target == "openvino" else 0.9)
 
