@@ -49,6 +49,7 @@ from qat_deploy.deploy.engines.timing import (
     time_interleaved,
 )
 from qat_deploy.deploy.lint import float_by_rule, lint, quantized_by_rule
+from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 from qat_deploy.deploy.training.calibrate import call_model, first_tensor
 from qat_deploy.deploy.verify import closeness, layer_debug
 from qat_deploy.models import ModelSpec
@@ -160,6 +161,10 @@ def build(options: BuildOptions, progress: Progress = lambda stage: None) -> dic
     return report.data
 
 
+class EngineAmplificationWarning(UserWarning):
+    """The engine passed the per-layer check after failing the end-to-end one."""
+
+
 @contextlib.contextmanager
 def _warnings_recorded(report: Report, keep: int = 20) -> Iterator[None]:
     """Library warnings (torch deprecations, exporter notes) go into the report, each once,
@@ -269,11 +274,21 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
             f"run int8 (required {o.min_int8_fraction:.0%}); float: {floats}"
         )
 
+    int8_layers = len(kernels.int8_compute)
+    layers = None
     if float_weights is not None:
-        int8_layers = len(kernels.int8_compute)
-        _debug_layers(
+        layers = _debug_layers(
             report, progress, adapter, qdq_path, float_weights, int8_layers, evaluation, spec, o
         )
+
+    def per_layer() -> layer_debug.Faithfulness | None:
+        """The engine against its QDQ model quantizer by quantizer (--debug-layers' result, or
+        a run of its engine columns alone): asked only when the end-to-end check fails."""
+        feeds = _layer_feeds(evaluation, spec, qdq_path)
+        result = layers or layer_debug.analyse(qdq_path, {}, feeds, adapter, int8_layers, o.threads)
+        verdict = result.faithfulness()
+        foreign = layer_debug.foreign_quantizers(onnx.load(str(qdq_path)), _grids(prepared))
+        return verdict and dataclasses.replace(verdict, foreign=foreign)
 
     engines = {"fp32": fp32, "int8": int8}
     if prepared.plan.accuracy_budget and prepared.plan.accuracy_budget["kept_float"]:
@@ -285,7 +300,9 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
         _fake_quant_accuracy(report, model, prepared, evaluation, spec, runners)
         return
     try:
-        _accuracy(report, progress, model, prepared, runners["int8"], evaluation, spec, o)
+        _accuracy(
+            report, progress, model, prepared, runners["int8"], evaluation, spec, o, per_layer
+        )
         _latency(report, progress, runners, spec, calib, o)
     finally:
         for runner in runners.values():
@@ -302,14 +319,10 @@ def _debug_layers(
     evaluation: Dataset,
     spec: ModelSpec,
     o: BuildOptions,
-) -> None:
+) -> layer_debug.LayerDebug:
     """Per-layer errors into the report and layers.png, before the accuracy check can fail:
     a failing build is when they are wanted."""
-    arrays, batch = evaluation.arrays(spec.inputs), spec.input_shape[0]
-    names = [i.name for i in onnx.load(str(qdq_path), load_external_data=False).graph.input]
-    pairs = input_pairs(names, arrays)
-    n = max(batch, min(DEBUG_SAMPLES, (len(evaluation) // batch) * batch))
-    feeds = [{e: arrays[a][i : i + batch] for e, a in pairs} for i in range(0, n, batch)]
+    feeds = _layer_feeds(evaluation, spec, qdq_path)
     result = layer_debug.analyse(
         qdq_path, float_weights, feeds, adapter, engine_int8_layers, o.threads
     )
@@ -317,6 +330,26 @@ def _debug_layers(
     title = f"{spec.name} on {o.target}: SQNR vs float per quantizer"
     report.artifact("layers_png", layer_debug.plot(result, title, qdq_path.parent / LAYERS_PNG))
     _stage(report, progress, "layers")
+    return result
+
+
+def _grids(prepared) -> set[tuple[float, int]]:
+    """(scale, zero point) of every per-tensor fake-quantizer, as the export writes them."""
+    return {
+        (float(np.float32(scale.item())), int(zero.item()))
+        for m in prepared.modules()
+        if isinstance(m, FakeQuantize) and not m.spec.per_channel
+        for scale, zero in [m.effective_qparams()]
+    }
+
+
+def _layer_feeds(evaluation: Dataset, spec: ModelSpec, qdq_path: Path) -> list[dict]:
+    """The first DEBUG_SAMPLES evaluation samples, in batches, keyed by the QDQ model's inputs."""
+    arrays, batch = evaluation.arrays(spec.inputs), spec.input_shape[0]
+    names = [i.name for i in onnx.load(str(qdq_path), load_external_data=False).graph.input]
+    pairs = input_pairs(names, arrays)
+    n = max(batch, min(DEBUG_SAMPLES, (len(evaluation) // batch) * batch))
+    return [{e: arrays[a][i : i + batch] for e, a in pairs} for i in range(0, n, batch)]
 
 
 def _model_report(spec: ModelSpec) -> dict:
@@ -413,7 +446,15 @@ def _fake_quant_accuracy(report, model, prepared, evaluation: Dataset, spec, why
 
 
 def _accuracy(
-    report, progress, model, prepared, runner, evaluation: Dataset, spec, o: BuildOptions
+    report,
+    progress,
+    model,
+    prepared,
+    runner,
+    evaluation: Dataset,
+    spec,
+    o: BuildOptions,
+    per_layer: Callable[[], layer_debug.Faithfulness | None],
 ) -> None:
     batch = spec.input_shape[0]
     n = (len(evaluation) // batch) * batch
@@ -448,9 +489,12 @@ def _accuracy(
         }
     report.set("accuracy", Measured(results))
     _stage(report, progress, "accuracy")
-    closeness.check(
-        results["int8_vs_fakequant"], thresholds["int8_vs_fakequant"], "int8_vs_fakequant"
-    )
+    try:
+        closeness.check(
+            results["int8_vs_fakequant"], thresholds["int8_vs_fakequant"], "int8_vs_fakequant"
+        )
+    except CheckFailedError as exc:
+        _engine_faithful_per_layer(report, results, exc, per_layer())
     try:
         closeness.check(results["int8_vs_fp32"], thresholds["int8_vs_fp32"], "int8_vs_fp32")
     except CheckFailedError as exc:
@@ -464,6 +508,39 @@ def _accuracy(
             "QAT, or a better-conditioned model"
             + ("" if o.debug_layers else "; --debug-layers shows where the error enters")
         ) from exc
+
+
+def _engine_faithful_per_layer(
+    report: Report, results: dict, failure: CheckFailedError, verdict
+) -> None:
+    """The end-to-end engine-vs-fake-quant check failed: accept the engine only where it computes
+    its QDQ model quantizer by quantizer (layer_debug.Faithfulness), so the gap is the model
+    amplifying rounding flips (random-weight MixNet-S: 30 output steps from 1-step flips in
+    0.026% of codes); otherwise fail naming the layer where the engine differs."""
+    if verdict is None:
+        raise failure
+    results["int8_vs_fakequant_per_layer"] = verdict.to_dict()
+    report.set("accuracy", Measured(results))
+    where = (
+        f"{verdict.quantizers} quantizers recomputed from the engine's own upstream codes: "
+        f"at most {verdict.worst_max_steps:g} step(s) apart (at {verdict.worst_layer}), "
+        f"in at most {verdict.worst_mismatch:.3%} of codes"
+    )
+    if verdict.foreign:
+        raise CheckFailedError(
+            f"{failure}; the exported QDQ file quantizes {', '.join(verdict.foreign[:3])} on a "
+            "scale or zero point the fake-quant model does not use"
+        ) from failure
+    if not verdict.faithful:
+        raise CheckFailedError(
+            f"{failure}; the engine computes a layer differently: {where}"
+        ) from failure
+    warnings.warn(
+        f"{failure}, but the engine matches its model layer by layer ({where}): the model "
+        "amplifies rounding flips at near-ties; accepted",
+        EngineAmplificationWarning,
+        stacklevel=1,
+    )
 
 
 def _latency(report, progress, runners: dict, spec, calib: Dataset, o: BuildOptions) -> None:

@@ -153,7 +153,8 @@ def test_wrong_scales_fail_the_accuracy_check(tmp_path, monkeypatch):
                 m.scale.copy_(scale)
 
     monkeypatch.setattr(recipe, "export", export_with_wrong_scales)
-    with pytest.raises(errors.CheckFailedError, match="int8_vs_fakequant"):
+    # the engine computes its (wrong) file faithfully: the per-layer check must not save it
+    with pytest.raises(errors.CheckFailedError, match="int8_vs_fakequant.*does not use"):
         build(BuildOptions(target="onnxruntime", out_dir=tmp_path, **FAST))
     report = read_report(tmp_path)
     metrics = report["accuracy"]["int8_vs_fakequant"]
@@ -280,3 +281,49 @@ def test_tune_latency_without_a_runnable_engine_says_why(tmp_path):
     with pytest.raises(errors.BackendUnavailableError, match="--tune-latency times engines"):
         build(options)
     assert read_report(tmp_path)["exit_code"] == errors.BACKEND_UNAVAILABLE
+
+
+def _failure() -> errors.CheckFailedError:
+    return errors.CheckFailedError("int8_vs_fakequant: accuracy check failed: cosine 0.98")
+
+
+@pytest.mark.parametrize(
+    ("steps", "mismatch", "foreign", "accepted"),
+    [
+        (1.0, 0.0003, (), True),
+        (3.0, 0.0003, (), False),
+        (1.0, 0.2, (), False),
+        (1.0, 0.0, ("relu",), False),
+    ],
+)
+def test_an_engine_failing_end_to_end_passes_only_when_every_layer_matches(
+    steps, mismatch, foreign, accepted, tmp_path
+):
+    """Amplified rounding flips (each quantizer at most one step off, rarely) are accepted with
+    a warning and the verdict in the report; a layer off by more, often, or a file quantizing
+    on a grid the model has not keep the build failing."""
+    from qat_deploy.deploy.app.pipeline import (
+        EngineAmplificationWarning,
+        Report,
+        _engine_faithful_per_layer,
+    )
+    from qat_deploy.deploy.verify.layer_debug import Faithfulness
+
+    verdict = Faithfulness(40, "block.3", steps, mismatch, foreign)
+    report, results = Report(tmp_path), {"int8_vs_fakequant": {}}
+    if accepted:
+        with pytest.warns(EngineAmplificationWarning, match="block.3"):
+            _engine_faithful_per_layer(report, results, _failure(), verdict)
+    else:
+        with pytest.raises(errors.CheckFailedError, match="relu" if foreign else "block.3"):
+            _engine_faithful_per_layer(report, results, _failure(), verdict)
+    assert results["int8_vs_fakequant_per_layer"]["faithful"] is accepted
+
+
+def test_an_engine_that_cannot_report_its_layers_keeps_the_end_to_end_failure(tmp_path):
+    from qat_deploy.deploy.app.pipeline import Report, _engine_faithful_per_layer
+
+    failure = _failure()
+    with pytest.raises(errors.CheckFailedError) as raised:
+        _engine_faithful_per_layer(Report(tmp_path), {}, failure, None)
+    assert raised.value is failure

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
+from qat_deploy.backends.onnxruntime.adapter import OnnxruntimeAdapter
 from qat_deploy.deploy import recipe
 from qat_deploy.deploy.app.output_dir import owned
 from qat_deploy.deploy.app.pipeline import BuildOptions, build
@@ -123,7 +124,52 @@ def test_a_quantizer_spoiled_on_purpose_ranks_first_and_the_engine_follows_it(
     assert result.engine.values["int8_compute_layers_marked"] == int8_layers > 0
     for row in rows:  # the engine computes the QDQ model's codes (rounding apart)
         assert row.engine_mismatch is not None and row.engine_mismatch < 0.01, row
+    assert result.faithfulness().faithful  # a bad scale in the model is not the engine's fault
     assert not any(p.name.startswith(".layer_debug") for p in tmp_path.iterdir())
+
+
+class _OneLayerComputedWrong(OnnxruntimeAdapter):
+    """The real onnxruntime engine of a graph whose one QuantizeLinear quantizes with 10x its
+    scale while its readers dequantize with the right one: an engine that computes that layer
+    (and only that layer) differently from the model it was given."""
+
+    def __init__(self, codes: str):
+        self.codes = codes
+
+    def build(self, onnx_path, out_dir, **kwargs):
+        model = onnx.load(str(onnx_path))
+        q = next(n for n in model.graph.node if n.output[0] == self.codes)
+        inits = {t.name: t for t in model.graph.initializer}
+        scale = numpy_helper.to_array(inits[q.input[1]]) * np.float32(10)
+        model.graph.initializer.append(numpy_helper.from_array(scale, "wrong_scale"))
+        q.input[1] = "wrong_scale"
+        wrong = out_dir / "wrong.onnx"
+        onnx.save(model, str(wrong))
+        return super().build(wrong, out_dir, **kwargs)
+
+
+def test_the_entering_engine_columns_find_the_one_layer_an_engine_computes_wrong(exported):
+    """Arrived, the error spreads to every quantizer downstream; entering (each quantizer
+    recomputed from the engine's own upstream codes) it is at the wrong layer alone."""
+    paths, weights, feeds = exported
+    model = onnx.load(str(paths["int8"]))
+    acts = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    wrong = acts[len(acts) // 2]
+    result = layer_debug.analyse(
+        paths["int8"], weights, feeds, _OneLayerComputedWrong(wrong.output[0]), 0, threads=1
+    )
+    rows = [r for r in result.rows if r.kind == "activation"]
+    at = next(i for i, r in enumerate(rows) if r.tensor == wrong.input[0])
+    assert (
+        rows[at].engine_entering_max_steps >= 5 and rows[at].engine_entering_mismatch > 0.2
+    )  # ReLU zeros stay zero
+    downstream = rows[at + 1 :]
+    assert max(r.engine_max_steps for r in downstream) >= 2  # propagated...
+    for row in rows[:at] + downstream:  # ...but not entering: ONNX arithmetic, rounding apart
+        assert row.engine_entering_max_steps <= 1 and row.engine_entering_mismatch < 0.01, row
+    verdict = result.faithfulness()
+    assert not verdict.faithful and verdict.worst_layer == rows[at].layer
+    assert verdict.quantizers == len(rows)
 
 
 def test_weights_have_an_entering_error_against_their_float_values(exported):

@@ -298,6 +298,13 @@ def summary_table(report: dict) -> Table:
                 f"top-1 agree {m['top1_agreement']:.4f}, cosine {m['cosine']:.5f}, "
                 f"p99.9 err {m['p999_err_steps']:.2f} steps ({m['samples']} samples)",
             )
+        if "int8_vs_fakequant_per_layer" in accuracy:
+            v = accuracy["int8_vs_fakequant_per_layer"]
+            table.add_row(
+                "int8_vs_fakequant per layer",
+                f"{'faithful' if v['faithful'] else 'DIFFERS'}: <= {v['worst_max_steps']:g} step "
+                f"in <= {v['worst_mismatch']:.3%} of codes over {v['quantizers']} quantizers",
+            )
         if "top1" in accuracy:
             t = accuracy["top1"]
             table.add_row(
