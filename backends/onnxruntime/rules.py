@@ -20,7 +20,8 @@
   1.03x; ConvNeXt 1.05x -> 1.07x; DeiT's patch embedding Conv int8, 1.54x -> 1.60x.
 - SiLU runs int8 written out as QLinearSigmoid + QLinearMul (0.65 of fp32 time, measured on an
   AMD EPYC without VNNI; with the SiLU float between quantized Convs: 0.86), so it is
-  decomposed. ConvTranspose has no int8 kernel (a QDQ ConvTranspose ran 1.07-1.25x the fp32
+  decomposed. A depthwise Conv with a channel multiplier stays float (float_conv_groups
+  below). ConvTranspose has no int8 kernel (a QDQ ConvTranspose ran 1.07-1.25x the fp32
   time there): it stays float, weights included.
 - Transformer mode: quantize Linear inputs (and Convs, the patch embeddings of vision
   transformers, with their outputs); Softmax, LayerNorm, GELU and residual Adds stay
@@ -82,4 +83,10 @@ RULES = BackendRules(
     # merged 3x3 Conv, which still writes int8 through QLinearConv): no per-tensor scale on
     # the identity BN's output, whose per-channel gains spread it over thousands of steps.
     float_branch_sums=True,
+    # A Conv with one input and several output channels per group (timm FastViT's 7x7
+    # downsampling, 48 -> 96 channels in 48 groups) has no int8 depthwise kernel in MLAS: its
+    # QLinearConv runs per-group GEMMs of 2 rows. Measured on an AMD EPYC Zen 4 (AVX-512 VNNI),
+    # 2 threads: FastViT-T8's three such Convs took 8.7 ms as QLinearConv vs 0.37 ms as fp32
+    # Conv, the int8 model 0.53x fp32; a lone 48 -> 96, 7x7 one: 9.8 ms int8 vs 1.9 ms fp32.
+    float_conv_groups=frozenset({"channel_multiplier"}),
 )

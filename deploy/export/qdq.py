@@ -82,7 +82,7 @@ def export(
     debugging compares against)."""
     with export_mode(model):
         proto = _torch_export(model, example_inputs, opset, dynamic_batch)
-    tag_op_kinds(proto, model.plan.kept_float)
+    tag_op_kinds(proto, (*model.plan.kept_float, *model.plan.float_by_rule))
     fold_weight_quantizers(proto, float_weights)
     quantize_biases(proto, frozenset(_BIAS_OP_TYPES[k] for k in model.rules.int32_bias))
     run_passes(proto, model.rules.export_passes)
@@ -284,7 +284,8 @@ def tag_op_kinds(model: onnx.ModelProto, kept_float: Sequence[str] = ()) -> int:
     """Write each node's op kind (deploy.rules.ops) and the torch op it came from into its metadata,
     from the exporter's record of the ATen op behind it. lint() then sees the kinds prepare()
     saw: a SiLU exported as Sigmoid + Mul is one "silu", not a Sigmoid and a Mul. Nodes of the
-    layers in `kept_float` (module paths) are tagged FLOAT_KEY: float by the user's choice."""
+    layers in `kept_float` (module paths) are tagged FLOAT_KEY: float by the user's choice or
+    the rules' (BackendRules.float_conv_groups)."""
     tagged = 0
     scopes = tuple(f"/model.{path}: " for path in kept_float)  # PreparedModel holds `model`
     for node in model.graph.node:

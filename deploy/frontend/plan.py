@@ -36,6 +36,8 @@ class QuantPlan:
     float_ops: list[str] = field(default_factory=list)
     #: module paths of the Conv/Linear layers prepare(keep_float=...) left float
     kept_float: list[str] = field(default_factory=list)
+    #: module paths of the Convs the target's rules keep float (BackendRules.float_conv_groups)
+    float_by_rule: list[str] = field(default_factory=list)
     #: what deploy.recipe's accuracy budget chose (deploy.verify.sensitivity.BudgetChoice.to_dict)
     accuracy_budget: dict | None = None
     #: activation observer deploy.recipe calibrated with: {"observer", "auto"}, "auto" the

@@ -56,7 +56,7 @@ from qat_deploy.deploy.rules.backend import (
     get_rules,
     selected_inputs,
 )
-from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, is_transformer
+from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, conv_groups, is_transformer
 
 OBSERVERS = {
     "minmax": MinMaxObserver,
@@ -167,6 +167,7 @@ def prepare(
     _propagate_shapes(traced, flat)
     kinds = _kinds(traced)
     kept = _kept_float(traced, kinds, keep_float, (*WEIGHTED_KINDS, *rules.weight_only))
+    by_rule = _slow_int8_convs(traced, kinds, rules) - kept
     transformer = mode == "transformer" or (mode == "auto" and is_transformer(kinds.values()))
     plan = QuantPlan(
         target=rules.name,
@@ -175,6 +176,8 @@ def prepare(
         input_names=[n.name for n in traced.graph.nodes if n.op == "placeholder"],
     )
     plan.kept_float = sorted(str(node.target) for node in kept)
+    plan.float_by_rule = sorted(str(node.target) for node in by_rule)
+    kept |= by_rule
     op_rules = _RulesOf(rules.op_rules(transformer), kept)
     _fold_kept_bn(traced, kinds, kept)
     folded_bn = _quantize_weights(traced, kinds, op_rules, factory, plan)
@@ -249,6 +252,19 @@ def _kept_float(
             )
         kept |= matched
     return kept
+
+
+def _slow_int8_convs(gm: fx.GraphModule, kinds, rules: BackendRules) -> set[fx.Node]:
+    """The Convs whose group shape the rules keep float (BackendRules.float_conv_groups)."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or kinds.get(node) != "conv":
+            continue
+        conv = gm.get_submodule(node.target)
+        shape = conv_groups(conv.in_channels, conv.out_channels, conv.groups)
+        if shape in rules.float_conv_groups:
+            found.add(node)
+    return found
 
 
 def _fold_kept_bn(gm: fx.GraphModule, kinds, kept: set[fx.Node]) -> None:

@@ -90,6 +90,10 @@ class BackendRules:
     #: quantized once, by its reader. Quantizing each branch puts one per-tensor scale on an
     #: identity BatchNorm whose per-channel gains spread its output over thousands of steps.
     float_branch_sums: bool = False
+    #: Conv group shapes (deploy.rules.ops.conv_groups) the runtime has no fast int8 kernel
+    #: for: such Convs stay float, weights included, as if the user kept them float (the
+    #: export tags them, lint and the kernel reports count them float on purpose).
+    float_conv_groups: frozenset[str] = frozenset()
     #: ONNX post-passes (names in deploy/export/passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()
     #: Transformer mode: SmoothQuant migration strengths to choose from, per activation

@@ -24,6 +24,19 @@ WEIGHTED_KINDS = ("conv", "conv_transpose", "linear")
 #: Layer kinds the int8 claim is about: a model "runs int8" when these do.
 COMPUTE_KINDS = ("conv", "conv_transpose", "linear", "matmul")
 
+
+def conv_groups(in_channels: int, out_channels: int, groups: int) -> str:
+    """A convolution's group shape, which decides the int8 kernel a runtime picks: "dense"
+    (one group), "depthwise" (one input and one output channel per group),
+    "channel_multiplier" (one input channel, several outputs per group: FastViT's and
+    Xception-style downsampling) or "grouped" (ResNeXt, RegNet)."""
+    if groups == 1:
+        return "dense"
+    if in_channels == groups:
+        return "depthwise" if out_channels == groups else "channel_multiplier"
+    return "grouped"
+
+
 #: ATen op (overload packet name) -> kind. Ops absent here have no kind: they are neither
 #: quantized nor counted as float compute (shape arithmetic, constants, ...).
 ATEN_KINDS: Mapping[str, str] = {

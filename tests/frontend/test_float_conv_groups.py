@@ -1,0 +1,78 @@
+"""Conv group shapes a runtime has no fast int8 kernel for stay float by rule
+(BackendRules.float_conv_groups): onnxruntime's depthwise Convs with a channel multiplier."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from qat_deploy.deploy.engines.adapter import get_adapter
+from qat_deploy.deploy.export.qdq import export
+from qat_deploy.deploy.frontend.prepare import prepare
+from qat_deploy.deploy.lint import float_by_rule, lint, quantized_by_rule
+from qat_deploy.deploy.rules.ops import conv_groups
+from qat_deploy.deploy.training.calibrate import calibrate
+from tests.frontend.test_placement import TARGETS
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "shape"),
+    [
+        ((8, 8), 1, "dense"),
+        ((8, 8), 8, "depthwise"),
+        ((8, 16), 8, "channel_multiplier"),
+        ((8, 16), 4, "grouped"),
+        ((8, 8), 2, "grouped"),
+    ],
+)
+def test_group_shapes(channels, groups, shape):
+    assert conv_groups(*channels, groups) == shape
+
+
+class _Downsample(nn.Module):
+    """FastViT's downsampling: a 7x7 depthwise Conv doubling the channels, between dense ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 7, stride=2, padding=3, groups=8)
+        self.head = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.down(torch.relu(self.stem(x)))))
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_only_onnxruntime_keeps_the_channel_multiplier_conv_float(target, tmp_path):
+    torch.manual_seed(0)
+    prepared = prepare(_Downsample().eval(), target, X, reduce_range=False)
+    slow = target == "onnxruntime"
+    assert prepared.plan.float_by_rule == (["down"] if slow else [])
+    assert prepared.plan.kept_float == []  # the user kept nothing
+    assert prepared.plan.weight_layers == ({"stem", "head"} if slow else {"stem", "down", "head"})
+    with torch.no_grad():
+        prepared(X)
+    model = onnx.load(export(prepared, tmp_path / "m.onnx", X))
+    assert lint(model, target) == []
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    down = next(n for n in convs if dict((a.name, a.i) for a in n.attribute)["group"] == 8)
+    assert (down.name in float_by_rule(model, target)) == slow
+    assert (down.name in quantized_by_rule(model, target)) != slow
+
+
+def test_the_onnxruntime_engine_runs_it_float_between_int8_convs(tmp_path):
+    torch.manual_seed(0)
+    prepared = prepare(_Downsample().eval(), "onnxruntime", X)
+    calibrate(prepared, [torch.randn(4, 3, 16, 16)], progress=False)
+    adapter = get_adapter("onnxruntime")
+    engine = adapter.build(
+        export(prepared, tmp_path / "m.onnx", X), tmp_path / "e", precision="int8", threads=1
+    )
+    # the head writes the graph output: onnxruntime has no QLinearConv for that
+    layers = adapter.kernel_report(engine).compute_layers
+    assert [layer.precision for layer in layers][:2] == ["int8", "float"]
