@@ -64,6 +64,7 @@ ATEN_KINDS: Mapping[str, str] = {
             "squeeze",
             "unsqueeze",
             "expand",
+            "expand_as",
             "pixel_shuffle",
             "pixel_unshuffle",
         ),
