@@ -49,7 +49,6 @@ from qat_deploy.deploy.engines.timing import (
     time_interleaved,
 )
 from qat_deploy.deploy.lint import float_by_rule, lint, quantized_by_rule
-from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 from qat_deploy.deploy.training.calibrate import call_model, first_tensor
 from qat_deploy.deploy.verify import closeness, layer_debug
 from qat_deploy.models import ModelSpec
@@ -284,10 +283,12 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
     def per_layer() -> layer_debug.Faithfulness | None:
         """The engine against its QDQ model quantizer by quantizer (--debug-layers' result, or
         a run of its engine columns alone): asked only when the end-to-end check fails."""
-        feeds = _layer_feeds(evaluation, spec, qdq_path)
-        result = layers or layer_debug.analyse(qdq_path, {}, feeds, adapter, int8_layers, o.threads)
+        result = layers
+        if result is None:
+            feeds = _layer_feeds(evaluation, spec, qdq_path)
+            result = layer_debug.analyse(qdq_path, {}, feeds, adapter, int8_layers, o.threads)
         verdict = result.faithfulness()
-        foreign = layer_debug.foreign_quantizers(onnx.load(str(qdq_path)), _grids(prepared))
+        foreign = layer_debug.foreign_quantizers(onnx.load(str(qdq_path)), prepared)
         return verdict and dataclasses.replace(verdict, foreign=foreign)
 
     engines = {"fp32": fp32, "int8": int8}
@@ -331,16 +332,6 @@ def _debug_layers(
     report.artifact("layers_png", layer_debug.plot(result, title, qdq_path.parent / LAYERS_PNG))
     _stage(report, progress, "layers")
     return result
-
-
-def _grids(prepared) -> set[tuple[float, int]]:
-    """(scale, zero point) of every per-tensor fake-quantizer, as the export writes them."""
-    return {
-        (float(np.float32(scale.item())), int(zero.item()))
-        for m in prepared.modules()
-        if isinstance(m, FakeQuantize) and not m.spec.per_channel
-        for scale, zero in [m.effective_qparams()]
-    }
 
 
 def _layer_feeds(evaluation: Dataset, spec: ModelSpec, qdq_path: Path) -> list[dict]:

@@ -35,13 +35,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+from torch import nn
 
 from qat_deploy.deploy.common.artifacts import temp_folder, write_atomic
 from qat_deploy.deploy.common.errors import BackendUnavailableError, BadInputError, one_line
 from qat_deploy.deploy.common.measured import Measured, NotMeasured
 from qat_deploy.deploy.engines.adapter import Adapter
 from qat_deploy.deploy.export.passes import GraphIndex, drop_dead_nodes, drop_unused_initializers
-from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE
+from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE, FakeQuantize
 from qat_deploy.deploy.rules.ops import LAYER_KEY
 from qat_deploy.deploy.verify.closeness import sqnr_db
 
@@ -200,20 +201,27 @@ def quantizers(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarray]) 
     return found
 
 
-def foreign_quantizers(model: onnx.ModelProto, grids: set[tuple[float, int]]) -> tuple[str, ...]:
-    """Tensors a per-tensor QuantizeLinear of `model` quantizes with a (scale, zero point) not
-    in `grids` (the fake-quant model's, float32 scale and integer zero point). The per-layer
+def foreign_quantizers(model: onnx.ModelProto, fake_quant: nn.Module) -> tuple[str, ...]:
+    """Tensors a per-tensor activation quantizer of `model` quantizes on a grid (float32 scale,
+    integer zero point) that no per-tensor FakeQuantize of `fake_quant` has. The per-layer
     check compares the engine with this file; this ties the file to the model it came from."""
-    g = GraphIndex(model)
-    foreign = []
-    for node in g.graph.node:
-        params = [g.const(name) for name in node.input[1:3]]
-        if node.op_type != "QuantizeLinear" or len(params) < 2 or any(p is None for p in params):
-            continue
-        scale, zero = params
-        if scale.size == 1 and (float(np.float32(scale.item())), int(zero.item())) not in grids:
-            foreign.append(node.input[0])
-    return tuple(foreign)
+    grids = {
+        _grid(*m.effective_qparams())
+        for m in fake_quant.modules()
+        if isinstance(m, FakeQuantize) and not m.spec.per_channel
+    }
+    return tuple(
+        p.tensor
+        for p in quantizers(model, {})
+        if p.kind == "activation"
+        and p.scale.size == 1
+        and _grid(p.scale, p.zero_point) not in grids
+    )
+
+
+def _grid(scale, zero_point) -> tuple[float, int]:
+    """(scale, zero point) as the export writes them: float32 and an integer."""
+    return float(np.float32(scale.item())), int(zero_point.item())
 
 
 def float_twin(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
