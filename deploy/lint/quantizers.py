@@ -82,10 +82,20 @@ def _role(ctx: Context, node: NodeProto, uses: tuple[Use, ...]) -> Role:
 def _spec(ctx: Context, role: Role, uses: tuple[Use, ...]) -> QuantSpec | None:
     """An op rule may override the activation spec (OpenVINO's transformer MatMul: int8)."""
     if role is Role.ACTIVATION:
-        rules = (ctx.rule(u.node) for u in uses)
+        rules = (ctx.rule(u.node) for u in _through_requantizers(ctx, uses))
         overrides = (r.activation for r in rules if r is not None and r.activation is not None)
         return next(overrides, ctx.rules.activation)
     return ctx.rules.weight if role is Role.WEIGHT else None
+
+
+def _through_requantizers(ctx: Context, uses: tuple[Use, ...]) -> Iterator[Use]:
+    """A quantizer copied above a reshape (export pass quantize_before_pass_through) serves
+    the op that reads the quantizer below it, so it takes that op's spec."""
+    for use in uses:
+        if use.node.op_type == QUANTIZE and use.index == 0:
+            yield from _through_requantizers(ctx, tuple(ctx.uses(use.node.output[0])))
+        else:
+            yield use
 
 
 def _qtype(ctx: Context, node: NodeProto, zero_point: str) -> int | None:

@@ -468,6 +468,21 @@ def test_op_rule_can_override_the_activation_spec():
     assert [v for v in ort_found if v[1] == "q_in"] == [("dtype", "q_in")]
 
 
+@pytest.mark.parametrize("above", [np.int8, np.uint8])
+def test_a_quantizer_copied_above_a_reshape_takes_its_readers_spec(above):
+    """OpenVINO's export copies a quantizer above a flatten (quantize_before_pass_through:
+    MobileViT's pooled features -> flatten -> classifier in transformer mode); the copy serves
+    the MatMul below, so it must be that MatMul's int8, not the backend's default uint8."""
+    net = Net("openvino")
+    axes = net.const("axes", np.asarray([2, 3], np.int64))
+    pooled = net.op("ReduceMean", ["x", axes], "pooled", keepdims=0)
+    flat = net.op("Flatten", [net.qdq(pooled, "q_above", dtype=above, zero_point=0)], "fl")
+    q_in = net.qdq(flat, "q_in", dtype=np.int8, zero_point=0)
+    matmul = net.op("MatMul", [q_in, net.weight("w", (C, 3), axis=1)], "mm")
+    violations = found(net.model(attention_tail(net, matmul)), "openvino")
+    assert violations == ([] if above == np.int8 else [("dtype", "q_above")])
+
+
 def test_rules_from_data_drive_the_linter():
     """A new backend is data only: a toy rule set that quantizes Sigmoid inputs."""
     toy = BackendRules(
