@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import onnx
+import pytest
 import torch
 
 from qat_deploy.deploy.export.qdq import export
@@ -78,29 +79,33 @@ def test_weight_quantizer_sees_the_folded_weight():
 
 
 class MixedConv(torch.nn.Module):
-    """MixNet's mixed depthwise conv: channel groups through 3x3 and 5x5 depthwise Convs,
-    concatenated, then one BatchNorm over all channels."""
+    """Two depthwise Convs (3x3, 5x5) concatenated, then one BatchNorm over all channels:
+    MixNet's mixed conv when they read the channel halves of x (lowering then merges them
+    into one Conv), else Convs of two different inputs."""
 
-    def __init__(self, c=8):
+    def __init__(self, c=8, split=True):
         super().__init__()
         nn = torch.nn
+        self.split = split
         self.small = nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2, bias=False)
         self.large = nn.Conv2d(c // 2, c // 2, 5, padding=2, groups=c // 2, bias=False)
         self.bn = nn.BatchNorm2d(c)
 
     def forward(self, x):
-        a, b = x.chunk(2, dim=1)
+        a, b = x.chunk(2, dim=1) if self.split else (x[:, :4], torch.relu(x[:, :4]))
         return torch.relu(self.bn(torch.cat([self.small(a), self.large(b)], dim=1)))
 
 
-def test_a_batch_norm_after_a_concat_of_convs_folds_into_each_conv(tmp_path):
-    """The BN's channel slices fold into the Convs they come from, in eval and training mode;
-    the export has no BatchNormalization left (timm MixNet-S: 34 of them ran float)."""
+@pytest.mark.parametrize("split", [True, False], ids=["merged", "parts"])
+def test_a_batch_norm_after_a_concat_of_convs_folds_into_each_conv(split, tmp_path):
+    """The BN folds into the Conv the parts merged into, or its channel slices into each part
+    where they read different inputs; in eval and training mode. The export has no
+    BatchNormalization left (timm MixNet-S: 34 of them ran float)."""
     torch.manual_seed(2)
-    model = randomize_bn(MixedConv())
+    model = randomize_bn(MixedConv(split=split))
     x = torch.randn(4, 8, 8, 8)
     prepared = _fake_quant_off(prepare(model.eval(), "openvino", x[:1])).eval()
-    assert sum(isinstance(m, QuantConvBn) for m in prepared.modules()) == 2
+    assert sum(isinstance(m, QuantConvBn) for m in prepared.modules()) == (1 if split else 2)
     with torch.no_grad():
         assert _max_rel_err(prepared(x), model(x)) < 1e-5
     quantized = prepare(model.eval(), "openvino", x[:1])
