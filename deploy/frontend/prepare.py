@@ -51,6 +51,7 @@ from qat_deploy.deploy.rules.backend import (
     Inputs,
     OpRule,
     branch_sum_root,
+    conv_stage,
     float_islands,
     fused_output,
     get_rules,
@@ -178,17 +179,18 @@ def prepare(
     plan.kept_float = sorted(str(node.target) for node in kept)
     plan.float_by_rule = sorted(str(node.target) for node in by_rule)
     kept |= by_rule
-    op_rules = _RulesOf(rules.op_rules(transformer), kept)
+    stage = _conv_stage(traced, kinds) if transformer else set()
+    op_rules = _RulesOf(rules, transformer, stage, kept)
     _fold_kept_bn(traced, kinds, kept)
     folded_bn = _quantize_weights(traced, kinds, op_rules, factory, plan)
     _quantize_tables(traced, kinds, kept, factory, plan)
     kinds = _kinds(traced)
-    floats = kept | _float_islands(traced, kinds, rules, transformer, kept)
-    op_rules = _RulesOf(rules.op_rules(transformer), floats)
+    floats = kept | _float_islands(traced, kinds, rules, op_rules, kept)
+    op_rules = _RulesOf(rules, transformer, stage, floats)
     _place_activation_quantizers(traced, kinds, op_rules, factory, plan)
     arithmetic.link(traced, kinds, rules)
     plan.fused = _find_fusions(traced, kinds, folded_bn, rules.fusions)
-    plan.float_ops = _float_ops(traced, kinds, rules, transformer, plan, floats)
+    plan.float_ops = _float_ops(traced, kinds, rules, op_rules, plan)
     traced.graph.lint()
     traced.recompile()
     if not plan.weight_layers and not plan.activation_edges and plan.kept_float:
@@ -217,13 +219,37 @@ def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
 
 
 class _RulesOf:
-    """The op rule of a node: its kind's rule, none for the layers the user keeps float."""
+    """The op rule of a node: its kind's in the model's mode (CNN rules in a transformer's
+    conv stages, deploy.rules.backend.conv_stage), none for the layers kept float."""
 
-    def __init__(self, by_kind: Mapping[str, OpRule], kept: set[fx.Node]) -> None:
-        self.by_kind, self.kept = by_kind, kept
+    def __init__(
+        self, rules: BackendRules, transformer: bool, stage: set[fx.Node], kept: set[fx.Node]
+    ) -> None:
+        self.rules, self.transformer, self.stage, self.kept = rules, transformer, stage, kept
+
+    def of_kind(self, node: fx.Node, kind: str | None) -> OpRule | None:
+        """The rule the node's kind has where the node is, kept float or not."""
+        return self.rules.op_rules(self.transformer and node not in self.stage).get(kind)
 
     def __call__(self, node: fx.Node, kind: str | None) -> OpRule | None:
-        return None if node in self.kept else self.by_kind.get(kind)
+        return None if node in self.kept else self.of_kind(node, kind)
+
+
+def _conv_stage(gm: fx.GraphModule, kinds) -> set[fx.Node]:
+    """deploy.rules.backend.conv_stage on the torch graph."""
+
+    def producers(node: fx.Node) -> list[fx.Node | None]:
+        data = [a for a in node.all_input_nodes if a.op == "get_attr" or _is_data(a)]
+        return [None if a.op in ("get_attr", "placeholder") else a for a in data]
+
+    return conv_stage(
+        gm.graph.nodes, kind=kinds.get, transparent=lambda node: False, producers=producers
+    )
+
+
+def _is_data(node: fx.Node) -> bool:
+    """A tensor (or a multi-output op's tensors), not a size computed from one."""
+    return isinstance(node.meta.get("val"), (torch.Tensor, list, tuple))
 
 
 def _kept_float(
@@ -286,15 +312,14 @@ def _fold_kept_bn(gm: fx.GraphModule, kinds, kept: set[fx.Node]) -> None:
 
 
 def _float_islands(
-    gm: fx.GraphModule, kinds, rules: BackendRules, transformer: bool, kept: set[fx.Node]
+    gm: fx.GraphModule, kinds, rules: BackendRules, op_rules: _RulesOf, kept: set[fx.Node]
 ) -> set[fx.Node]:
     """The ops between kept-float layers that stay float with them (rules.float_islands)."""
     if not kept:
         return set()
-    by_kind = rules.op_rules(transformer)
     return float_islands(
         gm.graph.nodes,
-        ruled=lambda n: by_kind.get(kinds.get(n)) is not None,
+        ruled=lambda n: op_rules.of_kind(n, kinds.get(n)) is not None,
         kept=lambda n: n in kept,
         weighted=lambda n: kinds.get(n) in WEIGHTED_KINDS,
         transparent=lambda n: kinds.get(n) in rules.int8_carriers,
@@ -447,19 +472,16 @@ def _find_fusions(gm, kinds, folded_bn: dict[str, str], patterns) -> list[tuple[
     return chains
 
 
-def _float_ops(
-    gm, kinds, rules: BackendRules, transformer: bool, plan: QuantPlan, kept: set[fx.Node]
-) -> list[str]:
+def _float_ops(gm, kinds, rules: BackendRules, op_rules: _RulesOf, plan: QuantPlan) -> list[str]:
     """Compute ops left in float: no int8 rule, not quantization-agnostic, not fused into
     a quantized chain, or kept float by the user. Unrecognised ops land here too."""
     fused = {name for chain in plan.fused for name in chain}
-    quantized = rules.op_rules(transformer)
     return [
         n.name
         for n in gm.graph.nodes
         if n.op in ("call_module", "call_function", "call_method")
         and n in kinds
-        and (kinds[n] not in quantized or n in kept)
+        and op_rules(n, kinds[n]) is None
         and kinds[n] not in rules.pass_through
         and n.name not in fused
     ]
@@ -588,10 +610,10 @@ def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers,
     right at the producer, and every pass-through output on the way, all in the readers' group:
     the producer then writes int8 and the pass-through ops run on int8. Exact: those ops
     commute with per-tensor quantization."""
-    sources = set(op_rules.by_kind) | set(FUSED_ACTIVATIONS)
     specs = list(dict.fromkeys(key[1] for key in readers))
-    for value in list(kinds):  # graph order: deterministic quantizer names
-        if kinds.get(value) not in sources or not _is_tensor(value):
+    for value, kind in list(kinds.items()):  # graph order: deterministic quantizer names
+        ruled = op_rules.of_kind(value, kind) is not None or kind in FUSED_ACTIVATIONS
+        if not ruled or not _is_tensor(value):
             continue
         for spec in specs:
             tree = _pass_through_tree(value, spec, kinds, rules, readers)

@@ -10,7 +10,7 @@ from functools import cached_property
 from onnx import NodeProto
 
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
-from qat_deploy.deploy.rules.backend import BackendRules, OpRule, float_islands
+from qat_deploy.deploy.rules.backend import BackendRules, OpRule, conv_stage, float_islands
 from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, is_transformer
 
 
@@ -44,16 +44,40 @@ class Context:
             return self.graph.mode == "transformer"
         return is_transformer(self.graph.kind(n) for n in self.graph.nodes)
 
-    @property
-    def op_rules(self) -> Mapping[str, OpRule]:
-        return self.rules.op_rules(self.transformer)
+    def op_rules(self, node: NodeProto) -> Mapping[str, OpRule]:
+        """The rules of the node's place: the model's mode, CNN in a transformer's conv stages
+        (deploy.rules.backend.conv_stage, as prepare() decides them)."""
+        return self.rules.op_rules(self.transformer and id(node) not in self._conv_stage)
 
     def rule(self, node: NodeProto) -> OpRule | None:
         """The op rule the node is held to: its kind's, none for a layer kept float or an op
         between such layers (deploy.rules.backend.float_islands, the interpreter prepare() uses)."""
         if self.graph.kept_float(node) or id(node) in self._float_islands:
             return None
-        return self.op_rules.get(self.graph.kind(node))
+        return self.op_rules(node).get(self.graph.kind(node))
+
+    @cached_property
+    def _conv_stage(self) -> set[int]:
+        if not self.transformer:
+            return set()
+        graph = self.graph
+        by_id = {id(n): n for n in graph.nodes}
+
+        def producers(handle: int) -> list[int | None]:
+            found = [
+                None if graph.is_constant(name) else graph.producer.get(name)
+                for name in graph.data_inputs(by_id[handle])
+            ]
+            return [None if p is None else id(p) for p in found]
+
+        return conv_stage(
+            by_id,
+            kind=lambda h: graph.kind(by_id[h]),
+            transparent=lambda h: (
+                by_id[h].op_type in (QUANTIZE, DEQUANTIZE) or graph.part_of_weighted(by_id[h])
+            ),
+            producers=producers,
+        )
 
     @cached_property
     def _float_islands(self) -> set[int]:
@@ -75,7 +99,7 @@ class Context:
 
         return float_islands(
             by_id,
-            ruled=lambda h: self.op_rules.get(graph.kind(by_id[h])) is not None,
+            ruled=lambda h: self.op_rules(by_id[h]).get(graph.kind(by_id[h])) is not None,
             kept=lambda h: graph.kept_float(by_id[h]),
             weighted=lambda h: graph.kind(by_id[h]) in WEIGHTED_KINDS,
             transparent=lambda h: (

@@ -115,6 +115,8 @@ class BackendRules:
     notes: str = ""
 
     def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:
+        """A node's rules: transformer mode's, except in a conv stage (conv_stage), which
+        is a CNN and takes the CNN rules; pass transformer=False for those nodes."""
         return self.transformer_ops if transformer else self.ops
 
     @property
@@ -303,3 +305,45 @@ def _across(
             seen.add(current)
             pending.extend(step(current))
     return found
+
+
+#: Kinds of a transformer's token stream: a conv stage ends where its feature map reaches one.
+TOKEN_KINDS = frozenset({"layer_norm", "softmax", "linear", "matmul", "attention", "embedding"})
+#: Kinds a feature map crosses unchanged (a transformer's unfold into patches among them).
+_RESHUFFLES = frozenset({"reshape", "transpose", "identity", "getitem", "pad", "maxpool"})
+
+
+def conv_stage(
+    nodes: Iterable[T],
+    *,
+    kind: Callable[[T], str | None],
+    transparent: Callable[[T], bool],
+    producers: Callable[[T], Sequence[T | None]],
+) -> set[T]:
+    """In a transformer, the ops of its convolutional stages: those whose every data input
+    is a convolution's feature map (a Conv's output, or one of an op of the stage) seen
+    through reshuffles and transparent ops, up to the token stream (TOKEN_KINDS). A hybrid's
+    MobileNet blocks (MobileViT: SiLU, residual Adds, the Concat that fuses conv and
+    transformer features) are a CNN and take the backend's CNN rules; a ViT's patch
+    embedding leads straight into the token stream and has none. One interpreter for the
+    torch graph (prepare) and the ONNX graph (lint).
+
+    nodes: in topological order; transparent: ops the data crosses that are not the model's
+    own (Q/DQ, a weighted op's helper nodes); producers: of the data inputs, None for a graph
+    input or a constant (a ViT's class token makes its Concat no feature map)."""
+    features: set[T] = set()
+    stage: set[T] = set()
+    for node in nodes:
+        node_kind = kind(node)
+        if node_kind == "conv":
+            features.add(node)
+            continue
+        inputs = producers(node)
+        if not inputs or any(p is None or p not in features for p in inputs):
+            continue
+        if transparent(node) or node_kind in _RESHUFFLES:
+            features.add(node)
+        elif node_kind is not None and node_kind not in TOKEN_KINDS:
+            features.add(node)
+            stage.add(node)
+    return stage

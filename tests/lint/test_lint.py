@@ -432,15 +432,21 @@ def two_conv_add(target: str, marker: str, same_input: bool = False) -> onnx.Mod
 
 @pytest.mark.parametrize("target", AFFINE_TARGETS)
 def test_transformer_rules_leave_residual_add_float(target):
-    """Both affine backends quantize Add inputs in CNNs but keep Add float in transformers;
-    Identity is pass-through, so the Add is the only op the CNN rules select."""
+    """Both affine backends quantize Add inputs in CNNs but keep Add float in a transformer's
+    token stream; Identity is pass-through, so the Add is the only op the CNN rules select.
+    An Add of two Conv outputs is part of a conv stage even in a transformer (a hybrid's
+    MobileNet block, deploy.rules.backend.conv_stage): CNN rules there."""
     cnn = found(two_conv_add(target, "Identity"), target)
     inputs = [v for v in cnn if v[0] == "unquantized-input"]
     assert inputs == [("unquantized-input", "add"), ("unquantized-input", "add")]
-    transformer = found(two_conv_add(target, "attention"), target)
-    assert ("unquantized-input", "add") not in transformer
-    for marker in ("Softmax", "LayerNormalization"):  # a classifier head, ConvNeXt's norm
+    for marker in ("Softmax", "LayerNormalization", "attention"):
         assert found(two_conv_add(target, marker), target).count(("unquantized-input", "add")) == 2
+    net = Net(target)  # a ViT: patch embedding Conv -> tokens -> attention -> residual Add
+    tokens = net.op("Flatten", [net.conv(net.qdq("x", "q_in"), "patch")], "tokens")
+    q = net.qdq(tokens, "q_tokens", dtype=np.int8, zero_point=0)
+    projected = net.op("MatMul", [q, net.weight("w", (C * 64, C * 64), axis=1)], "proj")
+    net.op("Add", [tokens, attention_tail(net, projected)], "residual")
+    assert ("unquantized-input", "residual") not in found(net.model("residual"), target)
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "openvino", "onnxruntime"])
