@@ -420,10 +420,12 @@ def _merge_split_convs(gm: fx.GraphModule) -> None:
         source = _split_source(parts) if parts else None
         if source is None:
             continue
+        if any(_calls(gm, p.target) != 1 for p in parts):
+            continue  # a module called elsewhere too: merging would change that call
         convs = [gm.get_submodule(p.target) for p in parts]
         whole = sum(c.in_channels for c in convs) == source.meta["val"].shape[1]
         merged = _grouped_conv(convs) if whole else None
-        if merged is None or any(_calls(gm, p.target) != 1 for p in parts):
+        if merged is None:
             continue
         path = _merged_path(gm, [p.target for p in parts])
         for part in parts:
@@ -480,16 +482,9 @@ def _grouped_conv(convs: list[nn.Module]) -> nn.Module | None:
     if any(isinstance(c.padding, str) for c in convs):
         return None
     largest = max(convs, key=lambda c: c.weight[0].numel())
-    offsets = []
-    for conv in convs:
-        offset = []
-        geometry = (largest.kernel_size, conv.kernel_size, largest.padding, conv.padding)
-        for k_big, k, p_big, p, d in zip(*geometry, first.dilation, strict=True):
-            start, rest = divmod(p_big - p, d)
-            if rest or not 0 <= start <= k_big - k:
-                return None
-            offset.append(start)
-        offsets.append(offset)
+    offsets = [_tap_offsets(largest, conv) for conv in convs]
+    if None in offsets:
+        return None
     merged = nn.Conv2d(
         sum(c.in_channels for c in convs),
         sum(c.out_channels for c in convs),
@@ -666,13 +661,9 @@ def _merged_conv(a: nn.Module, a_bn, b: nn.Module, b_bn) -> nn.Module | None:
         return None
     if isinstance(a.padding, str) or isinstance(b.padding, str):
         return None
-    offsets = []
-    geometry = (a.kernel_size, b.kernel_size, a.padding, b.padding, a.dilation, b.dilation)
-    for k_a, k_b, p_a, p_b, d_a, d_b in zip(*geometry, strict=True):
-        offset, rest = divmod(p_a - p_b, d_a)  # b's first tap lands on a's tap `offset`
-        if rest or not 0 <= offset <= k_a - k_b or (k_b > 1 and d_b != d_a):
-            return None
-        offsets.append(offset)
+    offsets = _tap_offsets(a, b)
+    if offsets is None:
+        return None
     folded_a, folded_b = _folded(a, a_bn), _folded(b, b_bn)
     if folded_a is None or folded_b is None:
         return None
@@ -684,6 +675,20 @@ def _merged_conv(a: nn.Module, a_bn, b: nn.Module, b_bn) -> nn.Module | None:
     merged.weight = nn.Parameter(weight)
     merged.bias = nn.Parameter(bias_a + bias_b)
     return merged
+
+
+def _tap_offsets(big: nn.Module, small: nn.Module) -> list[int] | None:
+    """Per spatial axis, the tap of `big`'s kernel on which `small`'s first tap lands when
+    both read the same input at their paddings; None where `small`'s taps cannot be aligned
+    with `big`'s (a fractional or out-of-kernel offset, or a different tap spacing)."""
+    offsets = []
+    geometry = (big.kernel_size, small.kernel_size, big.padding, small.padding)
+    for k_big, k, p_big, p, d_big, d in zip(*geometry, big.dilation, small.dilation, strict=True):
+        offset, rest = divmod(p_big - p, d_big)
+        if rest or not 0 <= offset <= k_big - k or (k > 1 and d != d_big):
+            return None
+        offsets.append(offset)
+    return offsets
 
 
 @torch.no_grad()
