@@ -89,4 +89,10 @@ RULES = BackendRules(
     # 2 threads: FastViT-T8's three such Convs took 8.7 ms as QLinearConv vs 0.37 ms as fp32
     # Conv, the int8 model 0.53x fp32; a lone 48 -> 96, 7x7 one: 9.8 ms int8 vs 1.9 ms fp32.
     float_conv_groups=frozenset({"channel_multiplier"}),
+    # MobileNetV3's stem (3 -> 16 channels, then a float HardSwish): its QLinearConv took 168 us
+    # against 87 us for the fp32 Conv, before the input's Q and its output's DQ (profiled on an
+    # AMD EPYC Zen 4, 2 threads). Kept float, paired runs of the whole model (int8 vs fp32):
+    # MobileNetV3-Small 0.99/0.94x -> 1.12/1.10x, -Large 1.25/1.15x -> 1.30/1.28x. A stem read
+    # by int8 ops stays int8: floating ResNet-18's (ReLU -> MaxPool) cost 2.3x -> 1.7x.
+    float_thin_convs=3,
 )

@@ -168,8 +168,9 @@ def prepare(
     _propagate_shapes(traced, flat)
     kinds = _kinds(traced)
     kept = _kept_float(traced, kinds, keep_float, (*WEIGHTED_KINDS, *rules.weight_only))
-    by_rule = _slow_int8_convs(traced, kinds, rules) - kept
     transformer = mode == "transformer" or (mode == "auto" and is_transformer(kinds.values()))
+    stage = _conv_stage(traced, kinds) if transformer else set()
+    by_rule = _slow_int8_convs(traced, kinds, _RulesOf(rules, transformer, stage, set())) - kept
     plan = QuantPlan(
         target=rules.name,
         mode="transformer" if transformer else "cnn",
@@ -179,7 +180,6 @@ def prepare(
     plan.kept_float = sorted(str(node.target) for node in kept)
     plan.float_by_rule = sorted(str(node.target) for node in by_rule)
     kept |= by_rule
-    stage = _conv_stage(traced, kinds) if transformer else set()
     op_rules = _RulesOf(rules, transformer, stage, kept)
     _fold_kept_bn(traced, kinds, kept)
     folded_bn = _quantize_weights(traced, kinds, op_rules, factory, plan)
@@ -280,17 +280,37 @@ def _kept_float(
     return kept
 
 
-def _slow_int8_convs(gm: fx.GraphModule, kinds, rules: BackendRules) -> set[fx.Node]:
-    """The Convs whose group shape the rules keep float (BackendRules.float_conv_groups)."""
+def _slow_int8_convs(gm: fx.GraphModule, kinds, op_rules: _RulesOf) -> set[fx.Node]:
+    """The Convs the rules keep float: group shapes without a fast int8 kernel
+    (BackendRules.float_conv_groups), and thin dense ones whose output is read float anyway
+    (BackendRules.float_thin_convs)."""
+    rules = op_rules.rules
     found = set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or kinds.get(node) != "conv":
             continue
         conv = gm.get_submodule(node.target)
         shape = conv_groups(conv.in_channels, conv.out_channels, conv.groups)
-        if shape in rules.float_conv_groups:
+        thin = shape == "dense" and conv.in_channels <= rules.float_thin_convs
+        if shape in rules.float_conv_groups or (thin and _read_float(node, kinds, op_rules)):
             found.add(node)
     return found
+
+
+def _read_float(conv: fx.Node, kinds, op_rules: _RulesOf) -> bool:
+    """Whether every reader of a Conv's output, after the BatchNorm and activations fused into
+    it, takes that output float: the model's output, or ops without an int8 rule."""
+    end, folded = conv, ("bn", *FUSED_ACTIVATIONS)
+    while len(end.users) == 1 and kinds.get(only := next(iter(end.users))) in folded:
+        end = only
+    return all(
+        user.op == "output"
+        or (
+            kinds.get(user) not in op_rules.rules.int8_carriers
+            and op_rules.of_kind(user, kinds.get(user)) is None
+        )
+        for user in end.users
+    )
 
 
 def _fold_kept_bn(gm: fx.GraphModule, kinds, kept: set[fx.Node]) -> None:

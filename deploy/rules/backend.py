@@ -94,6 +94,11 @@ class BackendRules:
     #: for: such Convs stay float, weights included, as if the user kept them float (the
     #: export tags them, lint and the kernel reports count them float on purpose).
     float_conv_groups: frozenset[str] = frozenset()
+    #: Dense Convs reading at most this many channels (an RGB stem: 3) stay float where every
+    #: reader of their output (after a fused BatchNorm/ReLU) takes it float anyway: the int8
+    #: kernel gains little over so few input channels and pays a Q before and a DQ after it.
+    #: 0: never. Tagged like float_conv_groups.
+    float_thin_convs: int = 0
     #: ONNX post-passes (names in deploy/export/passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()
     #: Transformer mode: SmoothQuant migration strengths to choose from, per activation

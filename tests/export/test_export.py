@@ -93,7 +93,9 @@ def test_qdq_onnx_matches_fake_quant_model(name, target, tmp_path):
 @pytest.mark.parametrize("target", TARGETS)
 def test_weights_are_int8_initializers_with_the_right_axis(target, tmp_path):
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3),
+        # 4 input channels: onnxruntime keeps an RGB stem read only by float ops (the
+        # ConvTranspose here) float by rule (float_thin_convs)
+        torch.nn.Conv2d(4, 8, 3),
         torch.nn.BatchNorm2d(8),
         torch.nn.ReLU(),
         torch.nn.ConvTranspose2d(8, 4, 3, stride=2),  # not an exact stride-2 upsampling
@@ -101,8 +103,8 @@ def test_weights_are_int8_initializers_with_the_right_axis(target, tmp_path):
         torch.nn.Linear(4 * 13 * 13, 5),
     )
     factory = lambda: randomize_bn(model)  # noqa: E731
-    _, prepared = _calibrated(factory, (3, 8, 8), target)
-    proto = onnx.load(export(prepared, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8)))
+    _, prepared = _calibrated(factory, (4, 8, 8), target)
+    proto = onnx.load(export(prepared, tmp_path / "m.onnx", torch.randn(1, 4, 8, 8)))
     inits = {t.name: t for t in proto.graph.initializer}
     producers = {o: n for n in proto.graph.node for o in n.output}
     expected_axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0}

@@ -1,5 +1,6 @@
-"""Conv group shapes a runtime has no fast int8 kernel for stay float by rule
-(BackendRules.float_conv_groups): onnxruntime's depthwise Convs with a channel multiplier."""
+"""Convs a runtime runs no faster in int8 stay float by rule: group shapes without a fast int8
+kernel (BackendRules.float_conv_groups: onnxruntime's depthwise Convs with a channel
+multiplier) and thin stems read float anyway (BackendRules.float_thin_convs)."""
 
 from __future__ import annotations
 
@@ -65,14 +66,68 @@ def test_only_onnxruntime_keeps_the_channel_multiplier_conv_float(target, tmp_pa
     assert (down.name in quantized_by_rule(model, target)) != slow
 
 
-def test_the_onnxruntime_engine_runs_it_float_between_int8_convs(tmp_path):
+def _engine_precisions(model: nn.Module, tmp_path) -> list[str]:
+    """Per compute layer, what the onnxruntime engine of the calibrated model runs."""
     torch.manual_seed(0)
-    prepared = prepare(_Downsample().eval(), "onnxruntime", X)
+    prepared = prepare(model.eval(), "onnxruntime", X)
     calibrate(prepared, [torch.randn(4, 3, 16, 16)], progress=False)
     adapter = get_adapter("onnxruntime")
     engine = adapter.build(
         export(prepared, tmp_path / "m.onnx", X), tmp_path / "e", precision="int8", threads=1
     )
+    return [layer.precision for layer in adapter.kernel_report(engine).compute_layers]
+
+
+def test_the_onnxruntime_engine_runs_it_float_between_int8_convs(tmp_path):
     # the head writes the graph output: onnxruntime has no QLinearConv for that
-    layers = adapter.kernel_report(engine).compute_layers
-    assert [layer.precision for layer in layers][:2] == ["int8", "float"]
+    assert _engine_precisions(_Downsample(), tmp_path)[:2] == ["int8", "float"]
+
+
+class _HardSwishStem(nn.Module):
+    """MobileNetV3's stem: an RGB Conv + BN + HardSwish, then int8 Convs; `relu_stem` puts a
+    fused ReLU there instead, and `tap` lets an int8 Conv read the stem's output as well."""
+
+    def __init__(self, relu_stem: bool = False, tap: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU() if relu_stem else nn.Hardswish()
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.tap = nn.Conv2d(8, 8, 1) if tap else None
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.stem(x))
+        z = torch.relu(self.body(self.act(y)))
+        if self.tap is not None:
+            z = z + self.tap(y)
+        return self.head(z)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_onnxruntime_keeps_a_stem_read_float_float(target, tmp_path):
+    torch.manual_seed(0)
+    prepared = prepare(_HardSwishStem().eval(), target, X, reduce_range=False)
+    slow = target == "onnxruntime"
+    assert prepared.plan.float_by_rule == (["stem"] if slow else [])
+    with torch.no_grad():
+        prepared(X)
+    model = onnx.load(export(prepared, tmp_path / "m.onnx", X))
+    assert lint(model, target) == []
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert (producers.get(stem.input[0]) != "DequantizeLinear") == slow
+    assert (stem.name in float_by_rule(model, target)) == slow
+
+
+@pytest.mark.parametrize(
+    "model", [_HardSwishStem(relu_stem=True), _HardSwishStem(tap=True)], ids=["relu", "int8-reader"]
+)
+def test_a_stem_with_an_int8_reader_stays_int8(model):
+    prepared = prepare(model.eval(), "onnxruntime", X, reduce_range=False)
+    assert prepared.plan.float_by_rule == []
+    assert "stem" in prepared.plan.weight_layers
+
+
+def test_the_onnxruntime_engine_runs_the_stem_float_and_the_rest_int8(tmp_path):
+    assert _engine_precisions(_HardSwishStem(), tmp_path)[:2] == ["float", "int8"]
