@@ -7,18 +7,21 @@ With ORT_ENABLE_ALL it holds layout ops for this CPU (NCHWc), so it is valid on 
 the runner therefore loads the ONNX given to onnxruntime with the same options. That is the QDQ
 model itself, or a copy with the one fusion onnxruntime misses (matmul_bias.py).
 
-One optimizer is off (DISABLED_OPTIMIZERS): WeightBiasQuantization gives any Conv, ConvTranspose
-or Gemm that reads a DequantizeLinear and has a float weight per-tensor int8 weights. That is
-every layer kept float (--keep-float, --accuracy-budget, --tune-latency) after an int8 one, so
-the engine would compute what neither the fake-quant model nor the user asked for (ShuffleNetV2
-with 21 layers float: one such layer became a QLinearConv, engine vs fake-quant cosine 0.9977).
-Our int8 layers carry int8 weights and int32 biases already, so it has nothing else to do. A
-QDQ model deployed outside this tool needs the same `disabled_optimizers` argument.
+One optimizer is always off (session.DISABLED_OPTIMIZERS): WeightBiasQuantization gives any
+Conv, ConvTranspose or Gemm that reads a DequantizeLinear and has a float weight per-tensor int8
+weights. That is every layer kept float (--keep-float, --accuracy-budget, --tune-latency) after
+an int8 one, so the engine would compute what neither the fake-quant model nor the user asked
+for (ShuffleNetV2 with 21 layers float: one such layer became a QLinearConv, engine vs
+fake-quant cosine 0.9977). Our int8 layers carry int8 weights and int32 biases already, so it
+has nothing else to do. QDQ propagation is on or off per model, by measurement (session.py; the
+engine info says which). A QDQ model deployed outside this tool needs the same
+`disabled_optimizers` argument.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -26,107 +29,31 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
+from qat_deploy.backends.onnxruntime.kernels import graph_precisions
 from qat_deploy.backends.onnxruntime.matmul_bias import fuse_matmul_bias
+from qat_deploy.backends.onnxruntime.session import (
+    DISABLED_OPTIMIZERS,
+    check_propagation,
+    create_session,
+    optimize,
+)
 from qat_deploy.deploy.common.artifacts import atomic_path
 from qat_deploy.deploy.common.errors import BadInputError, one_line
-from qat_deploy.deploy.engines.adapter import Adapter, BuiltEngine, KernelReport, LayerPrecision
+from qat_deploy.deploy.engines.adapter import Adapter, BuiltEngine, KernelReport
 
-#: op_type -> compute kind, for the compute ops of the CPU EP (int8 and float, all domains:
-#: the same op_type appears in ai.onnx, com.microsoft and layout domains such as NCHWc).
-COMPUTE_KIND = {
-    **dict.fromkeys(("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv"), "conv"),
-    **dict.fromkeys(("QLinearConv", "ConvInteger"), "conv"),
-    **dict.fromkeys(("ConvTranspose", "QLinearConvTranspose"), "conv_transpose"),
-    **dict.fromkeys(("Gemm", "FusedGemm", "QGemm"), "linear"),
-    **dict.fromkeys(("MatMul", "FusedMatMul", "TransposeMatMul", "Attention"), "matmul"),
-    **dict.fromkeys(
-        (
-            "QLinearMatMul",
-            "MatMulInteger",
-            "MatMulIntegerToFloat",
-            "DynamicQuantizeMatMul",
-            "QAttention",
-        ),
-        "matmul",
-    ),
-}
-
-#: Kernels computing in 8-bit integers whatever their input tensor type (the dynamic ones
-#: quantize a float input themselves).
-INT8_KERNELS = frozenset(
-    {
-        "QLinearConv",
-        "ConvInteger",
-        "QLinearConvTranspose",
-        "QGemm",
-        "QLinearMatMul",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "QAttention",
-    }
-)
-
-#: Ops whose output keeps the (8-bit) element type of their first input.
-_TYPE_PRESERVING = frozenset(
-    {
-        "Transpose",
-        "Reshape",
-        "Flatten",
-        "Squeeze",
-        "Unsqueeze",
-        "MaxPool",
-        "NhwcMaxPool",
-        "Slice",
-        "Gather",
-        "Split",
-        "Concat",
-        "Resize",
-        "Identity",
-        "Pad",
-        "Expand",
-        "Tile",
-        "DepthToSpace",
-        "SpaceToDepth",
-    }
-)
-_INT8_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
+__all__ = ["ADAPTER", "OnnxruntimeAdapter", "create_session", "graph_precisions"]
 
 
-#: onnxruntime graph optimizers that would change what the QDQ model computes (see above)
-DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
-
-
-def session_options(threads: int, optimized_path: Path | None = None) -> ort.SessionOptions:
-    """Latency-oriented CPU options shared by the build and the runner."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: the NCHWc "hardware specific" note is known
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return options
-
-
-def create_session(
-    onnx_path: Path, threads: int, optimized_path: Path | None = None
-) -> ort.InferenceSession:
-    options = session_options(threads, optimized_path)
-    try:
-        return ort.InferenceSession(
-            str(onnx_path),
-            options,
-            providers=["CPUExecutionProvider"],
-            disabled_optimizers=list(DISABLED_OPTIMIZERS),
-        )
-    except Exception as exc:  # onnxruntime's error types share no useful base class
-        raise BadInputError(f"onnxruntime cannot load {onnx_path}: {one_line(exc)}") from exc
-
-
+@dataclass(frozen=True)
 class OnnxruntimeAdapter(Adapter):
+    """`qdq_propagation` (session.PROPAGATION_CHOICES): "measure" times an int8 model with and
+    without onnxruntime's QDQ propagation and keeps the faster; "on"/"off" skip the timing."""
+
     name = "onnxruntime"
+    qdq_propagation: str = "measure"
+
+    def __post_init__(self) -> None:
+        check_propagation(self.qdq_propagation)
 
     def unavailable_reason(self) -> str | None:
         return None  # a hard dependency of the project: CPU EP is always there
@@ -136,8 +63,10 @@ class OnnxruntimeAdapter(Adapter):
     ) -> BuiltEngine:
         source, fused = _prefused(onnx_path, out_dir / f"engine.{self.name}.input.onnx")
         artifact = out_dir / f"engine.{self.name}.onnx"
+        # an fp32 model has no Q/DQ to propagate: nothing to time
+        choice = self.qdq_propagation if precision == "int8" else "on"
         with atomic_path(artifact) as tmp:
-            create_session(source, threads, optimized_path=tmp)  # writes the artifact
+            chosen = optimize(source, threads, choice, tmp)  # writes the artifact
         return BuiltEngine(
             backend=self.name,
             artifact=artifact,
@@ -148,7 +77,8 @@ class OnnxruntimeAdapter(Adapter):
                 "onnxruntime": ort.__version__,
                 "provider": "CPUExecutionProvider",
                 "graph_optimization": "ORT_ENABLE_ALL",
-                "disabled_optimizers": ", ".join(DISABLED_OPTIMIZERS),
+                "disabled_optimizers": ",".join(chosen.disabled),
+                "qdq_propagation": chosen.reason,
                 "artifact": "optimized ONNX graph; CPU-specific layouts, valid on this machine",
                 "matmul_bias_fused": str(fused),
             },
@@ -156,9 +86,12 @@ class OnnxruntimeAdapter(Adapter):
 
     def runner(self, engine: BuiltEngine) -> OnnxrtRunner:
         """Runs the graph the build gave onnxruntime (the QDQ model, or its copy with our
-        fusions): session creation repeats the optimization the build saved. Reloading the
-        saved optimized graph instead measured 6% slower on bert_tiny."""
-        loader = functools.partial(create_session, engine.onnx_path, engine.threads)
+        fusions): session creation repeats the optimization the build saved, with the same
+        optimizers off. Reloading the saved optimized graph instead measured 6% slower on
+        bert_tiny."""
+        recorded = engine.info.get("disabled_optimizers", ",".join(DISABLED_OPTIMIZERS))
+        disabled = tuple(name for name in recorded.split(",") if name)
+        loader = functools.partial(create_session, engine.onnx_path, engine.threads, None, disabled)
         return OnnxrtRunner(loader, name=f"{self.name}-{engine.precision}")
 
     def kernel_report(self, engine: BuiltEngine) -> KernelReport:
@@ -189,40 +122,6 @@ def _prefused(onnx_path: Path, fused_path: Path) -> tuple[Path, int]:
     with atomic_path(fused_path) as tmp:
         onnx.save(model, str(tmp))
     return fused_path, fused
-
-
-def graph_precisions(graph: onnx.GraphProto) -> list[LayerPrecision]:
-    """Each node's precision: int8 for int8 kernels and for nodes fed 8-bit tensors.
-
-    8-bit tensors are followed from the graph inputs and initializers through the nodes
-    (topologically sorted, as onnxruntime saves them): quantizing ops and QLinear* kernels
-    produce them, type-preserving ops pass them on.
-    """
-    int8 = {t.name for t in graph.initializer if t.data_type in _INT8_TYPES}
-    int8 |= {v.name for v in graph.input if v.type.tensor_type.elem_type in _INT8_TYPES}
-    layers = []
-    for node in graph.node:
-        fed_int8 = bool(node.input) and node.input[0] in int8
-        if _produces_int8(node, fed_int8):
-            int8.update(node.output)
-        layers.append(
-            LayerPrecision(
-                name=node.name or node.output[0],
-                layer_type=node.op_type,
-                precision="int8" if node.op_type in INT8_KERNELS or fed_int8 else "float",
-                compute_kind=COMPUTE_KIND.get(node.op_type),
-            )
-        )
-    return layers
-
-
-def _produces_int8(node: onnx.NodeProto, fed_int8: bool) -> bool:
-    op = node.op_type
-    if op in ("QuantizeLinear", "DynamicQuantizeLinear") or op.startswith("QLinear"):
-        return True
-    if op == "QGemm":  # quantized output only when y_scale (input 7) is given
-        return len(node.input) > 7 and bool(node.input[7])
-    return fed_int8 and op in _TYPE_PRESERVING
 
 
 ADAPTER = OnnxruntimeAdapter()

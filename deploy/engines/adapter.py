@@ -135,6 +135,10 @@ class Adapter(ABC):
             )
         return replace(self, **options) if options else self
 
+    def options(self) -> dict[str, object]:
+        """The backend build options this adapter builds with (see with_options)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} if is_dataclass(self) else {}
+
     def build(self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int) -> BuiltEngine:
         """Build the engine artifact into out_dir (the hook writes it atomically)."""
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)

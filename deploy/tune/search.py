@@ -109,6 +109,7 @@ class EngineTimer:
         env = environment(threads)
         identity = {
             "runtime": adapter.name,
+            "options": adapter.options(),  # onnxruntime's QDQ propagation, TensorRT's sm
             "cpu": [env["cpu"], env["cpu_id"], env["isa"]],
             "versions": env["versions"],
             "threads": threads,
