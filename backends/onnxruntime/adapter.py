@@ -5,7 +5,8 @@ decides at session creation which Q/DQ groups become int8 kernels. Saving the op
 shows the outcome node by node, so that file is both the artifact and the kernel report's source.
 With ORT_ENABLE_ALL it holds layout ops for this CPU (NCHWc), so it is valid on this machine only;
 the runner therefore loads the ONNX given to onnxruntime with the same options. That is the QDQ
-model itself, or a copy with the one fusion onnxruntime misses (matmul_bias.py).
+model itself, or a copy with the rewrites onnxruntime's optimizer needs to run more in int8
+(PRE_SESSION: matmul_bias.py, hardsigmoid.py).
 
 One optimizer is always off (session.DISABLED_OPTIMIZERS): WeightBiasQuantization gives any
 Conv, ConvTranspose or Gemm that reads a DequantizeLinear and has a float weight per-tensor int8
@@ -29,6 +30,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
+from qat_deploy.backends.onnxruntime.hardsigmoid import hardsigmoid_as_add
 from qat_deploy.backends.onnxruntime.kernels import graph_precisions
 from qat_deploy.backends.onnxruntime.matmul_bias import fuse_matmul_bias
 from qat_deploy.backends.onnxruntime.session import (
@@ -61,7 +63,7 @@ class OnnxruntimeAdapter(Adapter):
     def _build(
         self, onnx_path: Path, out_dir: Path, *, precision: str, threads: int
     ) -> BuiltEngine:
-        source, fused = _prefused(onnx_path, out_dir / f"engine.{self.name}.input.onnx")
+        source, rewrites = _prefused(onnx_path, out_dir / f"engine.{self.name}.input.onnx")
         artifact = out_dir / f"engine.{self.name}.onnx"
         # an fp32 model has no Q/DQ to propagate: nothing to time
         choice = self.qdq_propagation if precision == "int8" else "on"
@@ -80,7 +82,7 @@ class OnnxruntimeAdapter(Adapter):
                 "disabled_optimizers": ",".join(chosen.disabled),
                 "qdq_propagation": chosen.reason,
                 "artifact": "optimized ONNX graph; CPU-specific layouts, valid on this machine",
-                "matmul_bias_fused": str(fused),
+                **{name: str(count) for name, count in rewrites.items()},
             },
         )
 
@@ -107,21 +109,27 @@ class OnnxruntimeAdapter(Adapter):
         )
 
 
-def _prefused(onnx_path: Path, fused_path: Path) -> tuple[Path, int]:
-    """The graph to hand onnxruntime: `onnx_path`, or when fuse_matmul_bias finds work, a
-    copy written atomically to `fused_path`. Models with external data are left as they are."""
+def _prefused(onnx_path: Path, fused_path: Path) -> tuple[Path, dict[str, int]]:
+    """The graph to hand onnxruntime: `onnx_path`, or when one of its pre-session rewrites
+    (PRE_SESSION) finds work, a copy written atomically to `fused_path`; with how many places
+    each rewrote. Models with external data are left as they are."""
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except (OSError, DecodeError) as exc:
         raise BadInputError(f"onnxruntime cannot load {onnx_path}: {one_line(exc)}") from exc
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return onnx_path, 0
-    fused = fuse_matmul_bias(model)
-    if not fused:
-        return onnx_path, 0
+        return onnx_path, dict.fromkeys(PRE_SESSION, 0)
+    counts = {name: rewrite(model) for name, rewrite in PRE_SESSION.items()}
+    if not any(counts.values()):
+        return onnx_path, counts
     with atomic_path(fused_path) as tmp:
         onnx.save(model, str(tmp))
-    return fused_path, fused
+    return fused_path, counts
+
+
+#: Exact rewrites of the QDQ graph into forms onnxruntime's optimizer runs in int8, by the
+#: engine-info key that counts them.
+PRE_SESSION = {"matmul_bias_fused": fuse_matmul_bias, "hardsigmoid_as_add": hardsigmoid_as_add}
 
 
 ADAPTER = OnnxruntimeAdapter()

@@ -743,17 +743,22 @@ def _stands_for(new: fx.Node, node: fx.Node) -> None:
         new.meta["val"] = node.meta["val"]
 
 
-def _silu_as_sigmoid_times_input(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """x * sigmoid(x): what the exporter writes for SiLU anyway, as two ops the rules see."""
-    graph, x = gm.graph, node.args[0]
-    with graph.inserting_before(node):
-        gate = graph.call_function(aten.sigmoid.default, (x,))
-        product = graph.call_function(aten.mul.Tensor, (x, gate))
-    for new in (gate, product):
-        _stands_for(new, node)
-    node.replace_all_uses_with(product)
-    graph.erase_node(node)
-    return True
+def _gate_times_input(gate_op):
+    """A decomposition of act(x) = x * gate(x): what the exporter writes for SiLU (Sigmoid) and
+    HardSwish (HardSigmoid, the ONNX function's expansion) anyway, as two ops the rules see."""
+
+    def decompose(gm: fx.GraphModule, node: fx.Node) -> bool:
+        graph, x = gm.graph, node.args[0]
+        with graph.inserting_before(node):
+            gate = graph.call_function(gate_op, (x,))
+            product = graph.call_function(aten.mul.Tensor, (x, gate))
+        for new in (gate, product):
+            _stands_for(new, node)
+        node.replace_all_uses_with(product)
+        graph.erase_node(node)
+        return True
+
+    return decompose
 
 
 def _conv_transpose_as_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -815,7 +820,9 @@ def _upsampling_geometry(a: dict, weight) -> tuple[int, int, int, int, int] | No
 
 
 DECOMPOSITIONS = {
-    "silu": _silu_as_sigmoid_times_input,
+    "silu": _gate_times_input(aten.sigmoid.default),
+    # onnxruntime runs both parts in int8 once the HardSigmoid is an Add before a Q
+    "hardswish": _gate_times_input(aten.hardsigmoid.default),
     "conv_transpose": _conv_transpose_as_conv,
 }
 FUSED_PROJECTION = "fused_projection"

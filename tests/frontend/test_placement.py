@@ -276,11 +276,12 @@ class MobileBlock(torch.nn.Module):
 
 # Written by hand from backends/<name>/rules.py: every backend quantizes Conv inputs, the
 # pooling input and the SE gate's Mul (CPU backends). onnxruntime writes SiLU out as
-# Sigmoid x Mul and quantizes both (QLinearSigmoid + QLinearMul), and quantizes every Conv's
-# output (QLinearConv writes a Q), so HardSwish, HardSigmoid and the float ConvTranspose read
-# quantized values; OpenVINO keeps all three activations float with only Conv inputs
-# quantized; the CPU backends keep ConvTranspose float.
-MOBILE_COMMON = {("x", "conv1"), ("act2", "pool"), ("pool", "fc1"), ("relu", "fc2")}
+# Sigmoid x Mul and HardSwish as HardSigmoid x Mul and quantizes all four (QLinearSigmoid,
+# QLinearAdd for the HardSigmoid, QLinearMul), and quantizes every Conv's output (QLinearConv
+# writes a Q), so the SE gate's HardSigmoid and the float ConvTranspose read quantized values;
+# OpenVINO keeps all three activations float with only Conv inputs quantized; the CPU
+# backends keep ConvTranspose float.
+MOBILE_COMMON = {("x", "conv1"), ("pool", "fc1"), ("relu", "fc2")}
 MOBILE = {
     "onnxruntime": MOBILE_COMMON
     | {
@@ -288,16 +289,20 @@ MOBILE = {
         ("conv1", "mul_tensor"),
         ("sigmoid_default", "mul_tensor"),
         ("mul_tensor", "conv2"),
-        ("conv2", "act2"),
+        ("conv2", "hardsigmoid_default"),
+        ("conv2", "mul_tensor_1"),
+        ("hardsigmoid_default", "mul_tensor_1"),
+        ("mul_tensor_1", "pool"),
         ("fc2", "gate"),
-        ("act2", "mul"),
+        ("mul_tensor_1", "mul"),
         ("gate", "mul"),
         ("mul", "conv3"),
         ("conv3", "up"),
     },
     "openvino": MOBILE_COMMON
-    | {("act1", "conv2"), ("act2", "mul"), ("gate", "mul"), ("mul", "conv3")},
-    "tensorrt": MOBILE_COMMON | {("act1", "conv2"), ("mul", "conv3"), ("conv3", "up")},
+    | {("act2", "pool"), ("act1", "conv2"), ("act2", "mul"), ("gate", "mul"), ("mul", "conv3")},
+    "tensorrt": MOBILE_COMMON
+    | {("act2", "pool"), ("act1", "conv2"), ("mul", "conv3"), ("conv3", "up")},
 }
 
 
