@@ -95,6 +95,8 @@ def test_runner_uses_the_build_options_on_the_original_model(mnist_qdq, tmp_path
         assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+        # an idle engine's workers must not spin while another engine is timed
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
         assert runner.infer({"x": np.zeros((1, 1, 16, 16), np.float32)})["linear"].shape == (1, 10)
 
 
