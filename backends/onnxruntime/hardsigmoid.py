@@ -23,12 +23,12 @@ def hardsigmoid_as_add(model: onnx.ModelProto) -> int:
     [0, 1] as DQ -> Add(DQ(beta / alpha)) -> Q(s / alpha); returns how many."""
     g = GraphIndex(model)
     graph = g.graph
+    graph_outputs = {o.name for o in graph.output}
     done = 0
     for node in [n for n in graph.node if n.op_type == "HardSigmoid"]:
         alpha, beta = _attributes(node)
         x_dq = g.producer.get(node.input[0])
         users = g.consumers.get(node.output[0], [])
-        graph_outputs = {o.name for o in graph.output}
         if x_dq is None or x_dq.op_type != "DequantizeLinear" or len(users) != 1:
             continue
         quantize = users[0]

@@ -100,7 +100,7 @@ RULES = BackendRules(
     # AMD EPYC Zen 4, 2 threads). Kept float, paired runs of the whole model (int8 vs fp32):
     # MobileNetV3-Small 0.99/0.94x -> 1.12/1.10x, -Large 1.25/1.15x -> 1.30/1.28x. A stem read
     # by int8 ops stays int8: floating ResNet-18's (ReLU -> MaxPool) cost 2.3x -> 1.7x. Since
-    # HardSwish runs int8 here, MobileNetV3's stem is read by int8 ops; LeViT's (transformer
-    # mode, HardSwish float) is the zoo's stem this still keeps float.
+    # HardSwish runs int8 here, MobileNetV3's stem is read by int8 ops, and so is LeViT's (its
+    # stem is a conv stage, on the CNN rules): no zoo model's stem is kept float any more.
     float_thin_convs=3,
 )

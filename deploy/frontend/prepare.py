@@ -300,9 +300,10 @@ def _slow_int8_convs(gm: fx.GraphModule, kinds, op_rules: _RulesOf) -> set[fx.No
 def _read_float(conv: fx.Node, kinds, op_rules: _RulesOf) -> bool:
     """Whether every reader of a Conv's output, after the BatchNorm and activations fused into
     it, takes that output float: the model's output, or ops without an int8 rule."""
-    end, folded = conv, ("bn", *FUSED_ACTIVATIONS)
-    while len(end.users) == 1 and kinds.get(only := next(iter(end.users))) in folded:
-        end = only
+    end = conv
+    if len(end.users) == 1 and kinds.get(only := next(iter(end.users))) == "bn":
+        end = only  # folded into the Conv
+    end = fused_output(end, lambda n: list(n.users), kinds.get)
     return all(
         user.op == "output"
         or (
