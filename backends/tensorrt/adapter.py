@@ -67,6 +67,12 @@ class TensorRTAdapter(Adapter):
                 f"tensorrt is installed but {probe_gpu().missing}; "
                 "pip install '.[tensorrt-rtx]' to build ahead of time without a GPU"
             )
+        gpu = probe_gpu()
+        if gpu.missing is None:
+            return (
+                f"neither {datacenter.MODULE} nor {rtx.MODULE} is installed; this machine has "
+                f"an {gpu.name} ({gpu.sm}): pip install '.[tensorrt]' to build and time on it"
+            )
         return (
             f"neither {datacenter.MODULE} nor {rtx.MODULE} is installed; "
             "pip install '.[tensorrt-rtx]' (or '.[tensorrt]' on a machine with an NVIDIA GPU)"

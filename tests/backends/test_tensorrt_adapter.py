@@ -211,12 +211,21 @@ def test_registered_as_the_tensorrt_adapter():
 
 def test_neither_library_is_unavailable_with_exit_code_3(monkeypatch):
     monkeypatch.setattr(trt_adapter, "installed", lambda module: False)
+    monkeypatch.setattr(trt_adapter, "probe_gpu", lambda: GpuProbe(missing="no NVIDIA driver"))
     reason = ADAPTER.unavailable_reason()
     assert "tensorrt" in reason and "tensorrt_rtx_bindings" in reason
     assert ".[tensorrt-rtx]" in reason
     with pytest.raises(BackendUnavailableError) as err:
         ADAPTER.require_available()
     assert err.value.exit_code == BACKEND_UNAVAILABLE == 3
+
+
+def test_neither_library_on_a_gpu_machine_names_the_gpu_and_the_datacenter_extra(monkeypatch):
+    monkeypatch.setattr(trt_adapter, "installed", lambda module: False)
+    gpu = GpuProbe(name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0))
+    monkeypatch.setattr(trt_adapter, "probe_gpu", lambda: gpu)
+    reason = ADAPTER.unavailable_reason()
+    assert "NVIDIA H100 80GB HBM3 (SM90)" in reason and ".[tensorrt]'" in reason
 
 
 def test_datacenter_tensorrt_without_gpu_and_without_rtx_names_the_gpu(monkeypatch):
