@@ -22,3 +22,12 @@ def ort_outputs(
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[None]})[0] for x in inputs])
+
+
+def engine_cosine(adapter, engine, x: np.ndarray, expected: np.ndarray) -> float:
+    """Cosine similarity between `expected` and what the built engine computes for `x`, run
+    through the adapter's own runner (the session options and rewrites of the build)."""
+    name = onnx.load(str(engine.onnx_path), load_external_data=False).graph.input[0].name
+    with adapter.runner(engine) as runner:
+        got = next(iter(runner.infer({name: x}).values()))
+    return float((got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected))
