@@ -99,8 +99,15 @@ RULES = BackendRules(
     # against 87 us for the fp32 Conv, before the input's Q and its output's DQ (profiled on an
     # AMD EPYC Zen 4, 2 threads). Kept float, paired runs of the whole model (int8 vs fp32):
     # MobileNetV3-Small 0.99/0.94x -> 1.12/1.10x, -Large 1.25/1.15x -> 1.30/1.28x. A stem read
-    # by int8 ops stays int8: floating ResNet-18's (ReLU -> MaxPool) cost 2.3x -> 1.7x. Since
-    # HardSwish runs int8 here, MobileNetV3's stem is read by int8 ops, and so is LeViT's (its
-    # stem is a conv stage, on the CNN rules): no zoo model's stem is kept float any more.
+    # by int8 ops stays int8 when it is wide: floating ResNet-18's (64 channels, ReLU ->
+    # MaxPool) cost 2.3x -> 1.7x.
     float_thin_convs=3,
+    # A narrow one stays float whatever reads it. RGB stems kept float, int8 model vs the
+    # same model with the stem float, paired, median of 3 (2026-12-06, Zen 4, 2 threads):
+    # 3 -> 16: MobileNetV3-Small 1.068x faster, LeViT-128S 1.057, MNASNet 1.018, GhostNet
+    # 1.012, MobileNetV3-Large 1.008, MobileViT-XXS 0.997; 3 -> 24: EdgeNeXt 1.021, ECA-ResNet
+    # 0.985, ShuffleNetV2 0.607; 3 -> 32: EfficientNet-B0 0.995. ShuffleNetV2's loss is its
+    # MaxPool: fed from a float Conv it ran as an NCHW 8-bit MaxPool, 0.88 ms against 0.08 ms
+    # for the NHWC one inside the int8 chain, hence no pooling reader.
+    float_thin_conv_outputs=16,
 )

@@ -283,7 +283,8 @@ def _kept_float(
 def _slow_int8_convs(gm: fx.GraphModule, kinds, op_rules: _RulesOf) -> set[fx.Node]:
     """The Convs the rules keep float: group shapes without a fast int8 kernel
     (BackendRules.float_conv_groups), and thin dense ones whose output is read float anyway
-    (BackendRules.float_thin_convs)."""
+    or that write few channels not read by a pooling op (BackendRules.float_thin_convs,
+    float_thin_conv_outputs)."""
     rules = op_rules.rules
     found = set()
     for node in gm.graph.nodes:
@@ -292,26 +293,47 @@ def _slow_int8_convs(gm: fx.GraphModule, kinds, op_rules: _RulesOf) -> set[fx.No
         conv = gm.get_submodule(node.target)
         shape = conv_groups(conv.in_channels, conv.out_channels, conv.groups)
         thin = shape == "dense" and conv.in_channels <= rules.float_thin_convs
-        if shape in rules.float_conv_groups or (thin and _read_float(node, kinds, op_rules)):
+        narrow = thin and conv.out_channels <= rules.float_thin_conv_outputs
+        if shape in rules.float_conv_groups or (
+            thin
+            and (
+                (narrow and not _read_by(node, kinds, POOLING_KINDS))
+                or _read_float(node, kinds, op_rules)
+            )
+        ):
             found.add(node)
     return found
+
+
+#: Op kinds whose 8-bit kernels are fast only inside the runtime's int8 layout chain.
+POOLING_KINDS = frozenset({"maxpool", "avgpool"})
+
+
+def _read_by(conv: fx.Node, kinds, wanted: frozenset[str]) -> bool:
+    """Whether an op of a `wanted` kind reads the Conv's output (after its BN and fused
+    activations)."""
+    return any(kinds.get(user) in wanted for user in _conv_output(conv, kinds).users)
 
 
 def _read_float(conv: fx.Node, kinds, op_rules: _RulesOf) -> bool:
     """Whether every reader of a Conv's output, after the BatchNorm and activations fused into
     it, takes that output float: the model's output, or ops without an int8 rule."""
-    end = conv
-    if len(end.users) == 1 and kinds.get(only := next(iter(end.users))) == "bn":
-        end = only  # folded into the Conv
-    end = fused_output(end, lambda n: list(n.users), kinds.get)
     return all(
         user.op == "output"
         or (
             kinds.get(user) not in op_rules.rules.int8_carriers
             and op_rules.of_kind(user, kinds.get(user)) is None
         )
-        for user in end.users
+        for user in _conv_output(conv, kinds).users
     )
+
+
+def _conv_output(conv: fx.Node, kinds) -> fx.Node:
+    """The node whose output is the Conv's, once its BatchNorm and activations are fused in."""
+    end = conv
+    if len(end.users) == 1 and kinds.get(only := next(iter(end.users))) == "bn":
+        end = only  # folded into the Conv
+    return fused_output(end, lambda n: list(n.users), kinds.get)
 
 
 def _fold_kept_bn(gm: fx.GraphModule, kinds, kept: set[fx.Node]) -> None:

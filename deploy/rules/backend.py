@@ -99,6 +99,11 @@ class BackendRules:
     #: kernel gains little over so few input channels and pays a Q before and a DQ after it.
     #: 0: never. Tagged like float_conv_groups.
     float_thin_convs: int = 0
+    #: Such thin Convs also stay float, whatever reads them, when they write at most this
+    #: many channels and no pooling op reads them: the int8 GEMM (K = 27 for a 3x3 RGB stem)
+    #: gains nothing, and quantizing the narrow float output costs about what quantizing the
+    #: input did. 0: never.
+    float_thin_conv_outputs: int = 0
     #: ONNX post-passes (names in deploy/export/passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()
     #: Transformer mode: SmoothQuant migration strengths to choose from, per activation

@@ -29,24 +29,27 @@ from tests.frontend.blocks import InvertedResidual, conv_bn, randomize_bn
 from tests.ort_outputs import ort_outputs
 
 BLOCKS = 4
+#: input channels: 4, so the stem is no thin RGB Conv that onnxruntime's rules keep float
+CHANNELS = 4
 
 
 def residual_stack() -> nn.Module:
     """A MobileNetV2-like stem and inverted residuals: Conv->ReLU6, linear bottleneck + Add."""
     torch.manual_seed(0)
-    model = nn.Sequential(*conv_bn(3, 8), nn.ReLU6(), *[InvertedResidual(8) for _ in range(BLOCKS)])
+    blocks = [InvertedResidual(8) for _ in range(BLOCKS)]
+    model = nn.Sequential(*conv_bn(CHANNELS, 8), nn.ReLU6(), *blocks)
     return randomize_bn(model).eval()
 
 
 @pytest.fixture(scope="module")
 def inputs() -> torch.Tensor:
-    return torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return torch.randn(64, CHANNELS, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def _prepared(target: str):
-    example = torch.randn(1, 3, 16, 16)
+    example = torch.randn(1, CHANNELS, 16, 16)
     prepared = prepare(residual_stack(), target, example)
-    calibrate(prepared, [torch.randn(16, 3, 16, 16) for _ in range(4)], progress=False)
+    calibrate(prepared, [torch.randn(16, CHANNELS, 16, 16) for _ in range(4)], progress=False)
     return prepared, example
 
 
@@ -123,9 +126,9 @@ def test_openvino_engine_agrees_with_unrounded_fused_add_operands(tmp_path, inpu
 
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
 def test_qat_gradients_flow_through_both_emulations(target, inputs):
-    example = torch.randn(1, 3, 16, 16)
+    example = torch.randn(1, CHANNELS, 16, 16)
     prepared = prepare(residual_stack(), target, example, learnable=True)
-    calibrate(prepared, [torch.randn(16, 3, 16, 16) for _ in range(2)], progress=False)
+    calibrate(prepared, [torch.randn(16, CHANNELS, 16, 16) for _ in range(2)], progress=False)
     prepared.model.eval()
     prepared(inputs[:8]).square().mean().backward()
     biases = [m.conv.bias for m in _weighted(prepared) if getattr(m, "bn", None) is not None]
@@ -142,7 +145,7 @@ class ParentResidual(nn.Module):
 
     def __init__(self, c=8):
         super().__init__()
-        self.stem, self.relu = nn.Conv2d(3, c, 3, padding=1), nn.ReLU()
+        self.stem, self.relu = nn.Conv2d(CHANNELS, c, 3, padding=1), nn.ReLU()
         self.conv, self.bn = conv_bn(c, c)
 
     def forward(self, x):
@@ -153,9 +156,9 @@ class ParentResidual(nn.Module):
 def test_openvino_rounds_an_add_whose_operand_is_the_convs_own_input(tmp_path, inputs):
     """OpenVINO does not fuse x + conv(x) into the Conv: that Add's operands both round."""
     torch.manual_seed(0)
-    example = torch.randn(1, 3, 16, 16)
+    example = torch.randn(1, CHANNELS, 16, 16)
     prepared = prepare(randomize_bn(ParentResidual()).eval(), "openvino", example)
-    calibrate(prepared, [torch.randn(16, 3, 16, 16) for _ in range(4)], progress=False)
+    calibrate(prepared, [torch.randn(16, CHANNELS, 16, 16) for _ in range(4)], progress=False)
     assert all(q.rounding for q in prepared.model.modules() if isinstance(q, FakeQuantize))
     path = export(prepared, tmp_path / "m.onnx", example)
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

@@ -39,7 +39,8 @@ class Functional(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.3)
+        # 4 input channels: onnxruntime keeps a 3-channel stem this narrow float by rule
+        self.w1 = nn.Parameter(torch.randn(6, 4, 3, 3) * 0.3)
         self.b1 = nn.Parameter(torch.randn(6) * 0.1)
         self.w2 = nn.Parameter(torch.randn(5, 6 * 6 * 6) * 0.05)
         self.proj = nn.Parameter(torch.randn(5, 4) * 0.3)  # used as x @ proj
@@ -102,7 +103,7 @@ def test_a_model_without_weighted_ops_is_refused_with_the_reason():
 @pytest.mark.parametrize("target", available_targets())
 def test_functional_weights_get_per_channel_quantizers_like_modules(target):
     model = Functional().eval()
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 4, 8, 8)
     prepared = prepare(model, target, x)
     weights = {s.producer: s.spec for s in prepared.plan.sites if s.role == "weight"}
     assert len(weights) == 4  # conv, linear, the matmul with a constant side, addmm
@@ -120,7 +121,7 @@ class ComputedWeights(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)  # not a thin RGB stem, kept float by rule
         self.gain = nn.Parameter(torch.rand(8, 1, 1, 1) + 0.5)
         self.wn = nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3, padding=1), dim=2)
 
@@ -139,7 +140,7 @@ def test_weights_computed_from_parameters_are_folded_and_quantized(target, tmp_p
     from qat_deploy.deploy.lint import lint
 
     torch.manual_seed(0)
-    model, x = ComputedWeights().eval(), torch.randn(2, 3, 8, 8)
+    model, x = ComputedWeights().eval(), torch.randn(2, 4, 8, 8)
     prepared = prepare(model, target, x)
     weights = [s.spec for s in prepared.plan.sites if s.role == "weight"]
     assert len(weights) == 2 and all(spec.per_channel for spec in weights)

@@ -37,9 +37,9 @@ class _Downsample(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.down = nn.Conv2d(8, 16, 7, stride=2, padding=3, groups=8)
-        self.head = nn.Conv2d(16, 16, 1)
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)  # wide: not a thin conv kept float
+        self.down = nn.Conv2d(32, 64, 7, stride=2, padding=3, groups=32)
+        self.head = nn.Conv2d(64, 16, 1)
 
     def forward(self, x):
         return self.head(torch.relu(self.down(torch.relu(self.stem(x)))))
@@ -61,7 +61,7 @@ def test_only_onnxruntime_keeps_the_channel_multiplier_conv_float(target, tmp_pa
     model = onnx.load(export(prepared, tmp_path / "m.onnx", X))
     assert lint(model, target) == []
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    down = next(n for n in convs if dict((a.name, a.i) for a in n.attribute)["group"] == 8)
+    down = next(n for n in convs if dict((a.name, a.i) for a in n.attribute)["group"] == 32)
     assert (down.name in float_by_rule(model, target)) == slow
     assert (down.name in quantized_by_rule(model, target)) != slow
 
@@ -85,21 +85,25 @@ def test_the_onnxruntime_engine_runs_it_float_between_int8_convs(tmp_path):
 
 class _FloatActivationStem(nn.Module):
     """An RGB Conv + BN + an activation onnxruntime runs float (GELU), then int8 Convs;
-    `relu_stem` puts a fused ReLU there instead, and `tap` lets an int8 Conv read the stem's
-    output as well."""
+    `relu_stem` puts a fused ReLU there instead, `tap` lets an int8 Conv read the stem's
+    output as well, `pool` puts a MaxPool after the stem, `width` is its output channels
+    (onnxruntime keeps one of <= 16 float whatever reads it, bar a pooling op)."""
 
-    def __init__(self, relu_stem: bool = False, tap: bool = False) -> None:
+    def __init__(
+        self, relu_stem: bool = False, tap: bool = False, pool: bool = False, width: int = 32
+    ) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(width)
         self.act = nn.ReLU() if relu_stem else nn.GELU()
-        self.body = nn.Conv2d(8, 8, 3, padding=1)
-        self.tap = nn.Conv2d(8, 8, 1) if tap else None
+        self.pool = nn.MaxPool2d(3, 1, 1) if pool else nn.Identity()
+        self.body = nn.Conv2d(width, 8, 3, padding=1)
+        self.tap = nn.Conv2d(width, 8, 1) if tap else None
         self.head = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
         y = self.bn(self.stem(x))
-        z = torch.relu(self.body(self.act(y)))
+        z = torch.relu(self.body(self.pool(self.act(y))))
         if self.tap is not None:
             z = z + self.tap(y)
         return self.head(z)
@@ -126,10 +130,20 @@ def test_onnxruntime_keeps_a_stem_read_float_float(target, tmp_path):
     [_FloatActivationStem(relu_stem=True), _FloatActivationStem(tap=True)],
     ids=["relu", "int8-reader"],
 )
-def test_a_stem_with_an_int8_reader_stays_int8(model):
+def test_a_wide_stem_with_an_int8_reader_stays_int8(model):
     prepared = prepare(model.eval(), "onnxruntime", X, reduce_range=False)
     assert prepared.plan.float_by_rule == []
     assert "stem" in prepared.plan.weight_layers
+
+
+@pytest.mark.parametrize(("reader", "floated"), [("tap", True), ("pool", False)])
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_narrow_stem_stays_float_unless_a_pooling_op_reads_it(target, reader, floated):
+    model = _FloatActivationStem(relu_stem=True, width=16, **{reader: True}).eval()
+    prepared = prepare(model, target, X, reduce_range=False)
+    floated = floated and target == "onnxruntime"
+    assert prepared.plan.float_by_rule == (["stem"] if floated else [])
+    assert ("stem" in prepared.plan.weight_layers) != floated
 
 
 def test_the_onnxruntime_engine_runs_the_stem_float_and_the_rest_int8(tmp_path):

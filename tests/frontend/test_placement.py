@@ -239,11 +239,11 @@ def test_reduced_range_gives_7_bit_weights_only_where_the_engine_saturates(targe
 @pytest.mark.parametrize("target", available_targets())
 def test_a_softmax_head_keeps_cnn_rules_and_attention_switches_to_transformer_rules(target):
     """A Softmax alone is a classifier head: the Conv must still get its quantized input."""
-    cnn = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(288, 10)
+    cnn = torch.nn.Sequential(  # 4 channels in: no thin RGB stem, kept float by rule
+        torch.nn.Conv2d(4, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(288, 10)
     )
     model = torch.nn.Sequential(cnn, torch.nn.Softmax(-1)).eval()
-    head = prepare(model, target, torch.randn(1, 3, 8, 8))
+    head = prepare(model, target, torch.randn(1, 4, 8, 8))
     assert head.plan.mode == "cnn"
     conv_input = [s for s in head.plan.sites if ("input_1", "_0_0") in s.edges]
     assert len(conv_input) == 1
