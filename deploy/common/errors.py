@@ -102,9 +102,27 @@ class Interrupted(BaseException):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
+#: Signals the CLI's handler has turned into Interrupted in this process, newest last
+_received_signals: list[int] = []
+
+
+def note_signal(signum: int) -> None:
+    """Remember that a signal is ending this run. Library code can swallow the Interrupted
+    the handler raises: polygraphy's LazyModule.is_importable has a bare `except:`, so a
+    SIGTERM landing there surfaced as "PolygraphyException: Function: to_numpy is unsupported
+    for objects of type: ndarray" (exit 1). Whatever then ends the run is the signal's doing."""
+    _received_signals.append(signum)
+
+
+def forget_signals() -> None:
+    """The run that noted signals is over (the CLI's main may run again in-process)."""
+    _received_signals.clear()
+
+
 def interruption(exc: BaseException) -> Interrupted | None:
     """The signal behind `exc`, if any: native code that a signal interrupts can wrap it (an
-    extension module's init turns it into "ImportError: initialization failed")."""
+    extension module's init turns it into "ImportError: initialization failed"), and library
+    code can swallow it and fail otherwise (note_signal)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -114,7 +132,7 @@ def interruption(exc: BaseException) -> Interrupted | None:
             return Interrupted(signal.SIGINT)
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return None
+    return Interrupted(_received_signals[-1]) if _received_signals else None
 
 
 def classify(exc: BaseException) -> DeployError | Interrupted:

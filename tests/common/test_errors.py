@@ -52,3 +52,26 @@ def test_a_signal_wrapped_by_native_code_is_still_the_signal():
     except ImportError as wrapped:
         outcome = errors.classify(wrapped)
     assert isinstance(outcome, errors.Interrupted) and outcome.exit_code == 143
+
+
+def test_a_signal_a_library_swallowed_still_ends_the_run_as_the_signal():
+    """polygraphy's is_importable has a bare `except:`: a SIGTERM landing there vanished and
+    its array dispatch then failed with an unrelated error, reported as an internal error."""
+
+    def library_call():
+        try:
+            raise errors.Interrupted(signal.SIGTERM)  # what the CLI's handler raises
+        except:  # noqa: E722 - what that library code does
+            pass
+        raise RuntimeError("Function: to_numpy is unsupported for objects of type: ndarray")
+
+    errors.note_signal(signal.SIGTERM)  # the CLI's handler notes it before raising
+    try:
+        with pytest.raises(RuntimeError) as failure:
+            library_call()
+        outcome = errors.classify(failure.value)
+    finally:
+        errors.forget_signals()
+    assert isinstance(outcome, errors.Interrupted) and outcome.exit_code == 143
+    # once the run is over, the same error is an internal error again
+    assert errors.classify(failure.value).exit_code == errors.INTERNAL_ERROR

@@ -40,6 +40,7 @@ def _interrupt(signum: int, frame: object) -> None:
     watchdog.daemon = True
     watchdog.start()
     _watchdogs.append(watchdog)
+    errors.note_signal(signum)
     raise errors.Interrupted(signum)
 
 
@@ -54,6 +55,7 @@ def main() -> None:
         for watchdog in _watchdogs:
             watchdog.cancel()
         _watchdogs.clear()
+        errors.forget_signals()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
