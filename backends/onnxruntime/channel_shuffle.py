@@ -20,8 +20,7 @@ import onnx
 from onnx import helper
 
 from qat_deploy.deploy.export.passes import GraphIndex, drop_unused_initializers
-
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
+from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, attribute
 
 
 def channel_shuffle_as_gather(model: onnx.ModelProto) -> int:
@@ -30,9 +29,10 @@ def channel_shuffle_as_gather(model: onnx.ModelProto) -> int:
     g = GraphIndex(model)
     graph = g.graph
     shapes = _static_shapes(graph)
+    outputs = {o.name for o in graph.output}
     done = 0
     for first in [n for n in graph.node if n.op_type == "Reshape"]:
-        match = _shuffle(first, g, shapes)
+        match = _shuffle(first, g, shapes, outputs)
         if match is None:
             continue
         transpose, last, chain, permutation = match
@@ -64,7 +64,7 @@ def channel_shuffle_as_gather(model: onnx.ModelProto) -> int:
 
 
 def _shuffle(
-    first: onnx.NodeProto, g: GraphIndex, shapes: dict[str, list[int]]
+    first: onnx.NodeProto, g: GraphIndex, shapes: dict[str, list[int]], outputs: set[str]
 ) -> tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.NodeProto], np.ndarray] | None:
     """(Transpose, last Reshape, the nodes from the first Reshape's reader to the last one's
     input, the Gather indices) when `first` starts a channel shuffle, else None."""
@@ -76,11 +76,15 @@ def _shuffle(
     expected = [source[0], groups, per_group, *source[2:]]
     if groups < 2 or per_group < 2 or groups * per_group != source[1] or list(split) != expected:
         return None
-    transpose, before = _next_past_qdq(first.output[0], g)
+    transpose, before = _next_past_qdq(first.output[0], g, outputs)
     perm = [0, 2, 1, *range(3, len(expected))]
-    if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != perm:
+    if (
+        transpose is None
+        or transpose.op_type != "Transpose"
+        or attribute(transpose, "perm") != perm
+    ):
         return None
-    last, after = _next_past_qdq(transpose.output[0], g)
+    last, after = _next_past_qdq(transpose.output[0], g, outputs)
     if last is None or last.op_type != "Reshape":
         return None
     merged = g.const(last.input[1])
@@ -90,30 +94,25 @@ def _shuffle(
     return transpose, last, [*before, transpose, *after], channels
 
 
-def _next_past_qdq(name: str, g: GraphIndex) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
+def _next_past_qdq(
+    name: str, g: GraphIndex, outputs: set[str]
+) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
     """The single reader of `name` past a chain of per-tensor Q/DQ nodes, and that chain; None
-    when a tensor on the way has several readers or is a graph output, or a Q/DQ is per-channel."""
-    outputs = {o.name for o in g.graph.output}
+    when a tensor on the way has several readers or is one of the graph's `outputs`, or a Q/DQ
+    is per-channel."""
     chain: list[onnx.NodeProto] = []
     while True:
         readers = g.consumers.get(name, [])
         if len(readers) != 1 or name in outputs:
             return None, chain
         node = readers[0]
-        if node.op_type not in _QDQ:
+        if node.op_type not in (QUANTIZE, DEQUANTIZE):
             return node, chain
         scale = g.const(node.input[1])
         if scale is None or scale.size != 1:
             return None, chain
         chain.append(node)
         name = node.output[0]
-
-
-def _perm(node: onnx.NodeProto) -> list[int] | None:
-    for attribute in node.attribute:
-        if attribute.name == "perm":
-            return list(attribute.ints)
-    return None
 
 
 def _static_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:

@@ -293,13 +293,15 @@ def _slow_int8_convs(gm: fx.GraphModule, kinds, op_rules: _RulesOf) -> set[fx.No
         conv = gm.get_submodule(node.target)
         shape = conv_groups(conv.in_channels, conv.out_channels, conv.groups)
         thin = shape == "dense" and conv.in_channels <= rules.float_thin_convs
-        narrow = thin and conv.out_channels <= rules.float_thin_conv_outputs
-        if shape in rules.float_conv_groups or (
+        narrow = (
             thin
-            and (
-                (narrow and not _read_by(node, kinds, POOLING_KINDS))
-                or _read_float(node, kinds, op_rules)
-            )
+            and conv.out_channels <= rules.float_thin_conv_outputs
+            and not _read_by(node, kinds, POOLING_KINDS)
+        )
+        if (
+            shape in rules.float_conv_groups
+            or narrow
+            or (thin and _read_float(node, kinds, op_rules))
         ):
             found.add(node)
     return found
