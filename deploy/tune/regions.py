@@ -64,15 +64,16 @@ def _quantized_weighted(ctx: Context, node: onnx.NodeProto) -> bool:
 
 
 def _constant_dequantized(graph: Graph, name: str) -> tuple[onnx.NodeProto, list | None] | None:
-    """The DequantizeLinear of constant codes that `name` comes from, and the permutation of
-    the Transpose between them if any: a Linear on 3-D inputs exports as MatMul reading
-    Transpose(DQ(W)) (every Linear of a transformer)."""
+    """The DequantizeLinear of stored constant codes that `name` comes from, and the
+    permutation of the Transpose between them if any: a Linear on 3-D inputs exports as MatMul
+    reading Transpose(DQ(W)) (every Linear of a transformer). Codes the graph computes from
+    constants (EdgeNeXt's position encoding) are not a weight to store in float: None."""
     producer, transpose = graph.producer.get(name), None
     if producer is not None and producer.op_type == "Transpose":
         transpose, producer = producer, graph.producer.get(producer.input[0])
     if producer is None or producer.op_type != DEQUANTIZE:
         return None
-    if not graph.is_constant(producer.input[0]):
+    if graph.value(producer.input[0]) is None:
         return None
     if transpose is None:
         return producer, None

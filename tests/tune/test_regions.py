@@ -95,6 +95,21 @@ class ShuffleChain(nn.Module):
         return self.head(torch.relu(self.tail(x)))
 
 
+class ComputedPositionConv(nn.Module):
+    """timm EdgeNeXt's position encoding: a Conv over a tensor the forward computes from
+    constants (no input reaches it), added to the features."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.pos = nn.Conv2d(4, c, 1)
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        grid = torch.ones(1, 4, h, w).cumsum(-1) / w
+        return self.conv(x + self.pos(grid))
+
+
 TOKENS = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0))
 
 BLOCKS = {
@@ -221,6 +236,28 @@ def test_a_chain_of_concats_between_float_layers_goes_float_whole(target, tmp_pa
         head_input = {r.op_type for r in after} == {"Conv"}
         head_output = source is not None and source.op_type == "Conv"
         assert head_input or head_output, (source and source.op_type, [r.op_type for r in after])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_layer_on_computed_constants_goes_float_as_keep_float_makes_it(target, tmp_path):
+    """Its input's codes are computed by the graph, not stored: the rewrite crashed reading
+    them as a weight ("'NoneType' object has no attribute 'astype'", EdgeNeXt on
+    onnxruntime, --tune-latency)."""
+    untuned = exported(ComputedPositionConv().eval(), target, tmp_path, "untuned")
+    rules = get_rules(target)
+    # the exporter folds this small grid to stored codes; EdgeNeXt's stay computed: an
+    # Identity makes them so here
+    graph = untuned.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    conv = next(n for n in graph.node if n.op_type == "Conv")  # pos: the first
+    codes = producers[conv.input[0]].input[0]
+    assert codes in {i.name for i in graph.initializer}
+    graph.node.insert(0, onnx.helper.make_node("Identity", [codes], [f"{codes}_computed"]))
+    producers[conv.input[0]].input[0] = f"{codes}_computed"
+    assert {"pos", "conv"} <= {r.layer for r in regions(untuned, rules)}
+    rewritten = with_float(untuned, ["pos"], rules)
+    assert lint(rewritten, target) == []
+    assert "pos" not in [r.layer for r in regions(rewritten, rules)]
 
 
 @pytest.mark.parametrize("target", TARGETS)
