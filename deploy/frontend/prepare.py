@@ -577,6 +577,7 @@ def _place_activation_quantizers(
     with BackendRules.quantize_pass_through_inputs a pass-through op's input and output."""
     groups = _Groups()
     readers: dict[Key, list[fx.Node]] = {}
+    on_grid: dict[fx.Node, Key] = {}  # shared-scale op -> a key of its group
     for node in list(gm.graph.nodes):
         rule = op_rules(node, kinds.get(node))
         selected = _selected_inputs(node, rule, kinds, factory.rules) if rule is not None else []
@@ -589,6 +590,10 @@ def _place_activation_quantizers(
             groups.add(key)
         if rule.shared_scale:
             groups.union(*keys)
+            if set(selected) == {a for a in node.all_input_nodes if _is_tensor(a)}:
+                on_grid[node] = keys[0]
+    if factory.rules.shared_scale_outputs_quantized:
+        _read_on_grid(on_grid, kinds, factory.rules, readers, groups)
     for node in list(gm.graph.nodes):
         rule = op_rules(node, kinds.get(node))
         if rule is not None and rule.output:
@@ -614,6 +619,24 @@ def _place_activation_quantizers(
         plan.sites.append(
             QuantizerSite(name, "activation", spec, site_edges[0][0], tuple(site_edges))
         )
+
+
+def _read_on_grid(on_grid: dict[fx.Node, Key], kinds, rules: BackendRules, readers, groups) -> None:
+    """BackendRules.shared_scale_outputs_quantized: a value that a shared-scale op with every
+    input quantized (`on_grid`) reaches through pass-through ops only is already on that op's
+    grid. Its quantizer would be the identity if it shared the op's scale, so it has none, and
+    its group (a Concat reading it, with that Concat's other inputs) takes the op's scale.
+    Exact in the fake-quant model: the op's output is made of quantized values."""
+    for key in list(readers):
+        value, spec = key
+        source = value
+        while kinds.get(source) in rules.pass_through and isinstance(source.args[0], fx.Node):
+            source = source.args[0]
+        grid = on_grid.get(source)
+        if grid is None or grid[1] != spec:
+            continue
+        groups.union(key, grid)
+        del readers[key]
 
 
 def _quantize_output(node, rule: OpRule, kinds, factory, readers, groups) -> None:

@@ -131,15 +131,23 @@ class Context:
     def passes_through(self, node: NodeProto) -> bool:
         return self.graph.kind(node) in self.rules.pass_through
 
+    def _writes_on_grid(self, node: NodeProto) -> bool:
+        """BackendRules.shared_scale_outputs_quantized: a shared-scale op (Concat) writes its
+        quantized inputs' grid, so its output counts as quantized when all of them are."""
+        if not self.rules.shared_scale_outputs_quantized:
+            return False
+        rule = self.rule(node)
+        return rule is not None and rule.shared_scale
+
     def dequantizers(self, name: str) -> list[NodeProto] | None:
-        """The DequantizeLinear nodes that `name` comes from through pass-through ops, or None
-        when any data path to it is not quantized."""
+        """The DequantizeLinear nodes that `name` comes from through pass-through ops (and
+        _writes_on_grid ops), or None when any data path to it is not quantized."""
         node = self.graph.producer.get(name)
         if node is None:
             return None
         if node.op_type == DEQUANTIZE:
             return [node]
-        if not self.passes_through(node):
+        if not (self.passes_through(node) or self._writes_on_grid(node)):
             return None
         found: list[NodeProto] = []
         for source in self.graph.data_inputs(node):

@@ -81,6 +81,13 @@ class BackendRules:
     #: that fuses an op with the Q right after it, and does not move a Q up across such ops itself,
     #: then writes that output in int8 instead of leaving the op in float.
     quantize_pass_through_inputs: bool = False
+    #: A shared-scale op (Concat) whose every input is quantized writes int8 on their one
+    #: grid: a reader that reaches its output through pass-through ops only (ShuffleNet's
+    #: shuffle and split) reads it as it is, with no quantizer of its own, and a shared-scale
+    #: reader joins its scale, so a chain of Concats shares one scale (NNCF's unified scales).
+    #: Without it the CPU plugin requantizes each split half u8 -> u8 (16 extra kernels in
+    #: ShuffleNetV2 x0.5).
+    shared_scale_outputs_quantized: bool = False
     #: Composite ops written out as their parts before placement, where the parts have int8
     #: kernels and the whole has none: kinds of deploy.frontend.lowering.DECOMPOSITIONS, and
     #: "fused_projection" (a Linear whose output is only used split into equal parts).

@@ -77,6 +77,15 @@ EXPECTED = {
             ("pool", "cat"),
             ("cat", "conv_out"),
         },
+        # the Concat writes its inputs' shared grid (shared_scale_outputs_quantized): conv_out
+        # reads it as it is, like NNCF, with no requantization
+        "openvino": {
+            ("x", "conv_a"),
+            ("x", "conv_b"),
+            ("relu_a", "cat"),
+            ("relu_b", "cat"),
+            ("pool", "cat"),
+        },
     },
 }
 ENCODER_EDGES = {
@@ -124,7 +133,8 @@ def test_cnn_block_placement(block, target):
     cls, weighted = BLOCKS[block]
     prepared = prepare(randomize_bn(cls()), target, IMG, reduce_range=False)
     plan = prepared.plan
-    expected = EXPECTED[block]["tensorrt" if target == "tensorrt" else "cpu"]
+    rows = EXPECTED[block]
+    expected = rows.get(target) or rows["tensorrt" if target == "tensorrt" else "cpu"]
     assert plan.mode == "cnn"
     assert plan.activation_edges == expected
     assert plan.weight_layers == weighted
@@ -202,9 +212,11 @@ def test_tensorrt_and_openvino_differ_exactly_where_rules_differ(block):
     extra = ov.activation_edges - trt.activation_edges
     if block == "concat":  # OpenVINO quantizes Concat inputs; TensorRT lets Q/DQ commute
         assert extra == {("relu_a", "cat"), ("relu_b", "cat"), ("pool", "cat")}
+        # and its reader reads the Concat's grid as it is (shared_scale_outputs_quantized)
+        assert trt.activation_edges - ov.activation_edges == {("cat", "conv_out")}
     else:  # OpenVINO also quantizes the Conv branch of the residual Add
         assert len(extra) == 1 and next(iter(extra))[1] == "add"
-    assert trt.activation_edges <= ov.activation_edges
+        assert trt.activation_edges <= ov.activation_edges
     assert {s.spec for s in trt.sites if s.role == "activation"} == {INT8_SYM}
     assert {s.spec for s in ov.sites if s.role == "activation"} == {UINT8_AFFINE}
     assert trt.weight_layers == ov.weight_layers
@@ -354,11 +366,13 @@ def _activation_groups(plan) -> list[set[tuple[str, str]]]:
 # Concat's shared one) where Concat inputs share a scale, so a runtime sees one Q after the
 # primary Conv; TensorRT lets Concat pass quantization through.
 GHOST = {
-    "cpu": [
+    "onnxruntime": [
         {("x", "primary")},
         {("primary", "cheap"), ("primary", "cat"), ("cheap", "cat")},
         {("cat", "conv_out")},
     ],
+    # conv_out reads the Concat's grid as it is (shared_scale_outputs_quantized)
+    "openvino": [{("x", "primary")}, {("primary", "cheap"), ("primary", "cat"), ("cheap", "cat")}],
     "tensorrt": [{("x", "primary")}, {("primary", "cheap")}, {("cat", "conv_out")}],
 }
 
@@ -366,7 +380,7 @@ GHOST = {
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_value_read_by_a_conv_and_a_concat_has_one_quantizer(target):
     prepared = prepare(randomize_bn(GhostBlock()), target, IMG)
-    expected = GHOST["tensorrt" if target == "tensorrt" else "cpu"]
+    expected = GHOST[target]
     groups = _activation_groups(prepared.plan)
     assert sorted(groups, key=sorted) == sorted(expected, key=sorted)
     calls = [
@@ -398,5 +412,11 @@ def test_pooled_branches_are_quantized_where_each_runtime_fuses_them(target):
     plan = prepare(InceptionStem(), target, torch.randn(2, 3, 16, 16)).plan
     pooled = [g for g in _activation_groups(plan) if any("pool" in p for p, _ in g)]
     assert sorted(pooled, key=sorted) == sorted(INCEPTION_POOLS[target], key=sorted)
-    # x.mean([2, 3]) without keepdim is a global average pool: its input is quantized
-    assert ("cat", "mean") in plan.activation_edges and ("mean", "fc") in plan.activation_edges
+    # x.mean([2, 3]) without keepdim is a global average pool: its input is quantized, on
+    # OpenVINO as the Concat's inputs' grid (shared_scale_outputs_quantized), read as it is
+    assert ("mean", "fc") in plan.activation_edges
+    if target == "openvino":
+        assert ("cat", "mean") not in plan.activation_edges
+        assert {("branch_a", "cat"), ("branch_b", "cat")} <= plan.activation_edges
+    else:
+        assert ("cat", "mean") in plan.activation_edges

@@ -527,6 +527,29 @@ def test_tensorrt_lets_concat_pass_quantization_through():
     assert found(concat("tensorrt", (0.1, 0.2)), "tensorrt") == []
 
 
+def shuffle_unit(target: str, next_scale: float) -> onnx.ModelProto:
+    """ShuffleNet's chain with no Q/DQ on the halves: cat(x, relu) at scale 0.1, one half to a
+    Conv and the other, with relu2 at `next_scale`, to the next Concat."""
+    net = Net(target)
+    relu = net.op("Relu", ["x"], "relu")
+    cat = net.op("Concat", [net.qdq("x", scale=0.1), net.qdq(relu, scale=0.1)], "cat", axis=1)
+    starts, ends, axes = (net.const(n, np.array([v])) for n, v in (("s", 0), ("e", C), ("a", 1)))
+    half = net.op("Slice", [cat, starts, ends, axes], "half")
+    conv = net.conv(half, "conv")
+    relu2 = net.op("Relu", [conv], "relu2")
+    net.op("Concat", [half, net.qdq(relu2, scale=next_scale)], "cat2", axis=1)
+    return net.model("cat2")
+
+
+def test_openvino_reads_a_concat_output_as_quantized_on_its_inputs_grid():
+    """shared_scale_outputs_quantized (OpenVINO, as NNCF's unified scales): a Conv reading a
+    quantized Concat through a slice needs no Q/DQ of its own, and the next Concat must take
+    that grid's scale; onnxruntime's rules still want the Conv's own."""
+    assert found(shuffle_unit("openvino", 0.1), "openvino") == []
+    assert found(shuffle_unit("openvino", 0.2), "openvino") == [("concat-scales", "cat2")]
+    assert ("unquantized-input", "conv") in found(shuffle_unit("onnxruntime", 0.1), "onnxruntime")
+
+
 # -- API errors ----------------------------------------------------------------------------------
 
 
