@@ -114,7 +114,17 @@ class Tuning:
     threads: int
 
 
-def ort_variants(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) -> list[Variant]:
+Inputs = np.ndarray | dict[str, np.ndarray]  # one input named "input", or inputs by name
+
+
+def samples(inputs: Inputs) -> list[dict[str, np.ndarray]]:
+    """The feeds of each sample (batch 1): token models (input_ids, attention_mask) too."""
+    named = inputs if isinstance(inputs, dict) else {"input": inputs}
+    count = len(next(iter(named.values())))
+    return [{k: v[i : i + 1] for k, v in named.items()} for i in range(count)]
+
+
+def ort_variants(fp32: Path, calib: Inputs, transformer: bool, out: Path) -> list[Variant]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -126,7 +136,7 @@ def ort_variants(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) ->
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.items = iter([{"input": calib[i : i + 1]} for i in range(len(calib))])
+            self.items = iter(samples(calib))
 
         def get_next(self):
             return next(self.items, None)
@@ -151,13 +161,13 @@ def ort_variants(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) ->
     return variants
 
 
-def nncf_variant(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) -> Variant:
+def nncf_variant(fp32: Path, calib: Inputs, transformer: bool, out: Path) -> Variant:
     import nncf
 
-    samples = [{"input": calib[i : i + 1]} for i in range(len(calib))]
+    feeds = samples(calib)
     kind = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
     quantized = nncf.quantize(
-        onnx.load(str(fp32)), nncf.Dataset(samples), subset_size=len(samples), **kind
+        onnx.load(str(fp32)), nncf.Dataset(feeds), subset_size=len(feeds), **kind
     )
     path = out / "nncf.onnx"
     onnx.save(quantized, str(path))
@@ -166,12 +176,13 @@ def nncf_variant(fp32: Path, calib: np.ndarray, transformer: bool, out: Path) ->
 
 def make_variants(
     name: str, out: Path, tuning: Tuning | None = None
-) -> tuple[list[Variant], np.ndarray, list[str]]:
+) -> tuple[list[Variant], Inputs, list[str]]:
     model, spec = load_model(name)
     loaded = recipe.Loaded(model, spec, default_dataset(spec, CALIB_SAMPLES, split="calib"), None)
     calib = loaded.calib.inputs
     held_out = default_dataset(spec, HELD_OUT, split="eval").inputs
-    transformer = name.startswith("bert")
+    # token models take the vendors' transformer recipes: quantize_dynamic, NNCF TRANSFORMER
+    transformer = name.startswith("bert") or any(i.dtype.startswith("int") for i in spec.inputs)
     fp32 = recipe.export_onnx(loaded, None, out, ["fp32"])["fp32"]
     variants = [Variant("fp32", fp32, "fp32")]
     variants += [our_variant(loaded, t, out) for t in RUNTIMES]
@@ -206,7 +217,7 @@ def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def measure(
-    runtime: str, variants: list[Variant], held_out: np.ndarray, threads: int, cfg: TimingConfig
+    runtime: str, variants: list[Variant], held_out: Inputs, threads: int, cfg: TimingConfig
 ) -> tuple[list[Row], list[str]]:
     adapter = get_adapter(runtime)
     built, reports, notes = {}, {}, []
@@ -224,10 +235,10 @@ def measure(
             r.activate()
         try:
             outputs = {
-                name: np.concatenate([first_output(r, s[None]) for s in held_out])
+                name: np.concatenate([first_output(r, feed) for feed in samples(held_out)])
                 for name, r in runners.items()
             }
-            feed = {"input": held_out[:1]}
+            feed = samples(held_out)[0]
             fns: dict[str, Callable[[], object]] = {
                 name: runner_call(r, feed) for name, r in runners.items()
             }
@@ -292,9 +303,8 @@ def median_rows(runs: list[list[Row]]) -> list[Row]:
     return out
 
 
-def first_output(runner, x: np.ndarray) -> np.ndarray:
-    name = next(iter(runner.get_input_metadata()))
-    return np.asarray(next(iter(runner.infer({name: x}).values())), dtype=np.float64)
+def first_output(runner, feed: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(next(iter(runner.infer(feed).values())), dtype=np.float64)
 
 
 # ---- machine and reporting ------------------------------------------------------------------
