@@ -233,12 +233,13 @@ def measure(
         runners = {name: adapter.runner(engine) for name, engine in built.items()}
         for r in runners.values():
             r.activate()
+        feeds = samples(held_out)
         try:
             outputs = {
-                name: np.concatenate([first_output(r, feed) for feed in samples(held_out)])
+                name: np.concatenate([first_output(r, feed) for feed in feeds])
                 for name, r in runners.items()
             }
-            feed = samples(held_out)[0]
+            feed = feeds[0]
             fns: dict[str, Callable[[], object]] = {
                 name: runner_call(r, feed) for name, r in runners.items()
             }

@@ -135,6 +135,11 @@ class Graph:
             return value.t if value is not None else None
         return None
 
+    def is_stored(self, name: str) -> bool:
+        """A constant the file holds as a tensor (initializer or Constant node), not one the
+        graph computes from constants (is_constant counts both): value() has its array."""
+        return self._constant_tensor(name) is not None
+
     def value(self, name: str) -> np.ndarray | None:
         """The array of a constant tensor (initializer or Constant node), None if computed."""
         if not name:

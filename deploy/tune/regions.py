@@ -73,7 +73,7 @@ def _constant_dequantized(graph: Graph, name: str) -> tuple[onnx.NodeProto, list
         transpose, producer = producer, graph.producer.get(producer.input[0])
     if producer is None or producer.op_type != DEQUANTIZE:
         return None
-    if graph.value(producer.input[0]) is None:
+    if not graph.is_stored(producer.input[0]):
         return None
     if transpose is None:
         return producer, None
