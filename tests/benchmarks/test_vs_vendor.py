@@ -1,10 +1,13 @@
-"""The vendor benchmark's per-sample feeds: one image input, or token models' inputs by name."""
+"""The vendor benchmark's per-sample feeds (one image input, or token models' inputs by name)
+and which variants it times on each runtime."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from benchmarks.vs_vendor import samples
+from benchmarks.vs_vendor import Variant, samples, timed_on
 
 
 def test_one_input_is_fed_as_input_one_sample_at_a_time():
@@ -24,3 +27,14 @@ def test_token_inputs_are_fed_by_name_with_their_rows_kept_together():
         assert feed["input_ids"].shape == (1, 5)
         np.testing.assert_array_equal(feed["input_ids"][0], ids[i])
         np.testing.assert_array_equal(feed["attention_mask"][0], mask[i])
+
+
+def test_own_rules_only_drops_ours_built_for_the_other_runtime_and_keeps_the_rest():
+    onnx = Path("m.onnx")
+    fp32 = Variant("fp32", onnx, "fp32")
+    ours = {t: Variant(f"ours ({t} rules)", onnx, "int8", ours_for=t) for t in ("ort", "ov")}
+    vendor = Variant("nncf", onnx, "int8", vendor=True)
+    every = [fp32, ours["ort"], ours["ov"], vendor]
+    assert timed_on("ort", every, own_rules_only=True) == [fp32, ours["ort"], vendor]
+    assert timed_on("ov", every, own_rules_only=True) == [fp32, ours["ov"], vendor]
+    assert timed_on("ov", every, own_rules_only=False) == every
