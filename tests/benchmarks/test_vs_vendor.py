@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.vs_vendor import Variant, samples, timed_on
+from benchmarks.vs_vendor import Variant, nncf_variants, samples, timed_on
 
 
 def test_one_input_is_fed_as_input_one_sample_at_a_time():
@@ -38,3 +38,35 @@ def test_own_rules_only_drops_ours_built_for_the_other_runtime_and_keeps_the_res
     assert timed_on("ort", every, own_rules_only=True) == [fp32, ours["ort"], vendor]
     assert timed_on("ov", every, own_rules_only=True) == [fp32, ours["ov"], vendor]
     assert timed_on("ov", every, own_rules_only=False) == every
+
+
+def _matmul_model(path: Path, softmax: bool) -> Path:
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 8)).astype("f4"), "w")
+    last = helper.make_node("Softmax" if softmax else "Relu", ["mm"], ["output"])
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["mm"]), last]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 8])],
+        [weight],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_nncf_gets_its_transformer_recipe_as_a_second_try_only_on_image_models_with_attention(
+    tmp_path: Path,
+):
+    calib = np.random.default_rng(1).normal(size=(4, 8)).astype("f4")
+    with_softmax = _matmul_model(tmp_path / "attn.onnx", softmax=True)
+    plain = _matmul_model(tmp_path / "plain.onnx", softmax=False)
+    names = lambda vs: [v.name for v in vs]  # noqa: E731
+    hybrid = nncf_variants(with_softmax, calib, transformer=False, out=tmp_path)
+    assert names(hybrid) == ["nncf quantize", "nncf quantize (transformer)"]
+    assert all(v.vendor and v.onnx.is_file() for v in hybrid)
+    assert names(nncf_variants(plain, calib, transformer=False, out=tmp_path)) == ["nncf quantize"]
+    tokens = nncf_variants(with_softmax, calib, transformer=True, out=tmp_path)
+    assert names(tokens) == ["nncf quantize (transformer)"]
