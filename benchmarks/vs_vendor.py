@@ -2,8 +2,9 @@
 
 For each model, in one run: the fp32 ONNX; our QDQ model by the onnxruntime rules and by the
 OpenVINO rules; onnxruntime's quantize_static (QDQ, per-channel, uint8 activations, int8
-weights; quantize_dynamic too for transformers); NNCF's quantize on the ONNX model (when nncf
-is installed). Every int8 model is calibrated on the same random samples. Each model is built
+weights; quantize_dynamic too for transformers; without the pre-processing's symbolic shapes
+where they fail); NNCF's quantize on the ONNX model (when nncf is installed; image models with
+attention get its TRANSFORMER type too). Every int8 model is calibrated on the same samples. Each model is built
 on both runtimes, all of one runtime's engines are timed together in interleaved blocks
 (deploy.engines.timing: re-warm before each block, alternating order), and every int8 engine's
 outputs are compared with the fp32 engine's on held-out inputs, so a fast but broken model

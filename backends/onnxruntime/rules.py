@@ -47,6 +47,10 @@ from qat_deploy.deploy.rules.backend import CONV_FUSIONS, WEIGHTED_OPS, BackendR
 #: QLinearConv: a quantized input and a quantized output
 CONV = OpRule(Inputs.ACTIVATION, output=True)
 
+PASS_THROUGH = frozenset(
+    {"maxpool", "reshape", "transpose", "pad", "identity", "getitem", "interpolate"}
+)
+
 RULES = BackendRules(
     name="onnxruntime",
     activation=UINT8_AFFINE_ACT,
@@ -67,10 +71,8 @@ RULES = BackendRules(
     decompose=frozenset({"silu", "hardswish"}),
     # a Conv is a QLinearConv only when one Q reads its output (a ReLU between folds into the
     # Q): GoogLeNet's Conv -> ReLU -> MaxPool -> {Convs, MaxPool -> Conv} left it in float
-    quantize_pass_through_inputs=True,
-    pass_through=frozenset(
-        {"maxpool", "reshape", "transpose", "pad", "identity", "getitem", "interpolate"}
-    ),
+    quantize_pass_through_inputs=PASS_THROUGH,
+    pass_through=PASS_THROUGH,
     fusions=CONV_FUSIONS,
     transformer_ops={"linear": WEIGHTED_OPS["linear"], "conv": CONV},
     weight_axis={"conv_transpose": 1},  # its weight is [in, out, ...]; lint reads the axis

@@ -700,7 +700,9 @@ def _pass_through_tree(value, spec, kinds, rules: BackendRules, readers):
     needs a float value (a float op, a graph output, a quantizer of another spec)."""
     quantized = readers.get((value, spec), ())
     through = [
-        u for u in value.users if kinds.get(u) in rules.pass_through and u.args[:1] == (value,)
+        u
+        for u in value.users
+        if kinds.get(u) in rules.quantize_pass_through_inputs and u.args[:1] == (value,)
     ]
     if not value.users or any(u not in quantized for u in value.users if u not in through):
         return None

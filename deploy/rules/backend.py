@@ -76,11 +76,12 @@ class BackendRules:
     #: VNNI (255 * 127 * 2 > 32767): prepare() then quantizes weights to 7 bits, which keeps
     #: every pair sum exact (onnxruntime's reduce_range, NNCF's overflow_fix).
     int16_pair_sums_without_vnni: bool = False
-    #: Quantize a quantized op's output before the pass-through ops (MaxPool, reshapes, splits)
-    #: that carry it to its quantized readers, in their group (deploy.frontend.prepare): a runtime
-    #: that fuses an op with the Q right after it, and does not move a Q up across such ops itself,
-    #: then writes that output in int8 instead of leaving the op in float.
-    quantize_pass_through_inputs: bool = False
+    #: Quantize a quantized op's output before the pass-through ops of these kinds (MaxPool,
+    #: reshapes, splits) that carry it to its quantized readers, in their group
+    #: (deploy.frontend.prepare): a runtime that fuses an op with the Q right after it, and does
+    #: not move a Q up across such ops itself, then writes that output in int8 instead of
+    #: leaving the op in float.
+    quantize_pass_through_inputs: frozenset[str] = frozenset()
     #: A shared-scale op (Concat) whose every input is quantized writes int8 on their one
     #: grid: a reader that reaches its output through pass-through ops only (ShuffleNet's
     #: shuffle and split) reads it as it is, with no quantizer of its own, and a shared-scale

@@ -390,19 +390,21 @@ def test_a_value_read_by_a_conv_and_a_concat_has_one_quantizer(target):
 
 
 # onnxruntime fuses a Conv with the one Q that reads its output (through a ReLU) and does not
-# move a Q up across MaxPool: its ReLU output is quantized before the pools, in one group with
-# everything the pools reach. The others quantize where the Conv inputs are.
+# move a Q up across MaxPool; nor does OpenVINO, which otherwise runs both pools and the Conv's
+# output in float: the ReLU output is quantized before the pools, in one group with everything
+# the pools reach. TensorRT quantizes where the Conv inputs are.
+ONE_GROUP_ABOVE_THE_POOLS = [
+    {
+        ("relu", "pool"),
+        ("pool", "branch_a"),
+        ("pool", "branch_b"),
+        ("pool", "branch_pool"),
+        ("branch_pool", "branch_c"),
+    }
+]
 INCEPTION_POOLS = {
-    "onnxruntime": [
-        {
-            ("relu", "pool"),
-            ("pool", "branch_a"),
-            ("pool", "branch_b"),
-            ("pool", "branch_pool"),
-            ("branch_pool", "branch_c"),
-        }
-    ],
-    "openvino": [{("pool", "branch_a"), ("pool", "branch_b")}, {("branch_pool", "branch_c")}],
+    "onnxruntime": ONE_GROUP_ABOVE_THE_POOLS,
+    "openvino": ONE_GROUP_ABOVE_THE_POOLS,
     "tensorrt": [{("pool", "branch_a"), ("pool", "branch_b")}, {("branch_pool", "branch_c")}],
 }
 
