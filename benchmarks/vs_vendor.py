@@ -4,12 +4,13 @@ For each model, in one run: the fp32 ONNX; our QDQ model by the onnxruntime rule
 OpenVINO rules; onnxruntime's quantize_static (QDQ, per-channel, uint8 activations, int8
 weights; quantize_dynamic too for transformers; without the pre-processing's symbolic shapes
 where they fail); NNCF's quantize on the ONNX model (when nncf is installed; image models with
-attention get its TRANSFORMER type too). Every int8 model is calibrated on the same samples. Each model is built
-on both runtimes, all of one runtime's engines are timed together in interleaved blocks
-(deploy.engines.timing: re-warm before each block, alternating order), and every int8 engine's
-outputs are compared with the fp32 engine's on held-out inputs, so a fast but broken model
-cannot win. Speedups and ours/best-vendor ratios are paired: the median over rounds of the
-ratio of two blocks timed back to back (robust to load that comes and goes on a shared box).
+attention get its TRANSFORMER type too). Every int8 model is calibrated on the same samples.
+Each model is built on both runtimes, all of one runtime's engines are timed together in
+interleaved blocks (deploy.engines.timing: re-warm before each block, alternating order), and
+every int8 engine's outputs are compared with the fp32 engine's on held-out inputs, so a fast
+but broken model cannot win. Speedups and ours/best-vendor ratios are paired: the median over
+rounds of the ratio of two blocks timed back to back (robust to load that comes and goes on a
+shared box).
 Results go to docs/vs_vendor_results.json (merged per model); docs/performance.md explains them.
 
     python -m benchmarks.vs_vendor --model resnet18 --model mobilenet_v2 --model bert_tiny
