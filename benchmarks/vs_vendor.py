@@ -183,11 +183,15 @@ def nncf_variant(fp32: Path, calib: Inputs, transformer: bool, out: Path) -> Var
 
 
 def nncf_variants(fp32: Path, calib: Inputs, transformer: bool, out: Path) -> list[Variant]:
-    """NNCF's recipe for the model; an image model with attention (a Softmax) also gets the
-    TRANSFORMER type NNCF documents for transformers, and the faster sound one counts."""
+    return [nncf_variant(fp32, calib, kind, out) for kind in nncf_recipes(fp32, transformer)]
+
+
+def nncf_recipes(fp32: Path, transformer: bool) -> tuple[bool, ...]:
+    """Whether each NNCF run uses its TRANSFORMER type: an image model with attention (a
+    Softmax) gets both NNCF's default and the type it documents for transformers, and the
+    faster sound one counts."""
     hybrid = not transformer and has_op(fp32, "Softmax")
-    kinds = (False, True) if hybrid else (transformer,)
-    return [nncf_variant(fp32, calib, kind, out) for kind in kinds]
+    return (False, True) if hybrid else (transformer,)
 
 
 def has_op(path: Path, op_type: str) -> bool:
