@@ -411,9 +411,9 @@ def main() -> None:
             loads = []
             for runtime in RUNTIMES:
                 runs = []
+                here = timed_on(runtime, variants, args.own_rules_only)
                 for _ in range(args.repeat):
                     before = wait_for_quiet(args.max_load, args.load_tries)
-                    here = timed_on(runtime, variants, args.own_rules_only)
                     got, more = measure(runtime, here, held_out, args.threads, cfg)
                     runs.append(got)
                     notes += [n for n in more if n not in notes]

@@ -40,7 +40,7 @@ RULES = BackendRules(
     # NNCF's one quantizer above a MaxPool tree: GoogLeNet's stem MaxPool feeds inception 3a's
     # Convs and its pool branch's MaxPool; with the output quantizers placed after each, both
     # pools and the Conv before them ran in bf16 (paired: 1.024x the time of one quantizer
-    # above). MaxPool only: with reshapes too, DeiT and BERT got 72-40 more Q/DQ pairs.
+    # above). MaxPool only: with reshapes too, DeiT and BERT got 72 and 40 more Q/DQ pairs.
     quantize_pass_through_inputs=frozenset({"maxpool"}),
     transformer_ops={
         "conv": WEIGHTED_OPS["conv"],

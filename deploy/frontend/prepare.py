@@ -674,10 +674,11 @@ class _Groups:
 
 def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers, groups) -> None:
     """Where a quantized op's output (or a ReLU after it) reaches its readers only through
-    pass-through ops (MaxPool, reshapes, splits) that end in quantizers of one spec, quantize it
-    right at the producer, and every pass-through output on the way, all in the readers' group:
-    the producer then writes int8 and the pass-through ops run on int8. Exact: those ops
-    commute with per-tensor quantization."""
+    pass-through ops of the kinds BackendRules.quantize_pass_through_inputs lists (MaxPool,
+    reshapes, splits) that end in quantizers of one spec, quantize it right at the producer,
+    and every pass-through output on the way, all in the readers' group: the producer then
+    writes int8 and the pass-through ops run on int8. Exact: those ops commute with per-tensor
+    quantization."""
     specs = list(dict.fromkeys(key[1] for key in readers))
     for value, kind in list(kinds.items()):  # graph order: deterministic quantizer names
         ruled = op_rules.of_kind(value, kind) is not None or kind in FUSED_ACTIVATIONS
