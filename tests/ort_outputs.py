@@ -8,6 +8,7 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 
 def ort_outputs(
@@ -31,3 +32,16 @@ def engine_cosine(adapter, engine, x: np.ndarray, expected: np.ndarray) -> float
     with adapter.runner(engine) as runner:
         got = next(iter(runner.infer({name: x}).values()))
     return float((got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected))
+
+
+def x_to_y_model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], width: int):
+    """An opset-17 model of `nodes` from float input "x" [1, width] to float output "y", with
+    `inits` as its initializers: the small Q/DQ patterns the rewrite tests build."""
+    graph = helper.make_graph(
+        nodes,
+        "pattern",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
+        [numpy_helper.from_array(np.array(v), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -6,8 +6,9 @@ shows the outcome node by node, so that file is both the artifact and the kernel
 With ORT_ENABLE_ALL it holds layout ops for this CPU (NCHWc), so it is valid on this machine only;
 the runner therefore loads the ONNX given to onnxruntime with the same options. That is the QDQ
 model itself, or a copy with the rewrites onnxruntime's optimizer needs to run more in int8
-(PRE_SESSION: matmul_bias.py, hardsigmoid.py), or in fewer ops (channel_shuffle.py). They
-apply to the fp32 baseline too, so the int8 speedup compares like with like.
+(PRE_SESSION: matmul_bias.py, hardsigmoid.py, gelu_gate.py), or in fewer ops
+(channel_shuffle.py). They apply to the fp32 baseline too, so the int8 speedup compares like
+with like.
 
 One optimizer is always off (session.DISABLED_OPTIMIZERS): WeightBiasQuantization gives any
 Conv, ConvTranspose or Gemm that reads a DequantizeLinear and has a float weight per-tensor int8
@@ -32,6 +33,7 @@ from google.protobuf.message import DecodeError
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from qat_deploy.backends.onnxruntime.channel_shuffle import channel_shuffle_as_gather
+from qat_deploy.backends.onnxruntime.gelu_gate import gelu_gate_as_erf
 from qat_deploy.backends.onnxruntime.hardsigmoid import hardsigmoid_as_add
 from qat_deploy.backends.onnxruntime.kernels import graph_precisions
 from qat_deploy.backends.onnxruntime.matmul_bias import fuse_matmul_bias
@@ -134,6 +136,7 @@ def _prefused(onnx_path: Path, fused_path: Path) -> tuple[Path, dict[str, int]]:
 PRE_SESSION = {
     "matmul_bias_fused": fuse_matmul_bias,
     "hardsigmoid_as_add": hardsigmoid_as_add,
+    "gelu_gate_as_erf": gelu_gate_as_erf,
     "channel_shuffle_as_gather": channel_shuffle_as_gather,
 }
 

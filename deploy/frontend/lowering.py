@@ -787,6 +787,34 @@ def _gate_times_input(gate_op):
     return decompose
 
 
+def _gelu_as_gate_times_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """GELU (erf form) as x * gate(x), gate = 0.5 * (1 + erf(x / sqrt(2))): the exporter's own
+    ops and order, but the rules now see the product (a Mul) and may quantize the gate. The
+    gate lies in [0, 1]; its range is fixed at [0, 255/254] (VALUE_RANGE): on that uint8 grid
+    (scale 1/254) Q(gate) equals a Q of erf itself (scale 1/127, zero point 127), which lets
+    onnxruntime drop the Add and Mul (backends/onnxruntime/gelu_gate.py). False, and nothing
+    rewritten, for the tanh form."""
+    if node.kwargs.get("approximate", "none") != "none":
+        return False
+    graph, x = gm.graph, node.args[0]
+    with graph.inserting_before(node):
+        scaled = graph.call_function(aten.div.Tensor, (x, math.sqrt(2.0)))
+        erf = graph.call_function(aten.erf.default, (scaled,))
+        shifted = graph.call_function(aten.add.Tensor, (erf, 1.0))
+        gate = graph.call_function(aten.mul.Tensor, (shifted, 0.5))
+        product = graph.call_function(aten.mul.Tensor, (x, gate))
+    _stands_for(product, node)  # the module's one op: it takes the module's name (nn.GELU's)
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = _path_name(list(stack.values())[-1][0]) if stack else node.name
+    for new, part in ((scaled, "div"), (erf, "erf"), (shifted, "add"), (gate, "gate")):
+        new.meta["val"] = node.meta.get("val")
+        new._rename(f"{owner}_{part}")  # "act_erf": plans and reports say whose op it is
+    gate.meta[VALUE_RANGE] = GELU_GATE_RANGE
+    node.replace_all_uses_with(product)
+    graph.erase_node(node)
+    return True
+
+
 def _conv_transpose_as_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A 2-D ConvTranspose whose output is `stride` times its input (kernel - 2 * padding ==
     stride) as a Conv with stride^2 x the output channels and a pixel shuffle (ONNX
@@ -850,6 +878,7 @@ DECOMPOSITIONS = {
     # onnxruntime runs both parts in int8 once the HardSigmoid is an Add before a Q
     "hardswish": _gate_times_input(aten.hardsigmoid.default),
     "conv_transpose": _conv_transpose_as_conv,
+    "gelu": _gelu_as_gate_times_input,
 }
 FUSED_PROJECTION = "fused_projection"
 _RESHAPES = (aten.reshape.default, aten.view.default)
@@ -858,6 +887,11 @@ _RESHAPES = (aten.reshape.default, aten.view.default)
 #: node.meta key: the user's module path of a layer lowering made out of it (a fused
 #: projection's pieces live at fresh top-level paths such as "blocks_0_attn_qkv_0")
 SOURCE_MODULE = "qat_deploy_source_module"
+#: node.meta key: a value's (low, high), known from the function that computes it; prepare()
+#: gives its quantizer that fixed range (observers.FixedRangeObserver)
+VALUE_RANGE = "qat_deploy_value_range"
+#: uint8 scale 1/254, so 1 / (2 * scale) is a whole number of codes (_gelu_as_gate_times_input)
+GELU_GATE_RANGE = (0.0, 255 / 254)
 
 
 def _split_fused_projections(gm: fx.GraphModule) -> None:
@@ -971,6 +1005,12 @@ def _parts_along(value: fx.Node, dim: int) -> list[tuple[fx.Node, int]] | None:
     return None
 
 
+def _path_name(path: str) -> str:
+    """A module path as a node name ("layer1.0.act" -> "layer1_0_act")."""
+    name = re.sub(r"\W", "_", path)
+    return f"_{name}" if name[:1].isdigit() else name
+
+
 def _name_after_modules(gm: fx.GraphModule) -> None:
     """An op that is the only computing op of a leaf module (nn.ReLU, nn.GELU, nn.LayerNorm)
     takes that module's path as its name, as call_module nodes already do."""
@@ -982,7 +1022,6 @@ def _name_after_modules(gm: fx.GraphModule) -> None:
     taken = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for path, nodes in owners.items():
         leaf = not any(other.startswith(f"{path}.") for other in owners)
-        name = re.sub(r"\W", "_", path)
-        name = f"_{name}" if name[:1].isdigit() else name
+        name = _path_name(path)
         if path and leaf and len(nodes) == 1 and path not in taken and nodes[0].name != name:
             nodes[0]._rename(name)

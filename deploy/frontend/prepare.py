@@ -24,7 +24,7 @@ from qat_deploy.deploy.common.environment import has_int8_dot_product
 from qat_deploy.deploy.common.errors import BadInputError, one_line
 from qat_deploy.deploy.frontend import arithmetic
 from qat_deploy.deploy.frontend.capture import capture, flat_inputs
-from qat_deploy.deploy.frontend.lowering import SOURCE_MODULE, lower, node_kind
+from qat_deploy.deploy.frontend.lowering import SOURCE_MODULE, VALUE_RANGE, lower, node_kind
 from qat_deploy.deploy.frontend.plan import QuantizerSite, QuantPlan
 from qat_deploy.deploy.frontend.quant_modules import (
     QuantConv,
@@ -42,6 +42,7 @@ from qat_deploy.deploy.quant.observers import (
     CurrentMinMaxObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
+    fixed_range,
 )
 from qat_deploy.deploy.quant.spec import QuantSpec
 from qat_deploy.deploy.rules.backend import (
@@ -389,9 +390,17 @@ class _QuantizerFactory:
         self.rules, self.bits, self.observer, self.learnable = rules, bits, observer, learnable
         self.weight_bits = weight_bits
 
-    def activation(self, spec: QuantSpec | None, location: str) -> FakeQuantize:
+    def activation(
+        self, spec: QuantSpec | None, location: str, bounds: tuple[float, float] | None = None
+    ) -> FakeQuantize:
+        """`bounds`: the value's range is known (lowering.VALUE_RANGE): a fixed grid that
+        neither calibration nor LSQ training moves."""
         spec = (spec or self.rules.activation).with_bits(self.bits)
-        fq = FakeQuantize(spec, self.observer, learnable=self.learnable)
+        if bounds is None:
+            fq = FakeQuantize(spec, self.observer, learnable=self.learnable)
+        else:
+            fq = FakeQuantize(spec, fixed_range(*bounds))
+            fq.update_qparams()
         fq.location = location
         return fq
 
@@ -607,7 +616,9 @@ def _place_activation_quantizers(
         root = groups.find(key)
         if root not in modules:
             modules[root] = name = f"act_quant_{len(modules)}"
-            gm.add_submodule(name, factory.activation(spec, f"{value.name} -> {consumers[0].name}"))
+            location = f"{value.name} -> {consumers[0].name}"
+            bounds = value.meta.get(VALUE_RANGE)
+            gm.add_submodule(name, factory.activation(spec, location, bounds))
             sites[name] = (spec, [])
         with gm.graph.inserting_after(value):
             q_node = gm.graph.call_module(modules[root], (value,))

@@ -13,9 +13,11 @@ from qat_deploy.deploy.quant.functional import (
 from qat_deploy.deploy.quant.histogram_observers import MSEObserver, PercentileObserver
 from qat_deploy.deploy.quant.observers import (
     CurrentMinMaxObserver,
+    FixedRangeObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     Observer,
+    fixed_range,
     qparams_from_range,
 )
 from qat_deploy.deploy.quant.spec import INT8_SYM_ACT, INT8_WEIGHT, UINT8_AFFINE_ACT, QuantSpec
@@ -26,6 +28,7 @@ __all__ = [
     "UINT8_AFFINE_ACT",
     "CurrentMinMaxObserver",
     "FakeQuantize",
+    "FixedRangeObserver",
     "MSEObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
@@ -35,6 +38,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_lsq",
+    "fixed_range",
     "qparams_from_range",
     "quantize",
 ]

@@ -22,7 +22,12 @@ from qat_deploy.deploy.quant.functional import (
     lsq_grad_scale,
     scale_shift_fake_quantize,
 )
-from qat_deploy.deploy.quant.observers import MIN_SCALE, MinMaxObserver, Observer
+from qat_deploy.deploy.quant.observers import (
+    MIN_SCALE,
+    FixedRangeObserver,
+    MinMaxObserver,
+    Observer,
+)
 from qat_deploy.deploy.quant.spec import QuantSpec
 
 ObserverFactory = Callable[[QuantSpec, int | None], Observer]
@@ -82,9 +87,11 @@ class FakeQuantize(nn.Module):
 
     def reset_observer(self, observer: ObserverFactory | None = None) -> None:
         """Forget observed ranges: the next calibration starts afresh, with `observer` from
-        now on when given, else the same observer kind."""
+        now on when given, else the same observer kind. A fixed range stays fixed."""
         channels = self.scale.numel() if self.spec.per_channel else None
         location = self.location
+        if isinstance(self.observer, FixedRangeObserver):
+            observer = None  # the function's bounds, not a calibration choice
         self._observer_factory = observer or self._observer_factory
         self.observer = self._observer_factory(self.spec, channels)
         self.location = location

@@ -131,6 +131,27 @@ class MovingAverageMinMaxObserver(Observer):
         self.max_val.copy_(m * self.max_val + (1 - m) * hi)
 
 
+class FixedRangeObserver(Observer):
+    """A range known before any data: the output of a bounded function (GELU's gate
+    0.5 * (1 + erf) lies in [0, 1]). Data is still checked for NaN/Inf, but never moves the
+    range, so the grid is one an engine rewrite can rely on (backends/onnxruntime/gelu_gate.py)."""
+
+    def __init__(self, spec: QuantSpec, channels: int | None, low: float, high: float) -> None:
+        super().__init__(spec, channels)
+        if spec.per_channel or not low < high:
+            raise BadInputError(f"a fixed range is per-tensor with low < high, got [{low}, {high}]")
+        self.min_val.fill_(low)
+        self.max_val.fill_(high)
+
+    def observe(self, x: torch.Tensor) -> None:
+        self._batch_range(x)
+
+
+def fixed_range(low: float, high: float):
+    """An observer factory (FakeQuantize's `observer`) for FixedRangeObserver."""
+    return lambda spec, channels=None: FixedRangeObserver(spec, channels, low, high)
+
+
 class CurrentMinMaxObserver(Observer):
     """Range of the latest tensor only: weights change at every QAT step, so an accumulated
     min/max would keep stale extremes."""

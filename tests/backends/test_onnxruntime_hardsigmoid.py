@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from torch import nn
 
 from qat_deploy.backends.onnxruntime.adapter import ADAPTER
@@ -20,7 +20,7 @@ from qat_deploy.deploy.export.qdq import export
 from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.lint import lint
 from qat_deploy.deploy.training.calibrate import calibrate
-from tests.ort_outputs import engine_cosine
+from tests.ort_outputs import engine_cosine, x_to_y_model
 
 X_SCALE, X_ZERO_POINT = 0.05, 128  # x codes cover about [-6.4, 6.35]: both clip points
 
@@ -40,14 +40,7 @@ def _gate(alpha: float, beta: float, scale: float, zero_point: int) -> onnx.Mode
         helper.make_node("QuantizeLinear", ["h", "ys", "yz"], ["hq"]),
         helper.make_node("DequantizeLinear", ["hq", "ys", "yz"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "gate",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])],
-        [numpy_helper.from_array(np.array(v), k) for k, v in inits.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return x_to_y_model(nodes, inits, 4096)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, optimize: bool) -> np.ndarray:

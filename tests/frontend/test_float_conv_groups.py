@@ -84,7 +84,7 @@ def test_the_onnxruntime_engine_runs_it_float_between_int8_convs(tmp_path):
 
 
 class _FloatActivationStem(nn.Module):
-    """An RGB Conv + BN + an activation onnxruntime runs float (GELU), then int8 Convs;
+    """An RGB Conv + BN + an activation onnxruntime runs float (tanh GELU), then int8 Convs;
     `relu_stem` puts a fused ReLU there instead, `tap` lets an int8 Conv read the stem's
     output as well, `pool` puts a MaxPool after the stem, `width` is its output channels
     (onnxruntime keeps one of <= 16 float whatever reads it, bar a pooling op)."""
@@ -95,7 +95,7 @@ class _FloatActivationStem(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(width)
-        self.act = nn.ReLU() if relu_stem else nn.GELU()
+        self.act = nn.ReLU() if relu_stem else nn.GELU(approximate="tanh")
         self.pool = nn.MaxPool2d(3, 1, 1) if pool else nn.Identity()
         self.body = nn.Conv2d(width, 8, 3, padding=1)
         self.tap = nn.Conv2d(width, 8, 1) if tap else None

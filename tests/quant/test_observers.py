@@ -12,6 +12,8 @@ from hypothesis.extra.numpy import arrays
 
 from qat_deploy.deploy.common.errors import BadInputError
 from qat_deploy.deploy.quant import (
+    FakeQuantize,
+    FixedRangeObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MSEObserver,
@@ -19,6 +21,7 @@ from qat_deploy.deploy.quant import (
     QuantSpec,
     dequantize,
     fake_quantize,
+    fixed_range,
     quantize,
 )
 from qat_deploy.deploy.quant.histogram_observers import EntropyObserver
@@ -306,3 +309,24 @@ def test_entropy_per_channel_matches_per_tensor_on_each_channel(spec):
         ref_lo, ref_hi = ref.clip_range()
         assert lo[c].item() == pytest.approx(ref_lo.item(), rel=1e-6)
         assert hi[c].item() == pytest.approx(ref_hi.item(), rel=1e-6)
+
+
+def test_a_fixed_range_ignores_the_data_but_not_its_nans():
+    """GELU's gate: a grid known from the function (frontend/lowering.py), which neither
+    calibration, another observer choice nor a wider batch may move."""
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    fq = FakeQuantize(spec, fixed_range(0.0, 255 / 254))
+    fq.update_qparams()
+    fq(torch.linspace(-5, 5, 101))
+    fq.reset_observer(MinMaxObserver)
+    fq(torch.linspace(0, 0.3, 11))
+    fq.update_qparams()
+    scale, zero_point = fq.effective_qparams()
+    assert float(scale) == pytest.approx(1 / 254, rel=1e-6) and int(zero_point) == 0
+    # the grid: 0.5 is code 127, 1 is code 254 (quantize() is checked against onnxruntime)
+    codes = quantize(torch.tensor([0.0, 0.5, 1.0]), scale, zero_point, spec)
+    assert codes.tolist() == [0, 127, 254]
+    with pytest.raises(BadInputError, match="NaN"):
+        fq(torch.tensor([0.1, float("nan")]))
+    with pytest.raises(BadInputError, match="fixed range"):
+        FixedRangeObserver(spec, None, 1.0, 0.0)
