@@ -132,6 +132,14 @@ class BackendRules:
     auto_observers: tuple[str, ...] = ("minmax", "mse")
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        stray = self.quantize_pass_through_inputs - self.pass_through
+        if stray:  # a quantizer above an op that does not commute with it changes the function
+            raise ValueError(
+                f"{self.name} rules: quantize_pass_through_inputs names kinds that are not "
+                f"pass-through: {', '.join(sorted(stray))}"
+            )
+
     def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:
         """A node's rules: transformer mode's, except in a conv stage (conv_stage), which
         is a CNN and takes the CNN rules; pass transformer=False for those nodes."""
