@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
+import signal
 import tempfile
 import time
 import warnings
@@ -250,6 +252,36 @@ def timed_on(runtime: str, variants: list[Variant], own_rules_only: bool) -> lis
     return [v for v in variants if v.ours_for in (None, runtime)]
 
 
+def died_of(target: Callable[..., object], *args) -> str | None:
+    """Run target(*args) in a spawned child process: the name of the signal it died of, or
+    None when it returned or raised (an exception shows again when the parent does the same)."""
+    child = multiprocessing.get_context("spawn").Process(target=_quietly, args=(target, *args))
+    child.start()
+    child.join()
+    code = child.exitcode
+    return signal.Signals(-code).name if code is not None and code < 0 else None
+
+
+def _quietly(target: Callable[..., object], *args) -> None:
+    try:
+        target(*args)
+    except Exception:
+        pass
+
+
+def _build_and_run(runtime: str, onnx_path: Path, precision: str, threads: int, feed) -> None:
+    adapter = get_adapter(runtime)
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = adapter.runner(
+            adapter.build(onnx_path, Path(tmp), precision=precision, threads=threads)
+        )
+        runner.activate()
+        try:
+            runner_call(runner, feed)()
+        finally:
+            runner.deactivate()
+
+
 def measure(
     runtime: str, variants: list[Variant], held_out: Inputs, threads: int, cfg: TimingConfig
 ) -> tuple[list[Row], list[str]]:
@@ -259,6 +291,14 @@ def measure(
         for v in variants:
             out = Path(tmp) / v.name.replace(" ", "_").replace("(", "").replace(")", "")
             out.mkdir()
+            # a runtime crashing on a vendor's model (OpenVINO's CPU plugin segfaulted
+            # compiling quantize_static's MixNet-S) would end the whole run: try it apart first
+            crash = v.vendor and died_of(
+                _build_and_run, runtime, v.onnx, v.precision, threads, samples(held_out)[0]
+            )
+            if crash:
+                notes.append(f"{runtime}: {v.name} does not build: {runtime} died of {crash}")
+                continue
             try:
                 built[v.name] = adapter.build(v.onnx, out, precision=v.precision, threads=threads)
                 reports[v.name] = adapter.kernel_report(built[v.name])

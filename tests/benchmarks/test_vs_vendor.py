@@ -3,11 +3,12 @@ and which variants it times on each runtime."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.vs_vendor import Variant, nncf_recipes, samples, timed_on
+from benchmarks.vs_vendor import Variant, died_of, nncf_recipes, samples, timed_on
 
 
 def test_one_input_is_fed_as_input_one_sample_at_a_time():
@@ -65,3 +66,17 @@ def test_nncf_gets_its_transformer_recipe_as_a_second_try_only_on_image_models_w
     assert nncf_recipes(with_softmax, transformer=False) == (False, True)
     assert nncf_recipes(plain, transformer=False) == (False,)
     assert nncf_recipes(with_softmax, transformer=True) == (True,)
+
+
+def _read_address_zero() -> None:
+    ctypes.string_at(0)  # a real segmentation fault, as a crashing runtime plugin gives
+
+
+def _raise() -> None:
+    raise RuntimeError("an exception, not a crash")
+
+
+def test_a_crash_in_the_child_is_named_and_the_parent_lives_on():
+    assert died_of(_read_address_zero) == "SIGSEGV"
+    assert died_of(_raise) is None  # the parent reports exceptions itself, building in-process
+    assert died_of(print, "fine") is None
