@@ -282,6 +282,24 @@ def _build_and_run(runtime: str, onnx_path: Path, precision: str, threads: int, 
             runner.deactivate()
 
 
+def survivors(
+    runtime: str, variants: list[Variant], held_out: Inputs, threads: int
+) -> tuple[list[Variant], list[str]]:
+    """The variants `runtime` builds and runs without dying, with a note for each other one.
+    A runtime crashing on a vendor's model (OpenVINO's CPU plugin segfaulted compiling
+    quantize_static's MixNet-S) would end the whole run, so each vendor model is tried once in
+    a child process; ours are built in-process, where a crash is our bug to see."""
+    kept, notes = [], []
+    feed = samples(held_out)[0]
+    for v in variants:
+        crash = v.vendor and died_of(_build_and_run, runtime, v.onnx, v.precision, threads, feed)
+        if crash:
+            notes.append(f"{runtime}: {v.name} does not build: {runtime} died of {crash}")
+        else:
+            kept.append(v)
+    return kept, notes
+
+
 def measure(
     runtime: str, variants: list[Variant], held_out: Inputs, threads: int, cfg: TimingConfig
 ) -> tuple[list[Row], list[str]]:
@@ -291,14 +309,6 @@ def measure(
         for v in variants:
             out = Path(tmp) / v.name.replace(" ", "_").replace("(", "").replace(")", "")
             out.mkdir()
-            # a runtime crashing on a vendor's model (OpenVINO's CPU plugin segfaulted
-            # compiling quantize_static's MixNet-S) would end the whole run: try it apart first
-            crash = v.vendor and died_of(
-                _build_and_run, runtime, v.onnx, v.precision, threads, samples(held_out)[0]
-            )
-            if crash:
-                notes.append(f"{runtime}: {v.name} does not build: {runtime} died of {crash}")
-                continue
             try:
                 built[v.name] = adapter.build(v.onnx, out, precision=v.precision, threads=threads)
                 reports[v.name] = adapter.kernel_report(built[v.name])
@@ -452,6 +462,8 @@ def main() -> None:
             for runtime in RUNTIMES:
                 runs = []
                 here = timed_on(runtime, variants, args.own_rules_only)
+                here, crashed = survivors(runtime, here, held_out, args.threads)
+                notes += crashed
                 for _ in range(args.repeat):
                     before = wait_for_quiet(args.max_load, args.load_tries)
                     got, more = measure(runtime, here, held_out, args.threads, cfg)

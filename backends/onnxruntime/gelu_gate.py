@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qat_deploy.deploy.export.passes import GraphIndex, drop_dead_nodes
+from qat_deploy.deploy.export.passes import GraphIndex, drop_dead_nodes, uint8_qparams
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -104,12 +104,10 @@ def _is_scalar(g: GraphIndex, name: str, value: float) -> bool:
 def _half_unit_codes(node: onnx.NodeProto, g: GraphIndex) -> tuple[float, int, int] | None:
     """(scale, zero point, k) of a per-tensor uint8 QuantizeLinear with k = 1 / (2 * scale) a
     whole number and zero point + 2 k <= 255, so erf's [-1, 1] maps inside the codes."""
-    if len(node.input) < 3:
+    qparams = uint8_qparams(node, g)
+    if qparams is None:
         return None
-    scale, zero_point = g.const(node.input[1]), g.const(node.input[2])
-    if scale is None or zero_point is None or scale.size != 1 or zero_point.dtype != np.uint8:
-        return None
-    s, zp = float(scale.item()), int(zero_point.item())
+    s, zp = qparams
     k = round(1 / (2 * s)) if s > 0 else 0
     if k < 1 or abs(1 / (2 * s) - k) > 1e-4 * k or zp + 2 * k > 255:
         return None

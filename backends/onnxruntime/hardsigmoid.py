@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qat_deploy.deploy.export.passes import GraphIndex, drop_dead_nodes
+from qat_deploy.deploy.export.passes import GraphIndex, drop_dead_nodes, uint8_qparams
 
 
 def hardsigmoid_as_add(model: onnx.ModelProto) -> int:
@@ -71,12 +71,10 @@ def _attributes(node: onnx.NodeProto) -> tuple[float, float]:
 
 def _unit_range_qparams(node: onnx.NodeProto, g: GraphIndex) -> tuple[float, int] | None:
     """(scale, zero point) of a per-tensor uint8 QuantizeLinear whose range lies in [0, 1]."""
-    if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+    qparams = uint8_qparams(node, g)
+    if qparams is None:
         return None
-    scale, zero_point = g.const(node.input[1]), g.const(node.input[2])
-    if scale is None or zero_point is None or scale.size != 1 or zero_point.dtype != np.uint8:
-        return None
-    s, zp = float(scale.reshape(())), int(zero_point.reshape(()))
+    s, zp = qparams
     low, high = -zp * s, (255 - zp) * s
     if not (s > 0 and low >= 0 and high <= 1 + 1e-6):
         return None

@@ -77,6 +77,17 @@ class GraphIndex:
         drop_unused_initializers(self.graph)
 
 
+def uint8_qparams(node: onnx.NodeProto, g: GraphIndex) -> tuple[float, int] | None:
+    """(scale, zero point) of a per-tensor uint8 QuantizeLinear with constant qparams; None
+    for anything else."""
+    if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+        return None
+    scale, zero_point = g.const(node.input[1]), g.const(node.input[2])
+    if scale is None or zero_point is None or scale.size != 1 or zero_point.dtype != np.uint8:
+        return None
+    return float(scale.reshape(())), int(zero_point.reshape(()))
+
+
 def drop_dead_nodes(graph: onnx.GraphProto) -> None:
     """Remove nodes whose outputs nothing reads any more (a rewrite's leftovers)."""
     while True:

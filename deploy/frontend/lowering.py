@@ -804,8 +804,8 @@ def _gelu_as_gate_times_input(gm: fx.GraphModule, node: fx.Node) -> bool:
         gate = graph.call_function(aten.mul.Tensor, (shifted, 0.5))
         product = graph.call_function(aten.mul.Tensor, (x, gate))
     _stands_for(product, node)  # the module's one op: it takes the module's name (nn.GELU's)
-    stack = node.meta.get("nn_module_stack") or {}
-    owner = _path_name(list(stack.values())[-1][0]) if stack else node.name
+    path = _module_path(node)
+    owner = _path_name(path) if path is not None else node.name
     for new, part in ((scaled, "div"), (erf, "erf"), (shifted, "add"), (gate, "gate")):
         new.meta["val"] = node.meta.get("val")
         new._rename(f"{owner}_{part}")  # "act_erf": plans and reports say whose op it is
@@ -1005,6 +1005,12 @@ def _parts_along(value: fx.Node, dim: int) -> list[tuple[fx.Node, int]] | None:
     return None
 
 
+def _module_path(node: fx.Node) -> str | None:
+    """The path of the innermost module that computed `node` (torch.export's module stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
 def _path_name(path: str) -> str:
     """A module path as a node name ("layer1.0.act" -> "layer1_0_act")."""
     name = re.sub(r"\W", "_", path)
@@ -1016,9 +1022,9 @@ def _name_after_modules(gm: fx.GraphModule) -> None:
     takes that module's path as its name, as call_module nodes already do."""
     owners: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        if node.op == "call_function" and aten_kind(node.target) is not None and stack:
-            owners.setdefault(list(stack.values())[-1][0], []).append(node)
+        path = _module_path(node)
+        if node.op == "call_function" and aten_kind(node.target) is not None and path is not None:
+            owners.setdefault(path, []).append(node)
     taken = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for path, nodes in owners.items():
         leaf = not any(other.startswith(f"{path}.") for other in owners)
