@@ -40,8 +40,15 @@ RULES = BackendRules(
     # NNCF's one quantizer above a MaxPool tree: GoogLeNet's stem MaxPool feeds inception 3a's
     # Convs and its pool branch's MaxPool; with the output quantizers placed after each, both
     # pools and the Conv before them ran in bf16 (paired: 1.024x the time of one quantizer
-    # above). MaxPool only: with reshapes too, DeiT and BERT got 72 and 40 more Q/DQ pairs.
-    quantize_pass_through_inputs=frozenset({"maxpool"}),
+    # above). Reshapes, transposes and slices too, as in NNCF's default graphs: a Linear's
+    # output reaching attention MatMuls through head reshapes and the q/k/v Gathers is then
+    # quantized once, at the Linear, which writes int8, and the CPU plugin moves int8 instead
+    # of bf16. Paired, median of 3, int8 speedup over fp32 with/without: torchvision ViT
+    # 2.45x / 2.24x (NNCF's default model 2.26x), DeiT-Tiny 2.24x / 2.08x, HF BERT 2.95x /
+    # 3.02x, LeViT-128S 1.60x / 1.58x; held-out cosine vs fp32 unchanged to 1e-4.
+    quantize_pass_through_inputs=frozenset(
+        {"maxpool", "reshape", "transpose", "getitem", "identity"}
+    ),
     transformer_ops={
         "conv": WEIGHTED_OPS["conv"],
         "linear": OpRule(Inputs.ACTIVATION, activation=INT8_SYM_ACT),

@@ -114,7 +114,9 @@ ENCODER_EDGES_LINEAR_ONLY = {
 }
 ENCODER = {
     "tensorrt": (ENCODER_EDGES, set()),
-    "openvino": (ENCODER_EDGES, set()),
+    # OpenVINO quantizes k_proj's output above the transpose too (quantize_pass_through_inputs):
+    # the Linear writes int8 and the transpose moves int8
+    "openvino": (ENCODER_EDGES | {("k_proj", "transpose")}, set()),
     "onnxruntime": (ENCODER_EDGES_LINEAR_ONLY, {"matmul", "matmul_1"}),
 }
 BLOCKS = {
