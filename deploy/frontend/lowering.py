@@ -16,6 +16,9 @@
   each branch's BatchNorm folded in with its running statistics. Exact in eval mode, one Conv
   instead of two on every runtime, and one quantized output instead of one per branch. QAT
   then trains the merged Conv, its branch BatchNorms frozen.
+- An expand whose every reader is a broadcasting elementwise op (timm's ECA gate:
+  x * y.expand_as(x)) is dropped: the op broadcasts the unexpanded value to the same result,
+  and a quantizer of the gate then works on its C values, not on a full-size copy.
 - A backend may ask for composite ops to be written out (BackendRules.decompose): SiLU as
   x * sigmoid(x), and "fused_projection", a Linear whose output is only ever split into equal
   parts (timm's qkv: reshape to (B, N, 3, heads, dim), permute, unbind) as one Linear per part.
@@ -80,6 +83,7 @@ def lower(gm: fx.GraphModule, decompose: frozenset[str] = frozenset()) -> None:
             _decompose_attention(gm, node, additive_masks)
     if FUSED_PROJECTION in decompose:
         _split_fused_projections(gm)
+    _drop_broadcast_expands(gm)
     _merge_identical_norms(gm)
     _merge_split_convs(gm)
     _batch_norm_into_concat_parts(gm)
@@ -363,6 +367,45 @@ def _place(
 def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+_EXPANDS = (aten.expand.default, aten.expand_as.default)
+#: elementwise ops that broadcast their tensor operands against each other
+_BROADCASTING = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor)
+
+
+def _drop_broadcast_expands(gm: fx.GraphModule) -> None:
+    """x * y.expand_as(x) -> x * y where the elementwise op's result keeps its shape and
+    dtype. Exact, and the gate stays [N, C, 1, 1] up to the op: quantized after the expand,
+    OpenVINO materialised every ECA gate as a full-size bf16 Broadcast (ECA-ResNet26t)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _EXPANDS:
+            continue
+        source = node.args[0]
+        if node.users and all(_broadcasts_alike(user, node, source) for user in node.users):
+            node.replace_all_uses_with(source)
+
+
+def _broadcasts_alike(user: fx.Node, expand: fx.Node, source) -> bool:
+    """Whether `user` computes the same tensor with `source` in place of `expand`."""
+    if user.target not in _BROADCASTING or expand in user.kwargs.values():
+        return False
+    result, unexpanded = user.meta.get("val"), getattr(source, "meta", {}).get("val")
+    if not isinstance(result, torch.Tensor) or not isinstance(unexpanded, torch.Tensor):
+        return False
+    shapes = []
+    for arg in user.args:
+        val = unexpanded if arg is expand else arg
+        if isinstance(val, fx.Node):
+            val = val.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                return False
+        shapes.append(val.shape if isinstance(val, torch.Tensor) else ())  # else a scalar
+    try:
+        same_shape = torch.broadcast_shapes(*shapes) == result.shape
+    except RuntimeError:
+        return False
+    return same_shape and unexpanded.dtype == expand.meta["val"].dtype
 
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)

@@ -413,3 +413,56 @@ def test_the_float64_copy_makes_default_dtype_tensors_float64():
         out64 = prepared.in_float64()(x.double())
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64.float(), prepared(x), rtol=0, atol=0.05)
+
+
+class ChannelGate(nn.Module):
+    """timm's ECA: pooled channels -> Conv1d -> sigmoid, expanded to the feature map and
+    multiplied in; with `batch` the expand also grows the batch, which the Mul alone would
+    not do."""
+
+    def __init__(self, c=8, batch=None):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gate = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.batch = batch
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = torch.sigmoid(self.gate(x.mean((2, 3)).view(x.shape[0], 1, -1)))
+        y = y.view(x.shape[0], -1, 1, 1)
+        if self.batch is None:
+            return x * y.expand_as(x)
+        return x * y.expand(self.batch, -1, *x.shape[2:])
+
+
+@pytest.mark.parametrize("batch", [None, 3], ids=["expand_as", "batch_growing"])
+def test_an_expand_only_a_broadcasting_op_reads_is_dropped(batch, tmp_path):
+    """x * y.expand_as(x) is x * y: lowering drops the expand, so OpenVINO's export quantizes
+    the gate's C values and has no Expand to run; an expand that changes the result's shape
+    stays. Both compute what the model does."""
+    import onnx
+
+    from qat_deploy.deploy.export.qdq import export
+    from qat_deploy.deploy.frontend.capture import capture
+    from qat_deploy.deploy.frontend.lowering import lower
+    from qat_deploy.deploy.training.calibrate import calibrate
+
+    torch.manual_seed(0)
+    model, x = ChannelGate(batch=batch).eval(), torch.randn(1, 8, 6, 6)
+    gm = capture(model, (x,), {})
+    lower(gm)
+    expands = [n for n in gm.graph.nodes if "expand" in str(n.target)]
+    assert len(expands) == (0 if batch is None else 1)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    prepared = prepare(model, "openvino", x)
+    calibrate(prepared, [torch.randn(1, 8, 6, 6) for _ in range(2)], progress=False)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(export(prepared, tmp_path / "m.onnx", x)))
+    made_by = {o: n for n in graph.graph.node for o in n.output}
+    (mul,) = [n for n in graph.graph.node if n.op_type == "Mul"]
+    gate_q = made_by[made_by[mul.input[1]].input[0]]  # Mul <- DQ <- Q
+    assert gate_q.op_type == "QuantizeLinear"
+    assert made_by[gate_q.input[0]].op_type == ("Reshape" if batch is None else "Expand")
+    shape = next(v for v in graph.graph.value_info if v.name == gate_q.input[0])
+    dims = [d.dim_value for d in shape.type.tensor_type.shape.dim]
+    assert dims == ([1, 8, 1, 1] if batch is None else [3, 8, 6, 6])
