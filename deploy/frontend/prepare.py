@@ -693,7 +693,7 @@ def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers,
     specs = list(dict.fromkeys(key[1] for key in readers))
     for value, kind in list(kinds.items()):  # graph order: deterministic quantizer names
         ruled = op_rules.of_kind(value, kind) is not None or kind in FUSED_ACTIVATIONS
-        if not ruled or not _is_tensor(value):
+        if not (ruled or _post_op(value, kind, kinds, rules)) or not _is_tensor(value):
             continue
         for spec in specs:
             tree = _pass_through_tree(value, spec, kinds, rules, readers)
@@ -704,6 +704,21 @@ def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers,
                 quantized = readers.setdefault((node, spec), [])
                 quantized += [user for user in through if user not in quantized]
             groups.union(*((node, spec) for node, _ in tree))
+
+
+def _post_op(value: fx.Node, kind: str | None, kinds, rules: BackendRules) -> bool:
+    """BackendRules.post_op_activations: an activation the weighted op before it (through a
+    BatchNorm folded into that op) alone feeds, which the engine runs as that op's post-op."""
+    if kind not in rules.post_op_activations or not value.args:
+        return False
+    source = value.args[0]
+    if isinstance(source, fx.Node) and kinds.get(source) == "bn" and len(source.users) == 1:
+        source = source.args[0]
+    return (
+        isinstance(source, fx.Node)
+        and kinds.get(source) in WEIGHTED_KINDS
+        and len(source.users) == 1
+    )
 
 
 def _pass_through_tree(value, spec, kinds, rules: BackendRules, readers):

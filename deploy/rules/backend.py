@@ -82,6 +82,11 @@ class BackendRules:
     #: not move a Q up across such ops itself, then writes that output in int8 instead of
     #: leaving the op in float.
     quantize_pass_through_inputs: frozenset[str] = frozenset()
+    #: Activations the engine runs as a post-op of the weighted op (Conv, Linear) that alone
+    #: feeds them, a quantizer after them included: with quantize_pass_through_inputs, a
+    #: quantizer below pass-through ops moves up to such an activation too, and the weighted
+    #: op writes int8 (timm's ECA gate: Conv1d -> sigmoid -> view -> Mul).
+    post_op_activations: frozenset[str] = frozenset()
     #: A shared-scale op (Concat) whose every input is quantized writes int8 on their one
     #: grid: a reader that reaches its output through pass-through ops only (ShuffleNet's
     #: shuffle and split) reads it as it is, with no quantizer of its own, and a shared-scale
