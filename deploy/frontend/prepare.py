@@ -606,7 +606,7 @@ def _place_activation_quantizers(
     for node in list(gm.graph.nodes):
         rule = op_rules(node, kinds.get(node))
         if rule is not None and rule.output:
-            _quantize_output(node, rule, kinds, factory, readers, groups)
+            _quantize_output(node, rule, kinds, factory, readers, groups, on_grid.get(node))
     if factory.rules.quantize_pass_through_inputs:
         _quantize_pass_through_inputs(kinds, op_rules, factory.rules, readers, groups)
     modules: dict[Key, str] = {}
@@ -650,9 +650,11 @@ def _read_on_grid(on_grid: dict[fx.Node, Key], kinds, rules: BackendRules, reade
         del readers[key]
 
 
-def _quantize_output(node, rule: OpRule, kinds, factory, readers, groups) -> None:
+def _quantize_output(node, rule: OpRule, kinds, factory, readers, groups, grid: Key | None) -> None:
     """OpRule.output: every reader of the op's (fused) output reads it quantized, unless the
-    graph returns it, where a quantized output would change what the model returns."""
+    graph returns it, where a quantized output would change what the model returns. A
+    shared-scale op's output joins its inputs' group (`grid`): it is made of values already on
+    that grid, so its quantizer is exact."""
     value = fused_output(node, lambda n: list(n.users), kinds.get)
     if not _is_tensor(value) or any(user.op == "output" for user in value.users):
         return
@@ -661,6 +663,8 @@ def _quantize_output(node, rule: OpRule, kinds, factory, readers, groups) -> Non
     groups.add(key)
     quantized = readers.setdefault(key, [])
     quantized += [user for user in value.users if user not in quantized]
+    if grid is not None and value is node and grid[1] == spec:
+        groups.union(grid, key)
 
 
 class _Groups:

@@ -214,3 +214,50 @@ def test_a_layer_kept_float_between_int8_ones_computes_float_in_the_engine(tmp_p
     small = (got[:, :4].ravel(), want[:, :4].ravel())
     cosine = small[0] @ small[1] / np.linalg.norm(small[0]) / np.linalg.norm(small[1])
     assert cosine > 0.999
+
+
+class _DenseBlock(torch.nn.Module):
+    """DenseNet's pattern: each layer (BN -> ReLU -> Conv) reads the Concat of every earlier
+    feature map, so a Concat's only reader is a float BatchNorm."""
+
+    def __init__(self, c=8, growth=4, layers=3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(
+                torch.nn.BatchNorm2d(c + i * growth),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(c + i * growth, growth, 3, padding=1),
+            )
+            for i in range(layers)
+        )
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1).mean((2, 3))
+
+
+def test_a_concat_read_by_a_float_op_runs_as_qlinearconcat(tmp_path):
+    """The Concats' outputs are quantized on their inputs' grid, so onnxruntime copies 8-bit
+    data (QLinearConcat) and dequantizes once after, instead of dequantizing every input for
+    every Concat and copying float; the engine still tracks the fake-quant model."""
+    from tests.frontend.blocks import randomize_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(_DenseBlock()).eval()
+    x = torch.randn(8, 8, 10, 10)
+    prepared = prepare(model, "onnxruntime", x[:1])
+    calibrate(prepared, [x], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", x[:1])
+    engine = ADAPTER.build(path, tmp_path / "engine", precision="int8", threads=1)
+    ops = [node.op_type for node in onnx.load(str(engine.artifact)).graph.node]
+    assert ops.count("QLinearConcat") == 3 and "Concat" not in ops
+    feed = onnx.load(str(path)).graph.input[0].name
+    with ADAPTER.runner(engine) as runner:
+        got = np.concatenate(
+            [runner.infer({feed: x[i : i + 1].numpy()})["output"] for i in range(8)]
+        )
+    with torch.no_grad():
+        want = prepared(x).numpy()
+    assert closeness.compare(got, want, step=None)["cosine"] > 0.999

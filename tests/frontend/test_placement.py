@@ -370,10 +370,10 @@ def _activation_groups(plan) -> list[set[tuple[str, str]]]:
 # Concat's shared one) where Concat inputs share a scale, so a runtime sees one Q after the
 # primary Conv; TensorRT lets Concat pass quantization through.
 GHOST = {
+    # the Concat's output quantizer joins its inputs' group (its values are on that grid)
     "onnxruntime": [
         {("x", "primary")},
-        {("primary", "cheap"), ("primary", "cat"), ("cheap", "cat")},
-        {("cat", "conv_out")},
+        {("primary", "cheap"), ("primary", "cat"), ("cheap", "cat"), ("cat", "conv_out")},
     ],
     # conv_out reads the Concat's grid as it is (shared_scale_outputs_quantized)
     "openvino": [{("x", "primary")}, {("primary", "cheap"), ("primary", "cat"), ("cheap", "cat")}],
