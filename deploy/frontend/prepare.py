@@ -711,18 +711,18 @@ def _quantize_pass_through_inputs(kinds, op_rules, rules: BackendRules, readers,
 
 
 def _post_op(value: fx.Node, kind: str | None, kinds, rules: BackendRules) -> bool:
-    """BackendRules.post_op_activations: an activation the weighted op before it (through a
-    BatchNorm folded into that op) alone feeds, which the engine runs as that op's post-op."""
-    if kind not in rules.post_op_activations or not value.args:
+    """BackendRules.post_op_activations: an activation that alone reads a weighted op's
+    output (a Conv's after the BatchNorm folded into it, _conv_output), which the engine runs
+    as that op's post-op."""
+    source = value.args[0] if value.args else None
+    if kind not in rules.post_op_activations or not isinstance(source, fx.Node):
         return False
-    source = value.args[0]
-    if isinstance(source, fx.Node) and kinds.get(source) == "bn" and len(source.users) == 1:
-        source = source.args[0]
-    return (
-        isinstance(source, fx.Node)
-        and kinds.get(source) in WEIGHTED_KINDS
-        and len(source.users) == 1
-    )
+    if len(source.users) != 1:
+        return False
+    if kinds.get(source) == "bn":  # only a Conv folds the BatchNorm after it
+        conv = source.args[0]
+        return kinds.get(conv) == "conv" and _conv_output(conv, kinds) is source
+    return kinds.get(source) in WEIGHTED_KINDS
 
 
 def _pass_through_tree(value, spec, kinds, rules: BackendRules, readers):

@@ -207,3 +207,35 @@ class RepVGGBlock(nn.Module):
     def forward(self, x):
         y = self.bn_1x1(self.conv_1x1(x)) + self.bn_kxk(self.conv_kxk(x))
         return torch.relu(y + self.identity(x))
+
+
+class ChannelGate(nn.Module):
+    """timm's ECA gate: pooled channels -> `gate` ("conv": a Conv1d across channels,
+    "linear_bn": Linear + BatchNorm1d, None: nothing) -> sigmoid, viewed back to
+    [N, C, 1, 1] and multiplied into the feature map. `expand`: None (the Mul broadcasts),
+    "as" (timm's y.expand_as(x)) or a batch size the gate is expanded to, which the Mul
+    alone would not do."""
+
+    def __init__(self, c=8, gate="conv", expand=None):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gate = {
+            "conv": lambda: nn.Conv1d(1, 1, 3, padding=1, bias=False),
+            "linear_bn": lambda: nn.Sequential(nn.Linear(c, c), nn.BatchNorm1d(c)),
+            None: lambda: None,
+        }[gate]()
+        self.expand = expand
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = x.mean((2, 3))
+        if isinstance(self.gate, nn.Conv1d):
+            y = self.gate(y.view(x.shape[0], 1, -1))
+        elif self.gate is not None:
+            y = self.gate(y)
+        y = torch.sigmoid(y).view(x.shape[0], -1, 1, 1)
+        if self.expand == "as":
+            return x * y.expand_as(x)
+        if self.expand is not None:
+            return x * y.expand(self.expand, -1, *x.shape[2:])
+        return x * y

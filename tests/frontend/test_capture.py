@@ -415,26 +415,6 @@ def test_the_float64_copy_makes_default_dtype_tensors_float64():
     torch.testing.assert_close(out64.float(), prepared(x), rtol=0, atol=0.05)
 
 
-class ChannelGate(nn.Module):
-    """timm's ECA: pooled channels -> Conv1d -> sigmoid, expanded to the feature map and
-    multiplied in; with `batch` the expand also grows the batch, which the Mul alone would
-    not do."""
-
-    def __init__(self, c=8, batch=None):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.gate = nn.Conv1d(1, 1, 3, padding=1, bias=False)
-        self.batch = batch
-
-    def forward(self, x):
-        x = self.conv(x)
-        y = torch.sigmoid(self.gate(x.mean((2, 3)).view(x.shape[0], 1, -1)))
-        y = y.view(x.shape[0], -1, 1, 1)
-        if self.batch is None:
-            return x * y.expand_as(x)
-        return x * y.expand(self.batch, -1, *x.shape[2:])
-
-
 @pytest.mark.parametrize("batch", [None, 3], ids=["expand_as", "batch_growing"])
 def test_an_expand_only_a_broadcasting_op_reads_is_dropped(batch, tmp_path):
     """x * y.expand_as(x) is x * y: lowering drops the expand, so OpenVINO's export quantizes
@@ -446,9 +426,10 @@ def test_an_expand_only_a_broadcasting_op_reads_is_dropped(batch, tmp_path):
     from qat_deploy.deploy.frontend.capture import capture
     from qat_deploy.deploy.frontend.lowering import lower
     from qat_deploy.deploy.training.calibrate import calibrate
+    from tests.frontend.blocks import ChannelGate
 
     torch.manual_seed(0)
-    model, x = ChannelGate(batch=batch).eval(), torch.randn(1, 8, 6, 6)
+    model, x = ChannelGate(expand=batch or "as").eval(), torch.randn(1, 8, 6, 6)
     gm = capture(model, (x,), {})
     lower(gm)
     expands = [n for n in gm.graph.nodes if "expand" in str(n.target)]

@@ -21,6 +21,7 @@ from qat_deploy.deploy.rules.backend import available_targets
 from tests.frontend.blocks import (
     BasicBlock,
     Bottleneck,
+    ChannelGate,
     ConcatBlock,
     EncoderBlock,
     GhostBlock,
@@ -428,28 +429,14 @@ def test_pooled_branches_are_quantized_where_each_runtime_fuses_them(target):
         assert ("cat", "mean") in plan.activation_edges
 
 
-class ChannelGate(torch.nn.Module):
-    """timm's ECA gate: pooled channels -> Conv1d (`weighted`, else nothing) -> sigmoid,
-    viewed back to [N, C, 1, 1] and multiplied into the feature map."""
-
-    def __init__(self, c=8, weighted=True):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
-        self.gate = torch.nn.Conv1d(1, 1, 3, padding=1, bias=False) if weighted else None
-
-    def forward(self, x):
-        x = self.conv(x)
-        y = x.mean((2, 3)).view(x.shape[0], 1, -1)
-        y = torch.sigmoid(self.gate(y) if self.gate is not None else y)
-        return x * y.view(x.shape[0], -1, 1, 1)
-
-
-@pytest.mark.parametrize("weighted", [True, False], ids=["conv_gate", "pooled_gate"])
-def test_a_gate_quantizer_moves_up_to_a_sigmoid_the_conv_before_it_runs_as_a_post_op(weighted):
+@pytest.mark.parametrize("gate", ["conv", None, "linear_bn"])
+def test_a_gate_quantizer_moves_up_to_a_sigmoid_the_conv_before_it_runs_as_a_post_op(gate):
     """OpenVINO (post_op_activations): the Mul's gate quantizer also sits right after the
     sigmoid when the Conv1d before it runs the sigmoid as a post-op, so the Conv writes u8
     and the view moves u8. A sigmoid of the pooled values themselves is a float op of its
-    own: its view's output is quantized, as before."""
-    edges = prepare(ChannelGate(weighted=weighted).eval(), "openvino", IMG).plan.activation_edges
-    assert ("view_1", "mul") in edges
-    assert (("sigmoid", "view_1") in edges) == weighted
+    own, and so is one after a Linear's BatchNorm (no Linear+BN fold): their view's output
+    is quantized, as before."""
+    edges = prepare(ChannelGate(gate=gate).eval(), "openvino", IMG).plan.activation_edges
+    viewed = "view_1" if gate == "conv" else "view"  # the Conv1d path views twice
+    assert (viewed, "mul") in edges
+    assert (("sigmoid", viewed) in edges) == (gate == "conv")
