@@ -233,10 +233,17 @@ def _tune(loaded: Loaded, recipe: Recipe, prepared: PreparedModel, batches: list
                 _calibrate(tuned, loaded.model, batches)
                 tuned.plan.accuracy_budget = prepared.plan.accuracy_budget
                 final = export(tuned, Path(work) / "tuned" / QDQ_NAME, loaded.example)
+                before = timer.contended
                 ratio = timer.ratio(final.read_bytes(), untuned.SerializeToString())
-                result.time_ratio = ratio
-                if ratio >= 1 - result.threshold:  # the rewrite's gain did not hold
-                    result.reverted = {"float_layers": result.float_layers, "time_ratio": ratio}
+                result.time_ratio, result.contended = ratio, timer.contended
+                result.retimed = timer.retimed
+                busy = timer.contended > before
+                if busy or ratio >= 1 - result.threshold:  # the rewrite's gain did not hold
+                    result.reverted = {
+                        "float_layers": result.float_layers,
+                        "time_ratio": ratio,
+                        "contended": busy,
+                    }
                     result.float_layers, result.time_ratio, tuned = [], 1.0, prepared
         except BackendUnavailableError as exc:
             raise BackendUnavailableError(

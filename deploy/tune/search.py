@@ -32,6 +32,7 @@ import onnx
 
 from qat_deploy.deploy.common.environment import environment
 from qat_deploy.deploy.engines.adapter import Adapter
+from qat_deploy.deploy.engines.contention import Watch, is_contended
 from qat_deploy.deploy.engines.timing import (
     TimingConfig,
     fastest_block_ratio,
@@ -49,6 +50,8 @@ MIN_GAIN = 0.03
 #: session of MobileNetV3-S ran 8.6 ms for its first second, 5.5 ms after)
 TUNING_TIMING = TimingConfig(warmup=30, block=10, min_runs=60, min_time_s=0.6, rewarm=3)
 PREFIX_STEPS = 8
+#: a timing that other processes' CPU use spoilt is taken again this many times
+CONTENDED_RETRIES = 2
 #: activated engines kept for reuse (the best placement is compared again and again)
 _KEPT_RUNNERS = 4
 
@@ -75,8 +78,12 @@ class TuneResult:
     budget_s: float
     seconds: float = 0.0
     exhausted: bool = False  # the budget ran out before every region was tried
-    #: the re-prepared model's own export did not time faster than the untuned one, which
-    #: was kept: the float layers it had and its measured time ratio
+    #: comparisons that stayed contended (deploy.engines.contention): no gain, not cached
+    contended: int = 0
+    retimed: int = 0  # timings taken again because other processes took the cores
+    #: the re-prepared model's own export did not time faster than the untuned one (or was
+    #: timed while other processes took the cores), which was kept: the float layers it had,
+    #: its measured time ratio and whether that timing was contended
     reverted: dict | None = None
     changes: list[Change] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
@@ -93,7 +100,8 @@ class EngineTimer:
     """Builds engines of candidate graphs on one backend and times two at a time.
 
     Ratios go through the cache, keyed by the runtime, this machine, the thread count, the
-    timing settings and both graphs' bytes."""
+    timing settings and both graphs' bytes; only those timed with the cores to themselves
+    (deploy.engines.contention) are kept."""
 
     def __init__(
         self,
@@ -103,9 +111,15 @@ class EngineTimer:
         work_dir: Path,
         cache: TimingCache,
         config: TimingConfig = TUNING_TIMING,
+        watch: Callable[[], Watch] = Watch,
+        retry_pause_s: float = 1.0,
     ) -> None:
         self.adapter, self.feed, self.threads = adapter, dict(feed), threads
         self.work_dir, self.cache, self.config = Path(work_dir), cache, config
+        self.watch = watch  # measures other processes' CPU use around each timing
+        self.retry_pause_s = retry_pause_s
+        self.contended = 0  # comparisons timed while others took our cores, not cached
+        self.retimed = 0  # timings taken again because others took our cores
         env = environment(threads)
         identity = {
             "runtime": adapter.name,
@@ -120,7 +134,9 @@ class EngineTimer:
 
     def ratio(self, candidate: bytes, reference: bytes) -> float:
         """candidate time / reference time; the same bytes twice is an A/A comparison of
-        two separately built engines."""
+        two separately built engines. A timing during which other processes took this
+        process's cores is taken again (CONTENDED_RETRIES times, `retry_pause_s` apart); one that
+        stays contended is returned but not cached, and counted in `contended`."""
         key = digest(self.identity, digest(candidate), digest(reference))
         cached = self.cache.get(key)
         if cached is not None:
@@ -128,11 +144,19 @@ class EngineTimer:
         a = self._runner(candidate, 0)
         b = self._runner(reference, 1 if reference == candidate else 0)
         calls = {"candidate": runner_call(a, self.feed), "reference": runner_call(b, self.feed)}
-        latencies = time_interleaved(calls, self.config)
-        value = fastest_block_ratio(
-            latencies["candidate"], latencies["reference"], self.config.block
-        )
-        self.cache.put(key, value)
+        for attempt in range(CONTENDED_RETRIES + 1):
+            if attempt:
+                self.retimed += 1
+                time.sleep(self.retry_pause_s)
+            with self.watch() as watch:
+                latencies = time_interleaved(calls, self.config)
+            value = fastest_block_ratio(
+                latencies["candidate"], latencies["reference"], self.config.block
+            )
+            if not is_contended(watch.others, self.threads):
+                self.cache.put(key, value)
+                return value
+        self.contended += 1
         return value
 
     def _runner(self, graph: bytes, slot: int):
@@ -185,19 +209,24 @@ def search(
         best = _best_prefix(names, graph, timer, result)
         _toggle_each(names, best, graph, timer, result, lambda: clock() - started > budget_s)
         best = frozenset(result.float_layers)
-    result.time_ratio = confirmed(timer, graph(best), untuned, 0.0) if best else 1.0
+    result.time_ratio = gain(timer, graph(best), untuned, 0.0)[0] if best else 1.0
+    result.contended, result.retimed = timer.contended, timer.retimed
     result.seconds = round(clock() - started, 2)
     result.cache = timer.cache.to_dict()
     return result
 
 
-def confirmed(timer: EngineTimer, candidate: bytes, reference: bytes, threshold: float) -> float:
-    """candidate / reference time; where one comparison says it saves more than `threshold`,
-    the geometric mean with a second comparison, roles swapped (both must agree)."""
+def gain(
+    timer: EngineTimer, candidate: bytes, reference: bytes, threshold: float
+) -> tuple[float, bool]:
+    """(candidate / reference time, whether it saves more than `threshold`). Where one
+    comparison says it does, the ratio is the geometric mean with a second one, roles swapped,
+    and both must agree; a comparison that other processes spoilt shows no gain."""
+    before = timer.contended
     ratio = timer.ratio(candidate, reference)
-    if ratio >= 1 - threshold:
-        return ratio
-    return math.sqrt(ratio / timer.ratio(reference, candidate))
+    if ratio < 1 - threshold and timer.contended == before:
+        ratio = math.sqrt(ratio / timer.ratio(reference, candidate))
+    return ratio, ratio < 1 - threshold and timer.contended == before
 
 
 def _best_prefix(
@@ -214,8 +243,8 @@ def _best_prefix(
     ratio, k, layers = min(measured, default=(1.0, 0, frozenset()))
     if ratio >= 1 - result.threshold:
         return frozenset()
-    ratio = confirmed(timer, graph(layers), untuned, result.threshold)
-    if ratio >= 1 - result.threshold:
+    ratio, taken = gain(timer, graph(layers), untuned, result.threshold)
+    if not taken:
         return frozenset()
     result.changes = [
         Change(c.layers, c.to, ratio if len(c.layers) == k else c.time_ratio, len(c.layers) == k)
@@ -240,8 +269,7 @@ def _toggle_each(
         candidate = best ^ {name}
         if len(candidate) == len(names):  # at least one region stays int8
             continue
-        ratio = confirmed(timer, graph(candidate), graph(best), result.threshold)
-        taken = ratio < 1 - result.threshold
+        ratio, taken = gain(timer, graph(candidate), graph(best), result.threshold)
         result.changes.append(
             Change((name,), "float" if name in candidate else "int8", ratio, taken)
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -261,7 +264,43 @@ def test_tune_latency_ships_the_placement_it_reports(tmp_path):
     assert sorted(report["kept_float"]) == sorted(tuning["float_layers"])
     kernels = report["kernels"]
     assert kernels["int8"] == tuning["regions"] - len(tuning["float_layers"])
-    assert tuning["cache"]["path"] == str(cache) and cache.is_file()
+    assert tuning["cache"]["path"] == str(cache)
+    # every timing missing from the cache is written to it, unless it stayed contended
+    written = len(json.loads(cache.read_text())["entries"]) if cache.is_file() else 0
+    assert written == tuning["cache"]["misses"] - tuning["contended"]
+
+
+def test_a_tuned_placement_timed_on_a_busy_cpu_is_not_shipped(tmp_path, monkeypatch):
+    """The search's choice (here: the first layer float) must hold in a final timing against
+    the untuned model; when other processes keep the CPU busy through that timing, the
+    untuned placement ships and the report says why."""
+    from qat_deploy.deploy import recipe
+    from qat_deploy.deploy.tune.regions import regions
+    from qat_deploy.deploy.tune.search import EngineTimer, TuneResult
+    from tests.tune.watch import ScriptedWatch
+
+    def first_layer_float(untuned, rules, timer, budget_s):
+        names = [r.layer for r in regions(untuned, rules)]
+        return TuneResult(len(names), names[:1], 0.5, 0.0, 0.03, budget_s)
+
+    busy = functools.partial(EngineTimer, watch=ScriptedWatch(10**6), retry_pause_s=0.0)
+    monkeypatch.setattr(recipe, "search", first_layer_float)
+    monkeypatch.setattr(recipe, "EngineTimer", busy)
+    options = BuildOptions(
+        target="onnxruntime",
+        model="mnist_cnn",
+        out_dir=tmp_path / "out",
+        tune_latency=True,
+        tune_cache=tmp_path / "cache.json",
+        **FAST,
+    )
+    build(options)
+    report = read_report(tmp_path / "out")
+    tuning = report["latency_tuning"]
+    assert tuning["reverted"]["contended"] and tuning["contended"] == 1
+    assert tuning["reverted"]["float_layers"] and tuning["float_layers"] == []
+    assert report["kept_float"] == [] and report["kernels"]["int8"] == tuning["regions"]
+    assert not (tmp_path / "cache.json").exists()
 
 
 def test_tune_latency_without_a_runnable_engine_says_why(tmp_path):

@@ -4,6 +4,7 @@ building or timing anything."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import onnx
@@ -21,6 +22,7 @@ from qat_deploy.deploy.training.calibrate import calibrate
 from qat_deploy.deploy.tune.cache import TimingCache
 from qat_deploy.deploy.tune.regions import layer_of, regions
 from qat_deploy.deploy.tune.search import MIN_GAIN, EngineTimer, search
+from tests.tune.watch import ScriptedWatch
 
 IMG = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
 #: brief timings: the cache test is about what a second search does, not about speed
@@ -55,7 +57,8 @@ class CostModel:
     def __init__(self, int8: dict, float_: dict, transition: float = 0.0) -> None:
         self.int8, self.float_, self.transition = int8, float_, transition
         self.cache = TimingCache(None)
-        self.comparisons = 0
+        self.comparisons = self.contended = self.retimed = 0
+        self.busy = False  # every comparison contended, as EngineTimer counts them
 
     def cost(self, graph: bytes) -> float:
         model = onnx.load_from_string(graph)
@@ -70,6 +73,7 @@ class CostModel:
 
     def ratio(self, candidate: bytes, reference: bytes) -> float:
         self.comparisons += 1
+        self.contended += self.busy
         return self.cost(candidate) / self.cost(reference)
 
 
@@ -132,16 +136,62 @@ def test_the_budget_stops_the_toggle_pass(untuned):
     assert len(toggles) < len(names) - 1
 
 
+def test_no_gain_is_taken_from_contended_comparisons(untuned):
+    """The front layers' 3x gain of the first test, but other processes took the CPU during
+    every comparison: nothing moves."""
+    names = layers(untuned)
+    int8 = {n: 3.0 if i < 2 else 1.0 for i, n in enumerate(names)}
+    float_ = {n: 1.0 if i < 2 else 3.0 for i, n in enumerate(names)}
+    timer = CostModel(int8, float_)
+    timer.busy = True
+    result = search(untuned, get_rules("onnxruntime"), timer, budget_s=60)
+    assert result.float_layers == [] and result.contended == timer.comparisons > 0
+
+
+def _timer(untuned, work, cache, watch) -> EngineTimer:
+    adapter = get_adapter("onnxruntime")
+    feed = {untuned.graph.input[0].name: IMG.numpy()}
+    return EngineTimer(adapter, feed, 1, work, cache, QUICK, watch, retry_pause_s=0.0)
+
+
+def _search_on_real_engines(untuned, tmp_path, busy: int) -> tuple:
+    """A cold search on real onnxruntime engines, its CPU busy for the first `busy` timings."""
+    cache, watch = TimingCache(tmp_path / "cache.json"), ScriptedWatch(busy)
+    timer = _timer(untuned, tmp_path / "work", cache, watch)
+    try:
+        result = search(untuned, get_rules("onnxruntime"), timer, budget_s=120)
+    finally:
+        timer.close()
+        cache.save()
+    return result, watch
+
+
+def test_a_timing_that_stays_contended_is_retried_then_neither_cached_nor_taken(untuned, tmp_path):
+    """Other processes keep the CPU busy: every comparison is timed three times, none is
+    cached, and the untuned placement stands."""
+    result, watch = _search_on_real_engines(untuned, tmp_path, busy=10**6)
+    misses = result.cache["misses"]
+    assert result.contended == misses > 0 and watch.timings == 3 * misses
+    assert result.retimed == 2 * misses
+    assert result.float_layers == [] and not (tmp_path / "cache.json").exists()
+
+
+def test_a_timing_contended_only_at_first_is_retried_and_cached(untuned, tmp_path):
+    result, watch = _search_on_real_engines(untuned, tmp_path, busy=2)
+    misses = result.cache["misses"]
+    assert result.contended == 0 and watch.timings == misses + 2 and result.retimed == 2
+    assert len(json.loads((tmp_path / "cache.json").read_text())["entries"]) == misses
+
+
 def test_a_warm_cache_gives_the_same_placement_without_timing(untuned, tmp_path):
     """Real onnxruntime engines the first time; the second search reads every ratio from the
     cache file: no engine is built, and it is at least 10x faster."""
-    adapter = get_adapter("onnxruntime")
-    feed = {untuned.graph.input[0].name: IMG.numpy()}
     rules = get_rules("onnxruntime")
 
     def run(work):
         cache = TimingCache(tmp_path / "cache.json")
-        timer = EngineTimer(adapter, feed, 1, work, cache, QUICK)
+        # a quiet CPU, so that other test workers cannot keep a timing out of the cache
+        timer = _timer(untuned, work, cache, ScriptedWatch(busy=0))
         started = time.perf_counter()
         try:
             result = search(untuned, rules, timer, budget_s=120)

@@ -364,11 +364,12 @@ def _tuning_row(tuning: dict) -> str:
     if not tuning["regions"]:
         head = "no quantized weighted layer to move"
     elif not float_layers:
-        why = (
-            f"the re-prepared placement timed {reverted['time_ratio']:.2f}x: reverted"
-            if reverted
-            else f"no placement beat the untuned one by {tuning['threshold']:.0%}"
-        )
+        if reverted and reverted.get("contended"):
+            why = "other processes took the CPU while the re-prepared placement was timed: reverted"
+        elif reverted:
+            why = f"the re-prepared placement timed {reverted['time_ratio']:.2f}x: reverted"
+        else:
+            why = f"no placement beat the untuned one by {tuning['threshold']:.0%}"
         head = f"all {tuning['regions']} layers int8 ({why})"
     else:
         head = (
@@ -376,6 +377,10 @@ def _tuning_row(tuning: dict) -> str:
             f"int8 time ({len(tuning['taken'])} change(s) taken)"
         )
     budget = ", budget spent" if tuning["exhausted"] else ""
+    if tuning.get("retimed"):
+        budget += f", {tuning['retimed']} timing(s) retaken on a busy CPU"
+    if tuning.get("contended"):
+        budget += f", {tuning['contended']} timed on a busy CPU (not cached, no gain taken)"
     cache = tuning["cache"]
     return f"{head}; {tuning['comparisons']} comparisons, {tuning['seconds']:.0f} s{budget}, " + (
         f"cache {cache['hits']} hit(s) / {cache['misses']} miss(es)"

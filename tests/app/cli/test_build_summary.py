@@ -38,6 +38,8 @@ def _untouched_tuning(regions: int) -> dict:
         "regions": regions,
         "taken": [],
         "exhausted": False,
+        "contended": 0,
+        "retimed": 0,
         "comparisons": 2 * regions,
         "seconds": 30.0,
         "cache": {"hits": 0, "misses": 1},
@@ -69,6 +71,15 @@ def test_after_tuning_the_summary_says_fp32_is_the_faster_engine_instead_of_tuni
 def test_a_tuning_with_nothing_to_move_says_so_rather_than_all_zero_layers_int8():
     text = _rendered(0.46, AVX2_ONLY, latency_tuning=_untouched_tuning(regions=0))
     assert "no quantized weighted layer to move" in text and "all 0 layers" not in text
+
+
+def test_a_placement_reverted_on_a_busy_cpu_says_so_rather_than_quoting_its_ratio():
+    reverted = {"float_layers": ["conv1"], "time_ratio": 0.7, "contended": True}
+    tuning = {**_untouched_tuning(regions=8), "reverted": reverted, "contended": 1, "retimed": 2}
+    text = _rendered(1.2, VNNI, latency_tuning=tuning)
+    assert "other processes took the CPU" in text and "1 timed on a busy CPU" in text
+    assert "2 timing(s) retaken" in text
+    assert "0.70x" not in text
 
 
 def test_auto_calibration_shows_the_observer_and_the_scores_it_was_chosen_by():
