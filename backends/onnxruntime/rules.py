@@ -122,4 +122,11 @@ RULES = BackendRules(
     # MaxPool: fed from a float Conv it ran as an NCHW 8-bit MaxPool, 0.88 ms against 0.08 ms
     # for the NHWC one inside the int8 chain, hence no pooling reader.
     float_thin_conv_outputs=16,
+    # DenseNet's stem ReLU -> MaxPool feeds every Concat of the first dense block beside the
+    # dense layers' signed Conv outputs. On their one grid (zero point 132) onnxruntime kept
+    # the ReLU, so the 7x7 stem ran as a float FusedConv and the MaxPool as an NCHW u8 one.
+    # On its own grid (zero point 0), requantized by QLinearConcat, DenseNet-121 ran 1.78x
+    # fp32 against 1.51x (quantize_static 1.56x; an ONNX rewrite of our model, paired, median
+    # of 3, AMD EPYC Zen 4, 2 threads).
+    relu_fold_needs_lowest_zero_point=True,
 )

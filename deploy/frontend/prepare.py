@@ -56,7 +56,9 @@ from qat_deploy.deploy.rules.backend import (
     float_islands,
     fused_output,
     get_rules,
+    rectified,
     selected_inputs,
+    shared_scale_members,
 )
 from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, conv_groups, is_transformer
 
@@ -598,9 +600,10 @@ def _place_activation_quantizers(
             readers.setdefault(key, []).append(node)
             groups.add(key)
         if rule.shared_scale:
-            groups.union(*keys)
+            members = _shared_scale_members(keys, kinds, op_rules, factory.rules)
+            groups.union(*members)
             if set(selected) == {a for a in node.all_input_nodes if _is_tensor(a)}:
-                on_grid[node] = keys[0]
+                on_grid[node] = members[0]
     if factory.rules.shared_scale_outputs_quantized:
         _read_on_grid(on_grid, kinds, factory.rules, readers, groups)
     for node in list(gm.graph.nodes):
@@ -630,6 +633,21 @@ def _place_activation_quantizers(
         plan.sites.append(
             QuantizerSite(name, "activation", spec, site_edges[0][0], tuple(site_edges))
         )
+
+
+def _shared_scale_members(keys: list[Key], kinds, op_rules, rules: BackendRules) -> list[Key]:
+    """deploy.rules.backend.shared_scale_members on the torch graph."""
+
+    def carries(node: fx.Node) -> bool:
+        rule = op_rules(node, kinds.get(node))
+        return kinds.get(node) in rules.pass_through or (rule is not None and rule.shared_scale)
+
+    def producers(node: fx.Node) -> list[fx.Node]:  # tensors, and a chunk's list of them
+        return [a for a in node.all_input_nodes if a.meta.get("tensor_meta") is not None]
+
+    return shared_scale_members(
+        keys, lambda key: rectified(key[0], kinds.get, producers, carries), rules
+    )
 
 
 def _read_on_grid(on_grid: dict[fx.Node, Key], kinds, rules: BackendRules, readers, groups) -> None:

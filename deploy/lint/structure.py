@@ -124,14 +124,15 @@ def _selected_inputs(
 
 
 def check_concat_scales(ctx: Context) -> Iterator[Violation]:
-    """A shared_scale op (Concat) needs one scale on all inputs, or it requantizes them."""
+    """A shared_scale op (Concat) needs one scale on the inputs that share it (all, or the
+    signed ones: BackendRules.relu_fold_needs_lowest_zero_point), or it requantizes them."""
     for node in ctx.graph.nodes:
         rule = ctx.rule(node)
         if rule is None or not rule.shared_scale:
             continue
         scales = {
             tuple(scale.ravel().tolist())
-            for name in ctx.graph.runtime_inputs(node)
+            for name in ctx.shared_scale_members(node)
             for dq in ctx.dequantizers(name) or ()
             if (scale := ctx.graph.value(dq.input[1])) is not None
         }

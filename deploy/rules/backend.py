@@ -135,6 +135,13 @@ class BackendRules:
     #: (random timm RepVGG-A0, whose identity BatchNorms amplify sparse channels: fake-quant
     #: cosine vs fp32 0.78 with minmax, 0.93 with MSE on OpenVINO).
     auto_observers: tuple[str, ...] = ("minmax", "mse")
+    #: The runtime drops a ReLU/ReLU6 before a quantizer only when that quantizer's zero
+    #: point is its lowest code (onnxruntime's ReluQuantFusion, ClipQuantFusion); otherwise
+    #: the ReLU runs float, and so does the Conv before it. A shared-scale op (Concat) whose
+    #: inputs mix rectified values with signed ones would put them all on a grid whose zero
+    #: point is higher: there the rectified inputs keep their own scale and the op
+    #: requantizes them (shared_scale_members).
+    relu_fold_needs_lowest_zero_point: bool = False
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -174,6 +181,38 @@ def get_rules(target: str) -> BackendRules:
     if target not in targets:
         raise BadInputError(f"unknown target '{target}'; known targets: {', '.join(targets)}")
     return importlib.import_module(f"qat_deploy.backends.{target}.rules").RULES
+
+
+def rectified(
+    op: T,
+    kind: Callable[[T], str | None],
+    producers: Callable[[T], Sequence[T | None]],
+    carries: Callable[[T], bool],
+) -> bool:
+    """Whether the op's output can never be negative: a fused ReLU/ReLU6's output, or made
+    only of such values by ops that `carries` (pass-through ops, shared-scale Concats).
+    producers: the ops computing an op's run-time data inputs, None for a graph input. One
+    walk for the torch graph (prepare) and the ONNX graph (lint, through its Q/DQ)."""
+    if kind(op) in FUSED_ACTIVATIONS:
+        return True
+    if not carries(op):
+        return False
+    found = producers(op)
+    return bool(found) and all(
+        p is not None and rectified(p, kind, producers, carries) for p in found
+    )
+
+
+def shared_scale_members(
+    inputs: Sequence[T], is_rectified: Callable[[T], bool], rules: BackendRules
+) -> list[T]:
+    """The inputs of a shared-scale op that take its one scale: all of them, except, with
+    BackendRules.relu_fold_needs_lowest_zero_point, the rectified ones where some input is
+    signed (DenseNet's stem ReLU -> MaxPool beside its dense layers' Conv outputs)."""
+    if not rules.relu_fold_needs_lowest_zero_point:
+        return list(inputs)
+    signed = [i for i in inputs if not is_rectified(i)]
+    return signed or list(inputs)
 
 
 #: Every backend quantizes the data input of weighted ops and both inputs of MatMul.

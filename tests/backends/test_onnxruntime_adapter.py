@@ -261,3 +261,34 @@ def test_a_concat_read_by_a_float_op_runs_as_qlinearconcat(tmp_path):
     with torch.no_grad():
         want = prepared(x).numpy()
     assert closeness.compare(got, want, step=None)["cosine"] > 0.999
+
+
+def test_a_relu_stem_beside_signed_concat_inputs_keeps_its_own_grid_and_runs_int8(tmp_path):
+    """DenseNet's stem: Conv -> BN -> ReLU -> MaxPool feeds every Concat of the dense block
+    beside the layers' signed Conv outputs. On their shared grid its zero point would not be
+    0 and onnxruntime would keep the ReLU, and the stem Conv with it, in float; on its own
+    grid the ReLU folds away, the stem is a QLinearConv, and QLinearConcat requantizes it."""
+    from tests.frontend.blocks import randomize_bn
+
+    torch.manual_seed(0)
+    stem = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+    )
+    model = torch.nn.Sequential(stem, torch.nn.MaxPool2d(2), _DenseBlock())
+    model = randomize_bn(model).eval()
+    x = torch.randn(8, 4, 20, 20)
+    prepared = prepare(model, "onnxruntime", x[:1])
+    calibrate(prepared, [x], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", x[:1])
+    engine = ADAPTER.build(path, tmp_path / "engine", precision="int8", threads=1)
+    ops = [node.op_type for node in onnx.load(str(engine.artifact)).graph.node]
+    assert ops.count("QLinearConv") == 4 and ops.count("QLinearConcat") == 3
+    assert not {"Conv", "FusedConv", "Relu", "Concat"} & set(ops)
+    feed = onnx.load(str(path)).graph.input[0].name
+    with ADAPTER.runner(engine) as runner:
+        got = np.concatenate(
+            [runner.infer({feed: x[i : i + 1].numpy()})["output"] for i in range(8)]
+        )
+    with torch.no_grad():
+        want = prepared(x).numpy()
+    assert closeness.compare(got, want, step=None)["cosine"] > 0.999

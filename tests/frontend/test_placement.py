@@ -184,8 +184,11 @@ def test_relu_before_an_affine_quantizer_folds_into_its_range():
 @pytest.mark.parametrize("target", ["openvino", "onnxruntime"])
 def test_concat_inputs_share_one_quantizer(target):
     plan = prepare(ConcatBlock(), target, IMG).plan
-    cat_sites = {plan.site_for_edge(p, "cat").module for p in ("relu_a", "relu_b", "pool")}
-    assert len(cat_sites) == 1
+    sites = {p: plan.site_for_edge(p, "cat").module for p in ("relu_a", "relu_b", "pool")}
+    if target == "onnxruntime":  # relu_fold_needs_lowest_zero_point: pool(x) is signed
+        assert sites["pool"] not in (sites["relu_a"], sites["relu_b"])
+    else:
+        assert len(set(sites.values())) == 1
 
 
 def test_one_quantizer_per_value_shared_by_its_consumers():
@@ -440,3 +443,48 @@ def test_a_gate_quantizer_moves_up_to_a_sigmoid_the_conv_before_it_runs_as_a_pos
     viewed = "view_1" if gate == "conv" else "view"  # the Conv1d path views twice
     assert (viewed, "mul") in edges
     assert (("sigmoid", viewed) in edges) == (gate == "conv")
+
+
+class DenseStem(torch.nn.Module):
+    """DenseNet's first block in small: the stem's ReLU -> MaxPool output is read by both
+    Concats beside the signed outputs of the dense layers' Convs."""
+
+    def __init__(self, c=8, growth=4):
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.bn, self.pool = (
+            nn.Conv2d(4, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.MaxPool2d(2),
+        )
+        self.conv_a = nn.Conv2d(c, growth, 3, padding=1)
+        self.conv_b = nn.Conv2d(c + growth, growth, 3, padding=1)
+
+    def forward(self, x):
+        p = self.pool(torch.relu(self.bn(self.stem(x))))
+        a = self.conv_a(p)
+        b = self.conv_b(torch.cat([p, a], 1))
+        return torch.cat([p, a, b], 1).mean((2, 3))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_rectified_concat_input_keeps_its_own_scale_only_where_relus_need_zero_point_0(
+    target, tmp_path
+):
+    """onnxruntime (relu_fold_needs_lowest_zero_point) folds a ReLU into the Q after it only
+    at zero point 0: the stem's ReLU -> MaxPool output gets a quantizer of its own, not the
+    Concats' shared one, which the Convs' signed outputs put above 0. OpenVINO shares one
+    scale over all Concat inputs; TensorRT's symmetric grid has zero point 0 everywhere."""
+    example = torch.randn(1, 4, 8, 8)
+    prepared = prepare(randomize_bn(DenseStem()).eval(), target, example)
+    groups = _activation_groups(prepared.plan)
+    pooled = next((g for g in groups if ("pool", "cat") in g), set())  # none on TensorRT
+    if target == "onnxruntime":
+        assert ("relu", "pool") in pooled and not {p for p, _ in pooled} & {"conv_a", "conv_b"}
+        signed = next(g for g in groups if ("conv_a", "cat") in g)
+        assert {("conv_b", "cat_1"), ("cat_1", "mean")} <= signed  # the Concats' shared grid
+    elif target == "openvino":
+        assert {("conv_a", "cat"), ("conv_b", "cat_1")} <= pooled
+    with torch.no_grad():
+        prepared(example)
+    assert lint(export(prepared, tmp_path / "m.onnx", example), target) == []
