@@ -106,6 +106,8 @@ def our_variant(
     if tuning:
         t = prepared.plan.latency_tuning
         note = f"tuned: {len(t['float_layers'])}/{t['regions']} layers float, {t['seconds']:.0f} s"
+        if t["retimed"] or t["contended"]:  # other processes took the CPU while it timed
+            note += f", {t['retimed']} timings retaken, {t['contended']} still contended"
     return Variant(f"{label} ({target} rules)", path, "int8", ours_for=target, note=note)
 
 

@@ -238,6 +238,24 @@ class _DenseBlock(torch.nn.Module):
         return torch.cat(features, 1).mean((2, 3))
 
 
+def _engine_ops_tracking_fake_quant(model: torch.nn.Module, x: torch.Tensor, tmp_path) -> list:
+    """Prepare, calibrate and build `model` for onnxruntime; check that the engine tracks the
+    fake-quant model (cosine > 0.999 over x's rows) and return its optimized graph's ops."""
+    prepared = prepare(model, "onnxruntime", x[:1])
+    calibrate(prepared, [x], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", x[:1])
+    engine = ADAPTER.build(path, tmp_path / "engine", precision="int8", threads=1)
+    feed = onnx.load(str(path)).graph.input[0].name
+    with ADAPTER.runner(engine) as runner:
+        got = np.concatenate(
+            [runner.infer({feed: x[i : i + 1].numpy()})["output"] for i in range(len(x))]
+        )
+    with torch.no_grad():
+        want = prepared(x).numpy()
+    assert closeness.compare(got, want, step=None)["cosine"] > 0.999
+    return [node.op_type for node in onnx.load(str(engine.artifact)).graph.node]
+
+
 def test_a_concat_read_by_a_float_op_runs_as_qlinearconcat(tmp_path):
     """The Concats' outputs are quantized on their inputs' grid, so onnxruntime copies 8-bit
     data (QLinearConcat) and dequantizes once after, instead of dequantizing every input for
@@ -246,21 +264,8 @@ def test_a_concat_read_by_a_float_op_runs_as_qlinearconcat(tmp_path):
 
     torch.manual_seed(0)
     model = randomize_bn(_DenseBlock()).eval()
-    x = torch.randn(8, 8, 10, 10)
-    prepared = prepare(model, "onnxruntime", x[:1])
-    calibrate(prepared, [x], progress=False)
-    path = export(prepared, tmp_path / "m.onnx", x[:1])
-    engine = ADAPTER.build(path, tmp_path / "engine", precision="int8", threads=1)
-    ops = [node.op_type for node in onnx.load(str(engine.artifact)).graph.node]
+    ops = _engine_ops_tracking_fake_quant(model, torch.randn(8, 8, 10, 10), tmp_path)
     assert ops.count("QLinearConcat") == 3 and "Concat" not in ops
-    feed = onnx.load(str(path)).graph.input[0].name
-    with ADAPTER.runner(engine) as runner:
-        got = np.concatenate(
-            [runner.infer({feed: x[i : i + 1].numpy()})["output"] for i in range(8)]
-        )
-    with torch.no_grad():
-        want = prepared(x).numpy()
-    assert closeness.compare(got, want, step=None)["cosine"] > 0.999
 
 
 def test_a_relu_stem_beside_signed_concat_inputs_keeps_its_own_grid_and_runs_int8(tmp_path):
@@ -274,21 +279,7 @@ def test_a_relu_stem_beside_signed_concat_inputs_keeps_its_own_grid_and_runs_int
     stem = torch.nn.Sequential(
         torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
     )
-    model = torch.nn.Sequential(stem, torch.nn.MaxPool2d(2), _DenseBlock())
-    model = randomize_bn(model).eval()
-    x = torch.randn(8, 4, 20, 20)
-    prepared = prepare(model, "onnxruntime", x[:1])
-    calibrate(prepared, [x], progress=False)
-    path = export(prepared, tmp_path / "m.onnx", x[:1])
-    engine = ADAPTER.build(path, tmp_path / "engine", precision="int8", threads=1)
-    ops = [node.op_type for node in onnx.load(str(engine.artifact)).graph.node]
+    model = randomize_bn(torch.nn.Sequential(stem, torch.nn.MaxPool2d(2), _DenseBlock())).eval()
+    ops = _engine_ops_tracking_fake_quant(model, torch.randn(8, 4, 20, 20), tmp_path)
     assert ops.count("QLinearConv") == 4 and ops.count("QLinearConcat") == 3
     assert not {"Conv", "FusedConv", "Relu", "Concat"} & set(ops)
-    feed = onnx.load(str(path)).graph.input[0].name
-    with ADAPTER.runner(engine) as runner:
-        got = np.concatenate(
-            [runner.infer({feed: x[i : i + 1].numpy()})["output"] for i in range(8)]
-        )
-    with torch.no_grad():
-        want = prepared(x).numpy()
-    assert closeness.compare(got, want, step=None)["cosine"] > 0.999
