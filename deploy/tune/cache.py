@@ -17,7 +17,9 @@ from pathlib import Path
 
 from qat_deploy.deploy.common.artifacts import write_atomic
 
-CACHE_VERSION = 1
+#: 2: only timings no other process disturbed are stored (deploy.engines.contention);
+#: version-1 files may hold ratios timed under load, and are set aside as empty
+CACHE_VERSION = 2
 
 
 def default_cache_path() -> Path:

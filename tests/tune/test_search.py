@@ -220,6 +220,18 @@ def test_an_unreadable_cache_is_reported_and_replaced(tmp_path):
     assert TimingCache(path).get("k") == 0.5
 
 
+def test_a_cache_from_before_contention_checks_is_set_aside(tmp_path):
+    """Version-1 files stored every timing, those taken under load too: none is replayed,
+    and the next save writes only this run's entries."""
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"version": 1, "entries": {"old": 0.5}}))
+    cache = TimingCache(path)
+    assert cache.get("old") is None and "another format" in cache.problem
+    cache.put("new", 0.9)
+    cache.save()
+    assert json.loads(path.read_text())["entries"] == {"new": 0.9}
+
+
 def test_a_cache_that_cannot_be_written_is_reported_not_raised(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache's folder would go")
