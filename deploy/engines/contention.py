@@ -40,9 +40,9 @@ def cpu_set() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def snapshot(cpus: set[int] | None = None) -> Snapshot | None:
+def snapshot() -> Snapshot | None:
     """Counters now; None where the kernel does not expose /proc/stat (not Linux)."""
-    cpus = cpu_set() if cpus is None else cpus
+    cpus = cpu_set()
     try:
         lines = _STAT.read_text().splitlines()
     except OSError:

@@ -10,14 +10,7 @@ from functools import cached_property
 from onnx import NodeProto
 
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
-from qat_deploy.deploy.rules.backend import (
-    BackendRules,
-    OpRule,
-    conv_stage,
-    float_islands,
-    rectified,
-    shared_scale_members,
-)
+from qat_deploy.deploy.rules.backend import BackendRules, OpRule, conv_stage, float_islands
 from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, is_transformer
 
 
@@ -145,29 +138,6 @@ class Context:
             return False
         rule = self.rule(node)
         return rule is not None and rule.shared_scale
-
-    def shared_scale_members(self, node: NodeProto) -> list[str]:
-        """deploy.rules.backend.shared_scale_members on the ONNX graph: the run-time inputs of
-        a shared-scale op that must share its scale, seen through Q/DQ."""
-
-        def source(name: str) -> NodeProto | None:
-            node = self.graph.producer.get(name)
-            while node is not None and node.op_type in (QUANTIZE, DEQUANTIZE):
-                node = self.graph.producer.get(node.input[0])
-            return node
-
-        def carries(op: NodeProto) -> bool:
-            rule = self.rule(op)
-            return self.passes_through(op) or (rule is not None and rule.shared_scale)
-
-        def producers(op: NodeProto) -> list[NodeProto | None]:
-            return [source(name) for name in self.graph.runtime_inputs(op)]
-
-        def is_rectified(name: str) -> bool:
-            found = source(name)
-            return found is not None and rectified(found, self.graph.kind, producers, carries)
-
-        return shared_scale_members(self.graph.runtime_inputs(node), is_rectified, self.rules)
 
     def dequantizers(self, name: str) -> list[NodeProto] | None:
         """The DequantizeLinear nodes that `name` comes from through pass-through ops (and

@@ -17,7 +17,9 @@ from qat_deploy.deploy.rules.backend import (
     OpRule,
     branch_sum_root,
     fused_output,
+    rectified,
     selected_inputs,
+    shared_scale_members,
 )
 
 #: onnxruntime's QOperator format: integer ops with the quantization folded in, no Q/DQ.
@@ -132,7 +134,7 @@ def check_concat_scales(ctx: Context) -> Iterator[Violation]:
             continue
         scales = {
             tuple(scale.ravel().tolist())
-            for name in ctx.shared_scale_members(node)
+            for name in _shared_scale_members(ctx, node)
             for dq in ctx.dequantizers(name) or ()
             if (scale := ctx.graph.value(dq.input[1])) is not None
         }
@@ -146,6 +148,27 @@ def check_concat_scales(ctx: Context) -> Iterator[Violation]:
                 f"inputs have {len(scales)} different scales ({shown}): {ctx.rules.name} wants "
                 "one shared scale",
             )
+
+
+def _shared_scale_members(ctx: Context, node: NodeProto) -> list[str]:
+    """deploy.rules.backend.shared_scale_members on the ONNX graph, through Q/DQ pairs."""
+    graph = ctx.graph
+
+    def source(name: str) -> NodeProto | None:
+        return graph.producer.get(_behind_qdq(graph, name))
+
+    def producers(op: NodeProto) -> list[NodeProto | None]:
+        return [source(name) for name in graph.runtime_inputs(op)]
+
+    def carries(op: NodeProto) -> bool:
+        rule = ctx.rule(op)
+        return ctx.passes_through(op) or (rule is not None and rule.shared_scale)
+
+    def is_rectified(name: str) -> bool:
+        found = source(name)
+        return found is not None and rectified(found, graph.kind, producers, carries)
+
+    return shared_scale_members(graph.runtime_inputs(node), is_rectified, ctx.rules)
 
 
 def check_residual_adds(ctx: Context) -> Iterator[Violation]:

@@ -364,7 +364,7 @@ def _tuning_row(tuning: dict) -> str:
     if not tuning["regions"]:
         head = "no quantized weighted layer to move"
     elif not float_layers:
-        if reverted and reverted.get("contended"):
+        if reverted and reverted["contended"]:
             why = "other processes took the CPU while the re-prepared placement was timed: reverted"
         elif reverted:
             why = f"the re-prepared placement timed {reverted['time_ratio']:.2f}x: reverted"
@@ -377,9 +377,9 @@ def _tuning_row(tuning: dict) -> str:
             f"int8 time ({len(tuning['taken'])} change(s) taken)"
         )
     budget = ", budget spent" if tuning["exhausted"] else ""
-    if tuning.get("retimed"):
+    if tuning["retimed"]:
         budget += f", {tuning['retimed']} timing(s) retaken on a busy CPU"
-    if tuning.get("contended"):
+    if tuning["contended"]:
         budget += f", {tuning['contended']} timed on a busy CPU (not cached, no gain taken)"
     cache = tuning["cache"]
     return f"{head}; {tuning['comparisons']} comparisons, {tuning['seconds']:.0f} s{budget}, " + (
