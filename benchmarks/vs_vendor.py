@@ -6,7 +6,7 @@ weights; quantize_dynamic too for transformers; without the pre-processing's sym
 where they fail); NNCF's quantize on the ONNX model (when nncf is installed; image models with
 attention get its TRANSFORMER type too). Every int8 model is calibrated on the same samples.
 Each model is built on both runtimes, all of one runtime's engines are timed together in
-interleaved blocks (deploy.engines.timing: re-warm before each block, alternating order), and
+interleaved blocks (deploy.engines.timing: re-warm before each block, rotating order), and
 every int8 engine's outputs are compared with the fp32 engine's on held-out inputs, so a fast
 but broken model cannot win. Speedups and ours/best-vendor ratios are paired: the median over
 rounds of the ratio of two blocks timed back to back (robust to load that comes and goes on a

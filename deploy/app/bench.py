@@ -2,7 +2,7 @@
 
 Why it is built this way:
 - The fp32 and int8 engines of one (model, target, batch, threads) group are timed together in
-  interleaved blocks (deploy.engines.timing: re-warm before each block, alternating order), so
+  interleaved blocks (deploy.engines.timing: re-warm before each block, rotating order), so
   drift on a shared machine hits both alike and the int8 speedup is a same-run ratio.
 - Throughput is batch / p50 (one stream, back to back): the median resists the other jobs'
   bursts that inflate the mean on a shared machine.

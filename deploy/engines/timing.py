@@ -4,8 +4,12 @@ Each iteration is timed on its own (perf_counter_ns) so percentiles are real per
 latencies. Measuring stops at a block boundary once both `min_runs` iterations and `min_time_s`
 of measured time are reached. Interleaved mode times several engines block by block, re-warming
 each before its block (timing engines round-robin one inference at a time evicts their caches
-and inflated fp32 times about 2x here) and alternating the order (A B, B A, ...) so linear drift
-of the machine cancels out instead of favouring whichever engine runs first.
+and inflated fp32 times about 2x here) and rotating the order (A B C, B C A, C A B, ...): every
+engine takes every place in a round equally often, so linear drift of the machine cancels out
+instead of favouring whichever engine runs first. With two engines that is A B, B A, and each
+follows itself at every other round boundary; with three or more no engine ever follows itself,
+so none is spared the cost of switching engines that the others pay (alternating A B C, C B A
+put B after another engine every time and A, C only half the time).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def time_interleaved(
     config: TimingConfig | None = None,
     clock: Clock = time.perf_counter_ns,
 ) -> dict[str, list[float]]:
-    """Latencies in ms per engine, timed in alternating blocks until every engine has enough.
+    """Latencies in ms per engine, timed block by block in rotating order until each has enough.
 
     All engines get the same number of blocks, so each sees the same stretch of machine time.
     """
@@ -86,7 +90,8 @@ def time_interleaved(
     rewarm = config.rewarm if len(names) > 1 else 0  # alone, nothing evicts the engine's caches
     round_index = 0
     while not all(_enough(latencies[name], config) for name in names):
-        order = names if round_index % 2 == 0 else names[::-1]
+        shift = round_index % len(names)
+        order = names[shift:] + names[:shift]
         for name in order:
             warm = config.warmup if not latencies[name] else rewarm
             for _ in range(warm):

@@ -66,6 +66,25 @@ def test_interleaved_alternates_order_and_rewarms_each_block():
     assert clock.calls == ["A"] * 3 + ["B"] * 6 + ["A"] * 3
 
 
+def test_three_engines_rotate_so_none_is_spared_the_cost_of_switching():
+    """A call runs 1 ms slower while another engine ran within the last 3 calls (a cost that
+    lingers past the re-warm: caches, sleeping worker threads). Three identical engines must
+    measure alike. Alternating A B C, C B A put B after another engine in every round and
+    A, C after themselves in every other one: B's p50 read 1.33x theirs."""
+    clock = FakeClock()
+
+    def switching_cost(name: str) -> Callable[[int], float]:
+        return lambda n: 1.0 + any(other != name for other in clock.calls[max(0, n - 3) : n])
+
+    fns = {name: clock.engine(name, switching_cost(name)) for name in "ABC"}
+    config = TimingConfig(warmup=1, rewarm=1, block=2, min_runs=12, min_time_s=0)
+    latencies = time_interleaved(fns, config, clock)
+    p50 = {name: summarize(ms).p50 for name, ms in latencies.items()}
+    assert p50["A"] == p50["B"] == p50["C"]
+    starts = [name for i, name in enumerate(clock.calls) if i == 0 or clock.calls[i - 1] != name]
+    assert len(starts) == len(clock.calls) // 3  # no block follows one of its own engine's
+
+
 def test_interleaving_cancels_linear_drift_that_sequential_timing_suffers():
     drift = lambda n: 1.0 + 0.01 * n  # noqa: E731 - the machine slows down call by call
     config = TimingConfig(warmup=1, rewarm=1, block=2, min_runs=4, min_time_s=0)

@@ -50,7 +50,9 @@ def check_result(
         f"{format_ci(verdict.baseline)}: change {_pct(change.value)} "
         f"({change.confidence:.0%} CI {_pct(change.low)} .. {_pct(change.high)})"
     )
-    if pinned is not None:
+    if verdict.same_as_pinned:
+        summary += "; vs pinned candidate: the same file, unchanged by construction (not timed)"
+    elif pinned is not None:
         summary += (
             f"; vs pinned candidate: {_pct(pinned.value)} "
             f"({pinned.confidence:.0%} CI {_pct(pinned.low)} .. {_pct(pinned.high)})"
@@ -87,6 +89,7 @@ def check_result(
     if pinned is not None:
         properties["pinned_change"] = f"{pinned.value:.4f}"
         properties["pinned_change_ci"] = f"{pinned.low:.4f}..{pinned.high:.4f}"
+        properties["pinned_same_file"] = str(verdict.same_as_pinned).lower()
     return CheckResult(name, status, f"{summary}: {verb}", seconds, baseline.target, properties)
 
 

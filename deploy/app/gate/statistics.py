@@ -86,6 +86,8 @@ class Verdict:
     #: candidate / pinned candidate (the int8 file the baseline measured), this run; 1 means
     #: unchanged. None when the baseline pins no candidate.
     pinned: RatioCI | None = None
+    #: the candidate is the pinned file byte for byte, so `pinned` is exactly 1, not timed
+    same_as_pinned: bool = False
 
     @property
     def slower_than_baseline(self) -> bool:
@@ -108,13 +110,15 @@ def decide(
     tolerance: float,
     *,
     pinned_blocks: np.ndarray | None = None,
+    same_as_pinned: bool = False,
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> Verdict:
     """The gate's decision from per-block medians of one interleaved run. With pinned_blocks
     (the pinned int8 candidate, timed in the same rounds) candidate / pinned is judged too:
     its expected value is exactly 1, so it needs no recorded ratio and carries no drift of the
-    int8/fp32 ratio (see the module docstring)."""
+    int8/fp32 ratio (see the module docstring). same_as_pinned (the candidate is the pinned
+    file) makes that comparison exactly 1 without timing."""
     measured, samples = bootstrap_ratio(
         candidate_blocks, reference_blocks, resamples=resamples, seed=seed
     )
@@ -126,6 +130,8 @@ def decide(
         measured.value / baseline.value, float(low), float(high), CONFIDENCE, measured.blocks
     )
     pinned = None
-    if pinned_blocks is not None:
+    if same_as_pinned:
+        pinned = RatioCI(1.0, 1.0, 1.0, CONFIDENCE, measured.blocks)
+    elif pinned_blocks is not None:
         pinned, _ = bootstrap_ratio(candidate_blocks, pinned_blocks, resamples=resamples, seed=seed)
-    return Verdict(measured, baseline, change, tolerance, pinned)
+    return Verdict(measured, baseline, change, tolerance, pinned, same_as_pinned)

@@ -536,9 +536,18 @@ def test_the_fp32_comparison_decides_only_without_a_pinned_candidate():
     assert alone.regression and alone.slower_than_baseline
 
 
+def renamed_copy(src: Path, dst: Path) -> Path:
+    """`src` under another graph name: the same engine in different bytes."""
+    model = onnx.load(str(src))
+    model.graph.name = "renamed"
+    onnx.save(model, str(dst))
+    return dst
+
+
 def test_update_pins_the_candidate_and_a_check_times_it(tmp_path, fake_measure):
     path = tmp_path / "b.json"
-    candidate = tiny_onnx(tmp_path / "given.qdq.onnx", qdq=True)
+    # not the bytes the repo export (fake_measure's tiny_onnx) gives, so the check times both
+    candidate = renamed_copy(tiny_onnx(tmp_path / "plain.qdq.onnx", qdq=True), tmp_path / "g.onnx")
     update = CheckRequest(path, update=True, model="mnist_cnn", target="onnxruntime")
     run_check(replace(update, candidate=candidate))
     pinned = tmp_path / "b.candidate.onnx"
@@ -557,6 +566,26 @@ def test_update_pins_the_candidate_and_a_check_times_it(tmp_path, fake_measure):
     assert result.status == "regression" and "vs the pinned candidate" in result.message
     assert "the baseline ratio" not in result.message
     assert float(result.properties["change"]) < 1.10  # the int8/fp32 ratio alone passed
+
+
+def test_a_candidate_that_is_the_pinned_file_is_not_timed_against_it(tmp_path, fake_measure):
+    """Same bytes, same engine: candidate / pinned is 1 whatever a timing would have said, and
+    the int8/fp32 change is still measured and decides nothing (a note beyond tolerance)."""
+    path = tmp_path / "b.json"
+    run_check(CheckRequest(path, update=True, model="mnist_cnn", target="onnxruntime"))
+    fake_measure["ratio"], fake_measure["vs_pinned"] = 1.2 * 1.5, 1.5
+    result = run_check(CheckRequest(path))
+    assert list(fake_measure["files"]) == ["candidate", "reference"]
+    assert result.status == "passed", result.message
+    assert "vs pinned candidate: the same file" in result.message
+    assert "int8/fp32 ratio moved beyond the tolerance" in result.message
+    assert result.properties["pinned_same_file"] == "true"
+    assert float(result.properties["pinned_change"]) == 1.0
+    assert float(result.properties["change"]) == pytest.approx(1.5, rel=0.02)
+    other = renamed_copy(tmp_path / "b.candidate.onnx", tmp_path / "other.onnx")
+    result = run_check(CheckRequest(path, candidate=other))
+    assert list(fake_measure["files"]) == ["pinned", "candidate", "reference"]
+    assert result.status == "regression" and result.properties["pinned_same_file"] == "false"
 
 
 def test_a_missing_or_changed_pinned_candidate_is_bad_input(tmp_path, fake_measure):
