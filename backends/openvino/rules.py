@@ -1,6 +1,8 @@
 """OpenVINO CPU rules, as NNCF's CPU hardware config states them (setups/cpu.py, qspaces.py).
 
-- Activations uint8 affine per-tensor (Convolution needs per-tensor activation dequantization);
+- Activations uint8 affine per-tensor (Convolution needs per-tensor activation dequantization),
+  int8 symmetric where only a Mul, pooling or float BatchNorm reads a value that can be well
+  below 0 (zero_point_free_readers);
   weights int8 symmetric per-channel, narrow range.
 - Quantize inputs of Convolution, MatMul, Add (both inputs in CNNs), Multiply, AvgPool,
   ReduceMean, Interpolate; Concat inputs share one scale; MaxPool, Reshape, Transpose and Pad
@@ -54,6 +56,20 @@ RULES = BackendRules(
     # the view moves u8, as in NNCF's graph (paired, median of 3: 0.965x the time of the
     # quantizer after the view).
     post_op_activations=frozenset({"sigmoid", "hardsigmoid"}),
+    # NNCF's signed activations, where no Conv reads them: the CPU plugin runs a Mul, a
+    # pooling or a float BatchNorm reading u8 data with a zero point as a Subgraph that
+    # subtracts it first (DenseNet-121's 586 BN+ReLU Subgraphs after its Concats ran in bf16;
+    # in i8 with zero point 0). A Concat is looked through to its readers. Paired, median of
+    # 3, time over NNCF's before -> after (with drop_requantize_after_pass_through below):
+    # timm ECA-ResNet26t 1.014 -> 0.978, torchvision DenseNet-121 1.021 -> 0.998; held-out
+    # cosine vs fp32 within 0.001. Not Add: the CPU plugin fuses a residual Add into the Conv
+    # before it, which reads the zero point itself (EfficientNetV2-B0, ResNeXt-50, RegNetY,
+    # MobileNetV3-L with their Conv -> Add values int8 too: no change beyond noise, and
+    # MobileNetV3-L's centred cosine fell 0.934 -> 0.918). SiLU, HardSwish and GELU outputs
+    # keep uint8 (deploy.rules.backend.HARDLY_NEGATIVE): torchvision EfficientNet-B0 with its
+    # SiLU outputs int8 ran 1.006 -> 0.994 but its centred cosine fell 0.894 -> 0.851.
+    zero_point_free_readers=frozenset({"mul", "reduce_mean", "global_avgpool", "avgpool", "bn"}),
+    signed_activation=INT8_SYM_ACT,
     transformer_ops={
         "conv": WEIGHTED_OPS["conv"],
         "linear": OpRule(Inputs.ACTIVATION, activation=INT8_SYM_ACT),
@@ -61,7 +77,11 @@ RULES = BackendRules(
     },
     weight_axis={"conv_transpose": 1},  # its weight is [in, out, ...]; lint reads the axis
     # ONNX post-passes (deploy/export/passes.py) that let openvino fuse more int8 kernels
-    export_passes=("reduce_mean_keepdims", "quantize_before_pass_through"),
+    export_passes=(
+        "reduce_mean_keepdims",
+        "quantize_before_pass_through",
+        "drop_requantize_after_pass_through",
+    ),
     # The CPU plugin fuses a residual Add into the Conv feeding it as a oneDNN sum post-op and
     # rounds only at the last post-op: that Conv's output quantizer becomes a clamp. Measured
     # with OpenVINO 2026.4 on random MobileNetV2: int8 vs a rounding fake-quant model cosine

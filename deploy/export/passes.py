@@ -26,6 +26,11 @@ graph optimizer sees the graph.
   them, so the producing Conv (ResNet's stem) or ReduceMean (global pooling before the
   classifier's flatten) writes fp32 and the op runs in fp32. A copy of the quantizer above
   the op keeps both in u8, as in NNCF's graphs.
+- drop_requantize_after_pass_through: the quantizer after such an op is then an identity on
+  values already on its grid. With a nonzero zero point OpenVINO still runs it, as a
+  Subgraph that subtracts the zero point and requantizes (two per gate in timm's
+  ECA-ResNet26t, between the pooling and the Conv1d); without it the dequantization moves
+  through the op into the reader, as in NNCF's graphs.
 """
 
 from __future__ import annotations
@@ -261,11 +266,58 @@ def quantize_before_pass_through(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def drop_requantize_after_pass_through(model: onnx.ModelProto) -> int:
+    """DQ -> pass-through ops -> Q -> DQ with the same uint8 scale and nonzero zero point
+    loses that Q -> DQ pair: its values are on the grid already, so the pair is an identity.
+    OpenVINO keeps such a pair as a Subgraph that subtracts the zero point and requantizes
+    (two per block on timm ECA-ResNet26t's pooled gate input, after the squeeze and the
+    view); it moves the DQ through the ops into the reader instead. With zero point 0 it
+    merges the pair into the reader itself, so those stay."""
+    g = GraphIndex(model)
+    rewritten = 0
+    for quantize in list(g.graph.node):
+        params = uint8_qparams(quantize, g)
+        if params is None or params[1] == 0:
+            continue
+        source = _dequantized_source(g, quantize.input[0])
+        if source is None or uint8_qparams(g.producer[source.input[0]], g) != params:
+            continue
+        readers = g.consumers.get(quantize.output[0], [])
+        if not readers or any(r.op_type != "DequantizeLinear" for r in readers):
+            continue
+        if any(o.name in {r.output[0] for r in readers} for o in g.graph.output):
+            continue
+        for dequantize in readers:
+            for user in g.consumers.get(dequantize.output[0], []):
+                user.input[:] = [
+                    quantize.input[0] if i == dequantize.output[0] else i for i in user.input
+                ]
+                g.consumers.setdefault(quantize.input[0], []).append(user)
+            g.graph.node.remove(dequantize)
+        g.graph.node.remove(quantize)
+        g.consumers[quantize.input[0]].remove(quantize)
+        rewritten += 1
+    g.drop_unused_inits()
+    return rewritten
+
+
+def _dequantized_source(g: GraphIndex, name: str) -> onnx.NodeProto | None:
+    """The DequantizeLinear of a quantized value that reaches `name` through pass-through ops
+    (at least one), if one does and its producer is a QuantizeLinear."""
+    node, crossed = g.producer.get(name), 0
+    while node is not None and node.op_type in _QUANTIZATION_AGNOSTIC:
+        node, crossed = g.producer.get(node.input[0]), crossed + 1
+    if node is None or node.op_type != "DequantizeLinear" or not crossed:
+        return None
+    return node if g.made_by(node.input[0], "QuantizeLinear") is not None else None
+
+
 PASSES: dict[str, Callable[[onnx.ModelProto], int]] = {
     "global_average_pool": global_average_pool,
     "matmul_bias_3d": matmul_bias_3d,
     "reduce_mean_keepdims": reduce_mean_keepdims,
     "quantize_before_pass_through": quantize_before_pass_through,
+    "drop_requantize_after_pass_through": drop_requantize_after_pass_through,
 }
 
 

@@ -47,15 +47,18 @@ from qat_deploy.deploy.quant.observers import (
 from qat_deploy.deploy.quant.spec import QuantSpec
 from qat_deploy.deploy.rules.backend import (
     FUSED_ACTIVATIONS,
+    HARDLY_NEGATIVE,
     BackendRules,
     InputFacts,
     Inputs,
     OpRule,
+    activation_spec,
     branch_sum_root,
     conv_stage,
     float_islands,
     fused_output,
     get_rules,
+    reader_kinds,
     rectified,
     selected_inputs,
     shared_scale_members,
@@ -612,11 +615,13 @@ def _place_activation_quantizers(
             _quantize_output(node, rule, kinds, factory, readers, groups, on_grid.get(node))
     if factory.rules.quantize_pass_through_inputs:
         _quantize_pass_through_inputs(kinds, op_rules, factory.rules, readers, groups)
+    group_specs = _group_specs(readers, groups, kinds, factory.rules)
     modules: dict[Key, str] = {}
     sites: dict[str, tuple[QuantSpec, list[tuple[str, str]]]] = {}
     for key, consumers in readers.items():
-        value, spec = key
+        value, _ = key
         root = groups.find(key)
+        spec = group_specs[root]
         if root not in modules:
             modules[root] = name = f"act_quant_{len(modules)}"
             location = f"{value.name} -> {consumers[0].name}"
@@ -633,6 +638,36 @@ def _place_activation_quantizers(
         plan.sites.append(
             QuantizerSite(name, "activation", spec, site_edges[0][0], tuple(site_edges))
         )
+
+
+def _group_specs(readers: dict[Key, list[fx.Node]], groups, kinds, rules: BackendRules):
+    """Each group's spec: its keys' (the readers' rules), or deploy.rules.backend.activation_spec
+    from the kinds of the ops that read the group's values (pass-through ops carrying one
+    member to another are not readers)."""
+    members: dict[Key, list[Key]] = {}
+    for key in readers:
+        members.setdefault(groups.find(key), []).append(key)
+    specs: dict[Key, QuantSpec] = {}
+    for root, keys in members.items():
+        values = {value for value, _ in keys}
+        direct = [r for key in keys for r in readers[key] if r not in values]
+        read_as = reader_kinds(direct, kinds.get, lambda node: list(node.users))
+        hardly_negative = all(  # one signed member puts the whole group on a signed grid
+            value.meta.get(VALUE_RANGE) is not None or _hardly_negative(value, kinds, rules)
+            for value in values
+        )
+        specs[root] = activation_spec(rules, root[1], read_as, hardly_negative)
+    return specs
+
+
+def _hardly_negative(value: fx.Node, kinds, rules: BackendRules) -> bool:
+    def producers(node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes if a.meta.get("tensor_meta") is not None]
+
+    def carries(node: fx.Node) -> bool:
+        return kinds.get(node) in rules.pass_through
+
+    return rectified(value, kinds.get, producers, carries, HARDLY_NEGATIVE)
 
 
 def _shared_scale_members(keys: list[Key], kinds, op_rules, rules: BackendRules) -> list[Key]:

@@ -10,7 +10,14 @@ from functools import cached_property
 from onnx import NodeProto
 
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
-from qat_deploy.deploy.rules.backend import BackendRules, OpRule, conv_stage, float_islands
+from qat_deploy.deploy.rules.backend import (
+    HARDLY_NEGATIVE,
+    BackendRules,
+    OpRule,
+    conv_stage,
+    float_islands,
+    rectified,
+)
 from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, is_transformer
 
 
@@ -130,6 +137,24 @@ class Context:
 
     def passes_through(self, node: NodeProto) -> bool:
         return self.graph.kind(node) in self.rules.pass_through
+
+    def hardly_negative(self, name: str) -> bool:
+        """Whether `name` is never or hardly negative (deploy.rules.backend.HARDLY_NEGATIVE
+        kinds, and pass-through ops of them), seen through Q/DQ."""
+
+        def source(value: str) -> NodeProto | None:
+            node = self.graph.producer.get(value)
+            while node is not None and node.op_type in (QUANTIZE, DEQUANTIZE):
+                node = self.graph.producer.get(node.input[0])
+            return node
+
+        def producers(op: NodeProto) -> list[NodeProto | None]:
+            return [source(value) for value in self.graph.runtime_inputs(op)]
+
+        found = source(name)
+        return found is not None and rectified(
+            found, self.graph.kind, producers, self.passes_through, HARDLY_NEGATIVE
+        )
 
     def _writes_on_grid(self, node: NodeProto) -> bool:
         """BackendRules.shared_scale_outputs_quantized: a shared-scale op (Concat) writes its

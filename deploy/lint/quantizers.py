@@ -14,6 +14,7 @@ from onnx import NodeProto, TensorProto
 from qat_deploy.deploy.lint.base import Context, Use, Violation
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph, attribute
 from qat_deploy.deploy.quant.spec import QuantSpec
+from qat_deploy.deploy.rules.backend import activation_spec, reader_kinds
 
 #: Which input of an ONNX op holds its weight, and which its bias.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -58,11 +59,12 @@ def _describe(ctx: Context, node: NodeProto) -> Quantizer:
     uses = tuple(ctx.uses(node.output[0]))
     role = _role(ctx, node, uses)
     zero_point = node.input[2] if len(node.input) > 2 else ""
+    qtype = _qtype(ctx, node, zero_point)
     return Quantizer(
         node=node,
         role=role,
-        spec=_spec(ctx, role, uses),
-        qtype=_qtype(ctx, node, zero_point),
+        spec=_spec(ctx, node, role, uses, qtype),
+        qtype=qtype,
         scale=graph.value(node.input[1]),
         zero_point=graph.value(zero_point),
         uses=uses,
@@ -79,13 +81,33 @@ def _role(ctx: Context, node: NodeProto, uses: tuple[Use, ...]) -> Role:
     return Role.CONSTANT
 
 
-def _spec(ctx: Context, role: Role, uses: tuple[Use, ...]) -> QuantSpec | None:
-    """An op rule may override the activation spec (OpenVINO's transformer MatMul: int8)."""
-    if role is Role.ACTIVATION:
-        rules = (ctx.rule(u.node) for u in _through_requantizers(ctx, uses))
-        overrides = (r.activation for r in rules if r is not None and r.activation is not None)
-        return next(overrides, ctx.rules.activation)
-    return ctx.rules.weight if role is Role.WEIGHT else None
+def _spec(
+    ctx: Context, node: NodeProto, role: Role, uses: tuple[Use, ...], qtype: int | None
+) -> QuantSpec | None:
+    """An op rule may override the activation spec (OpenVINO's transformer MatMul: int8), and
+    the readers' kinds may choose the signed one (deploy.rules.backend.activation_spec)."""
+    if role is not Role.ACTIVATION:
+        return ctx.rules.weight if role is Role.WEIGHT else None
+    readers = list(_through_requantizers(ctx, uses))
+    rules = (ctx.rule(u.node) for u in readers)
+    overrides = (r.activation for r in rules if r is not None and r.activation is not None)
+    override = next(overrides, None)
+    if override is not None:
+        return override
+
+    def users(node: NodeProto) -> list[NodeProto]:
+        return [use.node for use in ctx.uses(node.output[0])]
+
+    kinds = reader_kinds([u.node for u in readers], ctx.graph.kind, users)
+    default = ctx.rules.activation
+    signed = activation_spec(ctx.rules, default, kinds, hardly_negative=False)
+    if signed == default:
+        return default
+    # Such readers run either spec correctly; the signed one faster where the value can be
+    # well below 0. A hardly negative value shares a signed grid in a Concat with signed
+    # values. Hold the file to the spec its type is, else to the one prepare() prefers.
+    preferred = default if ctx.hardly_negative(node.input[0]) else signed
+    return next((s for s in (default, signed) if qtype == _wanted_type(s)), preferred)
 
 
 def _through_requantizers(ctx: Context, uses: tuple[Use, ...]) -> Iterator[Use]:

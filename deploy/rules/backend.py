@@ -142,9 +142,18 @@ class BackendRules:
     #: point is higher: there the rectified inputs keep their own scale and the op
     #: requantizes them (shared_scale_members).
     relu_fold_needs_lowest_zero_point: bool = False
+    #: Op kinds that read a signed activation faster with zero point 0: a value that only
+    #: such ops read (through pass-through ops), and that can be negative, is quantized with
+    #: `signed_activation` instead of the default (activation_spec). The CPU plugin runs an
+    #: elementwise Mul / Add or a ReduceMean on u8 data as a kernel that subtracts the zero
+    #: point first; a Conv folds it into its compensation and keeps the default.
+    zero_point_free_readers: frozenset[str] = frozenset()
+    signed_activation: QuantSpec | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:
+        if self.zero_point_free_readers and self.signed_activation is None:
+            raise ValueError(f"{self.name} rules: zero_point_free_readers needs signed_activation")
         stray = self.quantize_pass_through_inputs - self.pass_through
         if stray:  # a quantizer above an op that does not commute with it changes the function
             raise ValueError(
@@ -183,24 +192,80 @@ def get_rules(target: str) -> BackendRules:
     return importlib.import_module(f"qat_deploy.backends.{target}.rules").RULES
 
 
+#: Activations every backend fuses into the op before it: an op's quantized output follows them.
+FUSED_ACTIVATIONS = ("relu", "relu6")
+
+
 def rectified(
     op: T,
     kind: Callable[[T], str | None],
     producers: Callable[[T], Sequence[T | None]],
     carries: Callable[[T], bool],
+    sources: Iterable[str] = FUSED_ACTIVATIONS,
 ) -> bool:
-    """Whether the op's output can never be negative: a fused ReLU/ReLU6's output, or made
-    only of such values by ops that `carries` (pass-through ops, shared-scale Concats).
-    producers: the ops computing an op's run-time data inputs, None for a graph input. One
-    walk for the torch graph (prepare) and the ONNX graph (lint, through its Q/DQ)."""
-    if kind(op) in FUSED_ACTIVATIONS:
+    """Whether the op's output can never be negative: the output of a `sources` kind (a fused
+    ReLU/ReLU6), or made only of such values by ops that `carries` (pass-through ops,
+    shared-scale Concats). producers: the ops computing an op's run-time data inputs, None
+    for a graph input. One walk for the torch graph (prepare) and the ONNX graph (lint,
+    through its Q/DQ)."""
+    if kind(op) in sources:
         return True
     if not carries(op):
         return False
     found = producers(op)
     return bool(found) and all(
-        p is not None and rectified(p, kind, producers, carries) for p in found
+        p is not None and rectified(p, kind, producers, carries, sources) for p in found
     )
+
+
+#: Kinds whose output is never negative (a quantizer reading them has zero point 0 already),
+#: or hardly: SiLU >= -0.28, HardSwish >= -0.375, GELU >= -0.17. Symmetric int8 would halve
+#: their resolution (activation_spec).
+HARDLY_NEGATIVE = (
+    *FUSED_ACTIVATIONS,
+    "sigmoid",
+    "hardsigmoid",
+    "softmax",
+    "silu",
+    "hardswish",
+    "gelu",
+)
+
+
+def reader_kinds(
+    readers: Iterable[T], kind: Callable[[T], str | None], users: Callable[[T], Iterable[T]]
+) -> list[str | None]:
+    """The kinds of the ops that read a value, for activation_spec: a Concat's readers in its
+    place, as it moves the value unchanged into its output (DenseNet's Concats, read by the
+    next layer's BatchNorm)."""
+    found: list[str | None] = []
+    for reader in readers:
+        if kind(reader) == "concat":
+            found += reader_kinds(users(reader), kind, users) or [None]
+        else:
+            found.append(kind(reader))
+    return found
+
+
+def activation_spec(
+    rules: BackendRules,
+    default: QuantSpec,
+    reader_kinds: Sequence[str | None],
+    hardly_negative: bool,
+) -> QuantSpec:
+    """The spec of a value quantized with `default` by its readers' rules:
+    BackendRules.signed_activation where every reader is a zero_point_free_readers kind and
+    the value can be well below 0 (a non-negative one has zero point 0 on the default grid;
+    a HARDLY_NEGATIVE one keeps twice the resolution there). One decision for prepare and
+    lint."""
+    zero_point_free = rules.zero_point_free_readers
+    if not zero_point_free or hardly_negative or not reader_kinds:
+        return default
+    if default != rules.activation.with_bits(default.bits):  # an op rule's own spec
+        return default
+    if any(kind not in zero_point_free for kind in reader_kinds):
+        return default
+    return rules.signed_activation.with_bits(default.bits)
 
 
 def shared_scale_members(
@@ -256,10 +321,6 @@ def selected_inputs(
         if fusible:  # the backend fuses the first Conv(+BN) into the Add; quantize the rest
             return [i for i in runtime if i != fusible[0]]
     return runtime
-
-
-#: Activations every backend fuses into the op before it: an op's quantized output follows them.
-FUSED_ACTIVATIONS = ("relu", "relu6")
 
 
 def fused_output(node: T, users: Callable[[T], list[T]], kind: Callable[[T], str | None]) -> T:

@@ -145,3 +145,36 @@ def test_pooled_features_stay_u8_into_the_classifier(tmp_path):
     ]
     # only the input quantizer itself (a float snippet reading the fp32 input) stays float
     assert len(float_layers) == 1 and float_layers[0][0] == "Subgraph", float_layers
+
+
+def test_an_eca_gate_runs_without_requantizers_and_matches_its_fake_quant_model(tmp_path):
+    """timm's ECA gate on OpenVINO's rules: the Conv output only the pooling and the Mul read
+    is int8 (zero point 0), and the pooled values reach the gate's Conv1d through the
+    squeeze and the view with no requantizing Subgraph (export pass
+    drop_requantize_after_pass_through; before it, the CPU plugin ran two per gate). The
+    engine computes what the fake-quant model does."""
+    import torch
+
+    from qat_deploy.deploy.export.qdq import export
+    from qat_deploy.deploy.frontend.prepare import prepare
+    from qat_deploy.deploy.training.calibrate import calibrate
+    from tests.frontend.blocks import ChannelGate
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 12, 12)
+    prepared = prepare(ChannelGate(c=16, gate="conv").eval(), "openvino", x[:1])
+    calibrate(prepared, [torch.randn(8, 16, 12, 12) for _ in range(4)], progress=False)
+    assert any(s.spec.signed for s in prepared.plan.sites if s.role == "activation")
+    path = export(prepared, tmp_path / "m.onnx", x[:1], dynamic_batch=True)
+    engine = ADAPTER.build(path, tmp_path, precision="int8", threads=1)
+    layers = ADAPTER.kernel_report(engine).layers
+    types = [layer.layer_type for layer in layers]
+    pooled, gate = types.index("Reduce"), types.index("Convolution", types.index("Reduce"))
+    assert set(types[pooled + 1 : gate]) <= {"Reshape", "Reorder"}, types
+    assert all(layer.precision == "int8" for layer in layers[pooled : gate + 1])
+    with ADAPTER.runner(engine) as runner:
+        feeds = ({"input": x[i : i + 1].numpy()} for i in range(8))
+        got = np.concatenate([next(iter(runner.infer(feed).values())) for feed in feeds])
+    with torch.no_grad():
+        want = prepared(x).numpy()
+    assert closeness.compare(got, want, step=None)["cosine"] > 0.999

@@ -445,6 +445,25 @@ def test_a_gate_quantizer_moves_up_to_a_sigmoid_the_conv_before_it_runs_as_a_pos
     assert (("sigmoid", viewed) in edges) == (gate == "conv")
 
 
+@pytest.mark.parametrize("target", ["openvino", "onnxruntime"])
+def test_a_signed_value_only_elementwise_ops_read_is_int8_on_openvino(target, tmp_path):
+    """OpenVINO (zero_point_free_readers): the Conv output that only the pooling and the gate
+    Mul read can be negative, so it is int8 with zero point 0 (the CPU plugin subtracts a
+    uint8 zero point in a kernel of its own there). The pooled values a Conv1d reads, and
+    the sigmoid gate (never negative: zero point 0 on the uint8 grid), stay uint8; so does
+    everything on onnxruntime. Lint accepts the export."""
+    prepared = prepare(ChannelGate(gate="conv").eval(), target, IMG)
+    spec = {e: s.spec for s in prepared.plan.sites if s.role == "activation" for e in s.edges}
+    signed = INT8_SYM if target == "openvino" else UINT8_AFFINE
+    assert spec[("conv", "mean")] == spec[("conv", "mul")] == signed
+    assert spec[("x", "conv")] == spec[("sigmoid", "view_1")] == UINT8_AFFINE
+    if target == "openvino":
+        assert spec[("mean", "view")] == UINT8_AFFINE
+    with torch.no_grad():
+        prepared(IMG)
+    assert lint(export(prepared, tmp_path / "m.onnx", IMG[:1]), target) == []
+
+
 class DenseStem(torch.nn.Module):
     """DenseNet's first block in small: the stem's ReLU -> MaxPool output is read by both
     Concats beside the signed outputs of the dense layers' Convs."""
