@@ -661,6 +661,8 @@ def _group_specs(readers: dict[Key, list[fx.Node]], groups, kinds, rules: Backen
 
 
 def _hardly_negative(value: fx.Node, kinds, rules: BackendRules) -> bool:
+    """The value's uint8 grid keeps (nearly) full resolution: a signed one would not."""
+
     def producers(node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if a.meta.get("tensor_meta") is not None]
 
