@@ -663,13 +663,16 @@ def _group_specs(readers: dict[Key, list[fx.Node]], groups, kinds, rules: Backen
 def _hardly_negative(value: fx.Node, kinds, rules: BackendRules) -> bool:
     """The value's uint8 grid keeps (nearly) full resolution: a signed one would not."""
 
-    def producers(node: fx.Node) -> list[fx.Node]:
-        return [a for a in node.all_input_nodes if a.meta.get("tensor_meta") is not None]
-
     def carries(node: fx.Node) -> bool:
         return kinds.get(node) in rules.pass_through
 
-    return rectified(value, kinds.get, producers, carries, HARDLY_NEGATIVE)
+    return rectified(value, kinds.get, _tensor_producers, carries, HARDLY_NEGATIVE)
+
+
+def _tensor_producers(node: fx.Node) -> list[fx.Node]:
+    """The nodes computing a node's tensor inputs (and a chunk's list of them), for
+    deploy.rules.backend.rectified."""
+    return [a for a in node.all_input_nodes if a.meta.get("tensor_meta") is not None]
 
 
 def _shared_scale_members(keys: list[Key], kinds, op_rules, rules: BackendRules) -> list[Key]:
@@ -679,11 +682,8 @@ def _shared_scale_members(keys: list[Key], kinds, op_rules, rules: BackendRules)
         rule = op_rules(node, kinds.get(node))
         return kinds.get(node) in rules.pass_through or (rule is not None and rule.shared_scale)
 
-    def producers(node: fx.Node) -> list[fx.Node]:  # tensors, and a chunk's list of them
-        return [a for a in node.all_input_nodes if a.meta.get("tensor_meta") is not None]
-
     return shared_scale_members(
-        keys, lambda key: rectified(key[0], kinds.get, producers, carries), rules
+        keys, lambda key: rectified(key[0], kinds.get, _tensor_producers, carries), rules
     )
 
 

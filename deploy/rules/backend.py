@@ -143,10 +143,11 @@ class BackendRules:
     #: requantizes them (shared_scale_members).
     relu_fold_needs_lowest_zero_point: bool = False
     #: Op kinds that read a signed activation faster with zero point 0: a value that only
-    #: such ops read (through pass-through ops), and that can be negative, is quantized with
-    #: `signed_activation` instead of the default (activation_spec). The CPU plugin runs an
-    #: elementwise Mul / Add or a ReduceMean on u8 data as a kernel that subtracts the zero
-    #: point first; a Conv folds it into its compensation and keeps the default.
+    #: such ops read (through pass-through ops and Concats), and that can be well below 0, is
+    #: quantized with `signed_activation` instead of the default (activation_spec). The CPU
+    #: plugin runs a Mul, a pooling or a float BatchNorm on u8 data as a kernel that
+    #: subtracts the zero point first; a Conv, and a residual Add fused into one, folds it
+    #: into the Conv's compensation and keeps the default.
     zero_point_free_readers: frozenset[str] = frozenset()
     signed_activation: QuantSpec | None = None
     notes: str = ""
