@@ -87,7 +87,7 @@ RULES = BackendRules(
     transformer_ops={"linear": WEIGHTED_OPS["linear"], "conv": CONV},
     weight_axis={"conv_transpose": 1},  # its weight is [in, out, ...]; lint reads the axis
     # ONNX post-passes (deploy/export/passes.py) that let onnxruntime fuse more int8 kernels
-    export_passes=("global_average_pool", "matmul_bias_3d"),
+    export_passes=("fold_pad_into_conv", "global_average_pool", "matmul_bias_3d"),
     # QLinearConv / QGemm add an int32 bias (round(b / (x_scale * w_scale))). The QDQ Gemm
     # selector requires it as an int32 DequantizeLinear (a float bias keeps Gemm in fp32); Conv
     # would round a float bias itself. Measured: ORT's int8 MobileNetV2 matches a float-bias

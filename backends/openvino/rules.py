@@ -78,6 +78,7 @@ RULES = BackendRules(
     weight_axis={"conv_transpose": 1},  # its weight is [in, out, ...]; lint reads the axis
     # ONNX post-passes (deploy/export/passes.py) that let openvino fuse more int8 kernels
     export_passes=(
+        "fold_pad_into_conv",
         "reduce_mean_keepdims",
         "quantize_before_pass_through",
         "drop_requantize_after_pass_through",

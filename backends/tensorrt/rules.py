@@ -33,6 +33,9 @@ RULES = BackendRules(
     # embedding of a ViT is a Conv), keep Softmax, LayerNorm, GELU and residual Adds in float.
     transformer_ops=dict(WEIGHTED_OPS),
     weight_axis={"conv_transpose": 1},
+    # ONNX post-passes (deploy/export/passes.py): the Pad of timm's "same" padding into the
+    # Conv, as in the fp32 graph, instead of a float Pad before the Conv's quantizer
+    export_passes=("fold_pad_into_conv",),
     # timm's fused qkv Linear (output reshaped, permuted and unbound into q, k, v): TensorRT-RTX
     # runs it on dequantized float weights (a CastMulFc kernel fed Int8/Float); written out as
     # three Linears it merges them back into one int8 gemm (DeiT-Tiny: 50 -> 62 of 62 int8)

@@ -26,6 +26,12 @@ graph optimizer sees the graph.
   them, so the producing Conv (ResNet's stem) or ReduceMean (global pooling before the
   classifier's flatten) writes fp32 and the op runs in fp32. A copy of the quantizer above
   the op keeps both in u8, as in NNCF's graphs.
+- fold_pad_into_conv: timm's "same" padding (Conv2dSame, and EfficientNetV2's strided Convs)
+  exports as Pad -> Conv. The exporter folds that Pad into the Conv's pads in an fp32 graph,
+  but the Conv's input quantizer sits between them in ours: Pad -> Q -> DQ -> Conv. Both
+  runtimes then run the Pad alone in float (OpenVINO: a bf16 reference kernel and Reorders).
+  Zero padding commutes with the quantizer (0 is on every grid: it quantizes to the zero
+  point and back to 0), so the Pad moves into the Conv's pads, behind the Q -> DQ pair.
 - drop_requantize_after_pass_through: the quantizer after such an op is then an identity on
   values already on its grid. With a nonzero zero point OpenVINO still runs it, as a
   Subgraph that subtracts the zero point and requantizes (two per gate in timm's
@@ -266,6 +272,97 @@ def quantize_before_pass_through(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def fold_pad_into_conv(model: onnx.ModelProto) -> int:
+    """Pad(constant 0 on spatial axes) -> [Q -> DQ ->] Conv loses the Pad; each Conv reading
+    it adds the padding to its own pads. Exact: a Conv pads with zeros itself, and zero
+    padding commutes with per-tensor and per-channel quantization. Only where the Pad's one
+    reader is the Conv, or a quantizer whose every copy only Convs read as their input."""
+    g = GraphIndex(model)
+    outputs = {o.name for o in g.graph.output}
+    rewritten = 0
+    for pad in [n for n in g.graph.node if n.op_type == "Pad"]:
+        widths = _spatial_zero_padding(pad, g)
+        users = g.consumers.get(pad.output[0], [])
+        if widths is None or len(users) != 1 or pad.output[0] in outputs:
+            continue
+        convs = _convs_reading(g, users[0], outputs)
+        if not convs:
+            continue
+        for conv in convs:
+            pads = list(_attr(conv, "pads", [0] * len(widths)))
+            _set_ints(conv, "pads", [a + b for a, b in zip(pads, widths, strict=True)])
+        users[0].input[list(users[0].input).index(pad.output[0])] = pad.input[0]
+        _forget_shapes(g.graph, _outputs_between(g, users[0]))
+        g.graph.node.remove(pad)
+        rewritten += 1
+    g.drop_unused_inits()
+    return rewritten
+
+
+def _spatial_zero_padding(pad: onnx.NodeProto, g: GraphIndex) -> list[int] | None:
+    """A Pad's widths as a Conv's pads (begins, then ends, spatial axes only), if it pads with
+    zeros, non-negatively, on no axis but the spatial ones of an NC... tensor."""
+    widths = g.const(pad.input[1]) if len(pad.input) > 1 else None
+    value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+    if _attr(pad, "mode", b"constant") not in (b"constant", "constant"):
+        return None
+    if widths is None or value is None or np.any(value != 0) or any(pad.input[3:]):
+        return None
+    rank = widths.size // 2
+    begins, ends = widths[:rank].tolist(), widths[rank:].tolist()
+    if rank < 3 or np.any(widths < 0) or any(begins[:2]) or any(ends[:2]):
+        return None
+    return begins[2:] + ends[2:]
+
+
+def _convs_reading(
+    g: GraphIndex, user: onnx.NodeProto, outputs: set[str]
+) -> list[onnx.NodeProto] | None:
+    """The Convs that read `user` (a Conv itself, or a QuantizeLinear whose DequantizeLinears
+    only Convs read) as their data input; None where anything else reads it on the way."""
+    if user.op_type == "Conv":
+        return [user] if _pads_explicitly(user) else None
+    if user.op_type != "QuantizeLinear" or user.output[0] in outputs:
+        return None
+    convs: list[onnx.NodeProto] = []
+    for dequantize in g.consumers.get(user.output[0], []):
+        if dequantize.op_type != "DequantizeLinear" or dequantize.output[0] in outputs:
+            return None
+        readers = g.consumers.get(dequantize.output[0], [])
+        if not readers or not all(
+            r.op_type == "Conv" and r.input[0] == dequantize.output[0] and _pads_explicitly(r)
+            for r in readers
+        ):
+            return None
+        convs += readers
+    return convs or None
+
+
+def _pads_explicitly(conv: onnx.NodeProto) -> bool:
+    """Whether the Conv's padding is its pads attribute (auto_pad would ignore added pads)."""
+    return _attr(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+
+
+def _set_ints(node: onnx.NodeProto, name: str, values: list[int]) -> None:
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, values))
+
+
+def _outputs_between(g: GraphIndex, user: onnx.NodeProto) -> set[str]:
+    """Tensors from `user` up to the Convs, whose recorded shapes lose the padding."""
+    names = set(user.output)
+    for dequantize in g.consumers.get(user.output[0], []):
+        names.update(dequantize.output)
+    return names
+
+
+def _forget_shapes(graph: onnx.GraphProto, names: set[str]) -> None:
+    for info in [v for v in graph.value_info if v.name in names]:
+        graph.value_info.remove(info)
+
+
 def drop_requantize_after_pass_through(model: onnx.ModelProto) -> int:
     """DQ -> pass-through ops -> Q -> DQ with the same uint8 scale and nonzero zero point
     loses that Q -> DQ pair: its values are on the grid already, so the pair is an identity.
@@ -313,6 +410,7 @@ def _dequantized_source(g: GraphIndex, name: str) -> onnx.NodeProto | None:
 
 
 PASSES: dict[str, Callable[[onnx.ModelProto], int]] = {
+    "fold_pad_into_conv": fold_pad_into_conv,
     "global_average_pool": global_average_pool,
     "matmul_bias_3d": matmul_bias_3d,
     "reduce_mean_keepdims": reduce_mean_keepdims,

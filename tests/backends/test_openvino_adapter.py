@@ -147,6 +147,18 @@ def test_pooled_features_stay_u8_into_the_classifier(tmp_path):
     assert len(float_layers) == 1 and float_layers[0][0] == "Subgraph", float_layers
 
 
+def _engine_cosine_to(prepared, engine, x) -> float:
+    """Cosine of the engine's outputs, one sample at a time, to the fake-quant model's."""
+    import torch
+
+    with ADAPTER.runner(engine) as runner:
+        feeds = ({"input": x[i : i + 1].numpy()} for i in range(len(x)))
+        got = np.concatenate([next(iter(runner.infer(feed).values())) for feed in feeds])
+    with torch.no_grad():
+        want = prepared(x).numpy()
+    return closeness.compare(got, want, step=None)["cosine"]
+
+
 def test_an_eca_gate_runs_without_requantizers_and_matches_its_fake_quant_model(tmp_path):
     """timm's ECA gate on OpenVINO's rules: the Conv output only the pooling and the Mul read
     is int8 (zero point 0), and the pooled values reach the gate's Conv1d through the
@@ -172,9 +184,28 @@ def test_an_eca_gate_runs_without_requantizers_and_matches_its_fake_quant_model(
     pooled, gate = types.index("Reduce"), types.index("Convolution", types.index("Reduce"))
     assert set(types[pooled + 1 : gate]) <= {"Reshape", "Reorder"}, types
     assert all(layer.precision == "int8" for layer in layers[pooled : gate + 1])
-    with ADAPTER.runner(engine) as runner:
-        feeds = ({"input": x[i : i + 1].numpy()} for i in range(8))
-        got = np.concatenate([next(iter(runner.infer(feed).values())) for feed in feeds])
-    with torch.no_grad():
-        want = prepared(x).numpy()
-    assert closeness.compare(got, want, step=None)["cosine"] > 0.999
+    assert _engine_cosine_to(prepared, engine, x) > 0.999
+
+
+def test_same_padding_runs_inside_int8_convs_and_matches_its_fake_quant_model(tmp_path):
+    """timm's "same" padding (Pad -> strided Conv): with the Pad folded into the Conv (export
+    pass fold_pad_into_conv) the CPU plugin runs no Pad layer, which it otherwise ran alone in a
+    bf16 reference kernel before the Conv's quantizer, and every Conv is int8."""
+    import torch
+
+    from qat_deploy.deploy.export.qdq import export
+    from qat_deploy.deploy.frontend.prepare import prepare
+    from qat_deploy.deploy.training.calibrate import calibrate
+    from tests.frontend.blocks import SamePaddingStem, randomize_bn
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    prepared = prepare(randomize_bn(SamePaddingStem()).eval(), "openvino", x[:1])
+    calibrate(prepared, [torch.randn(8, 3, 16, 16) for _ in range(4)], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", x[:1], dynamic_batch=True)
+    engine = ADAPTER.build(path, tmp_path, precision="int8", threads=1)
+    layers = ADAPTER.kernel_report(engine).layers
+    assert "Pad" not in {layer.layer_type for layer in layers}
+    convs = [layer for layer in layers if "Convolution" in layer.layer_type]
+    assert len(convs) == 3 and all(layer.precision == "int8" for layer in convs), convs
+    assert _engine_cosine_to(prepared, engine, x) > 0.999

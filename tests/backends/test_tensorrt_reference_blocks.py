@@ -17,6 +17,7 @@ from tests.frontend.blocks import (
     EncoderBlock,
     FusedQKVAttention,
     InvertedResidual,
+    SamePaddingStem,
     UpBlock,
     randomize_bn,
 )
@@ -31,6 +32,8 @@ BLOCKS = {
     "encoder": (EncoderBlock, (5, 16)),
     "fused_qkv_attention": (FusedQKVAttention, (16, 64)),
     "conv_transpose_upsampling": (UpBlock, (16, 8, 8)),
+    # timm's Pad -> strided Conv, the Pad folded into the Conv's asymmetric pads by the export
+    "same_padding": (SamePaddingStem, (3, 16, 16)),
 }
 
 

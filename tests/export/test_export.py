@@ -19,7 +19,7 @@ from qat_deploy.deploy.quant.fake_quant import FakeQuantize
 from qat_deploy.deploy.rules.backend import available_targets
 from qat_deploy.deploy.training.calibrate import calibrate
 from qat_deploy.models import load_model
-from tests.export.qdq_probe import compare_per_quantizer
+from tests.export.qdq_probe import compare_per_quantizer, run_reference_semantics
 from tests.frontend.blocks import (
     BasicBlock,
     Bottleneck,
@@ -28,6 +28,7 @@ from tests.frontend.blocks import (
     GhostBlock,
     InceptionStem,
     InvertedResidual,
+    SamePaddingStem,
     randomize_bn,
 )
 
@@ -88,6 +89,35 @@ def test_qdq_onnx_matches_fake_quant_model(name, target, tmp_path):
         assert min(within) >= 0.5, within
     cos = (got * expected).sum() / (np.linalg.norm(got) * np.linalg.norm(expected))
     assert cos > (0.999 if name == "resnet18" else 0.9999)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_same_padding_folds_into_the_conv_and_the_file_matches_the_fake_quant_model(
+    target, tmp_path
+):
+    """timm's Pad -> Conv "same" padding leaves no Pad in the file (export pass
+    fold_pad_into_conv): each strided Conv pads bottom and right itself, and the file still
+    computes what the fake-quant model does, which pads before its input quantizer."""
+    shape = (3, 16, 16)
+    _, prepared = _calibrated(lambda: randomize_bn(SamePaddingStem()), shape, target)
+    path = export(prepared, tmp_path / "m.qdq.onnx", torch.randn(1, *shape), dynamic_batch=True)
+    model = onnx.load(path)
+    assert "Pad" not in {n.op_type for n in model.graph.node}
+    strided = [n for n in model.graph.node if n.op_type == "Conv" and _ints(n, "strides") == [2, 2]]
+    assert [_ints(n, "pads") for n in strided] == [[0, 0, 1, 1]] * 2
+    for module in prepared.modules():
+        if isinstance(module, FakeQuantize):
+            module.rounding = True
+    x = torch.randn(64, *shape)
+    (got,) = run_reference_semantics(path, {model.graph.input[0].name: x.numpy()}, [])
+    with torch.no_grad():
+        expected = prepared(x).numpy()
+    cos = (got * expected).sum() / (np.linalg.norm(got) * np.linalg.norm(expected))
+    assert cos > 0.9999
+
+
+def _ints(node: onnx.NodeProto, name: str) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == name), None)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -1,5 +1,6 @@
-"""deploy/export/passes.py: drop_requantize_after_pass_through keeps what the model computes
-(onnxruntime with plain Q/DQ semantics is the reference) and drops only identity requantizers."""
+"""deploy/export/passes.py: drop_requantize_after_pass_through and fold_pad_into_conv keep what
+the model computes (onnxruntime with plain Q/DQ semantics is the reference) and rewrite only
+where that holds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qat_deploy.deploy.export.passes import drop_requantize_after_pass_through
+from qat_deploy.deploy.export.passes import drop_requantize_after_pass_through, fold_pad_into_conv
 
 
 def _chain(scale_after: float, zero_point: int, zero_point_after: int) -> onnx.ModelProto:
@@ -69,3 +70,81 @@ def test_requantizers_that_change_values_or_that_openvino_merges_stay():
         model = _chain(scale, zero_point, zero_point_after)
         assert drop_requantize_after_pass_through(model) == 0
         assert _quantizers(model) == ["q", "q2"]
+
+
+def _padded_convs(
+    *,
+    mode: str = "constant",
+    value: float = 0.0,
+    widths: tuple[int, ...] = (0, 0, 0, 0, 0, 0, 1, 1),
+    conv_attrs: dict | None = None,
+) -> onnx.ModelProto:
+    """x -> Pad -> Q -> DQ -> two 3x3 stride-2 Convs -> Add -> y, as timm's
+    "same" padding exports; uint8 quantizer with a nonzero zero point."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(np.array(widths, np.int64), "widths"),
+        numpy_helper.from_array(np.array(value, np.float32), "value"),
+        numpy_helper.from_array(np.array(0.04, np.float32), "s"),
+        numpy_helper.from_array(np.array(100, np.uint8), "z"),
+        numpy_helper.from_array(rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32), "w3"),
+        numpy_helper.from_array(rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32), "w3b"),
+    ]
+    if conv_attrs is None:
+        conv_attrs = {"pads": [1, 0, 0, 1]}  # begins and ends of its own as well
+    nodes = [
+        helper.make_node("Pad", ["x", "widths", "value"], ["p"], "pad", mode=mode),
+        helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"], "q"),
+        helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["pd"], "dq"),
+        helper.make_node("Conv", ["pd", "w3"], ["a"], "conv3", strides=[2, 2], **conv_attrs),
+        helper.make_node("Conv", ["pd", "w3b"], ["b"], "conv3b", strides=[2, 2], **conv_attrs),
+        helper.make_node("Add", ["a", "b"], ["y"], "add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "padded",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_zero_padding_before_a_quantized_conv_moves_into_its_pads_and_values_are_unchanged():
+    model = _padded_convs()
+    x = np.random.default_rng(0).normal(0, 2, (1, 3, 8, 8)).astype(np.float32)
+    before = _run(model, x)
+    assert fold_pad_into_conv(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert "Pad" not in _op_types(model)
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert q.input[0] == "x"
+    np.testing.assert_allclose(_run(model, x), before, rtol=1e-5, atol=1e-4)
+
+
+def test_padding_a_conv_cannot_take_stays():
+    """Reflect and nonzero padding, channel padding (begins and ends), cropping and auto_pad
+    each change what a Conv's own zero padding computes."""
+    cases = [
+        {"mode": "reflect"},
+        {"value": 0.5},
+        {"widths": (0, 1, 0, 0, 0, 0, 1, 1)},
+        {"widths": (0, 0, 0, 0, 0, 1, 1, 1)},
+        {"widths": (0, 0, 0, 0, 0, 0, -1, 1)},
+        {"conv_attrs": {"auto_pad": "SAME_UPPER"}},
+    ]
+    for case in cases:
+        model = _padded_convs(**case)
+        assert fold_pad_into_conv(model) == 0, case
+        assert "Pad" in _op_types(model)
+
+
+def test_padding_something_else_also_reads_stays():
+    model = _padded_convs()
+    model.graph.node.append(helper.make_node("Relu", ["pd"], ["r"], "relu"))
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    assert fold_pad_into_conv(model) == 0

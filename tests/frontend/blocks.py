@@ -239,3 +239,21 @@ class ChannelGate(nn.Module):
         if self.expand is not None:
             return x * y.expand(self.expand, -1, *x.shape[2:])
         return x * y
+
+
+class SamePaddingStem(nn.Module):
+    """timm's "same" padding on strided Convs (Conv2dSame, EfficientNetV2): an explicit
+    bottom/right zero Pad, then an unpadded stride-2 Conv; a full and a depthwise one."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, 2, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.dw = nn.Conv2d(c, c, 3, 2, groups=c, bias=False)
+        self.bn_dw = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = nn.functional.silu(self.bn(self.conv(nn.functional.pad(x, (0, 1, 0, 1)))))
+        x = nn.functional.silu(self.bn_dw(self.dw(nn.functional.pad(x, (0, 1, 0, 1)))))
+        return self.pw(x)
