@@ -102,13 +102,19 @@ def our_variant(
     label = "ours tuned" if tuning else "ours"
     qdq_name = f"{label.replace(' ', '_')}_{target}.onnx"
     path = recipe.export_onnx(loaded, prepared, out, ["int8"], qdq_name=qdq_name)["int8"]
-    note = ""
-    if tuning:
-        t = prepared.plan.latency_tuning
-        note = f"tuned: {len(t['float_layers'])}/{t['regions']} layers float, {t['seconds']:.0f} s"
-        if t["retimed"] or t["contended"]:  # other processes took the CPU while it timed
-            note += f", {t['retimed']} timings retaken, {t['contended']} still contended"
+    note = tuning_note(prepared.plan.latency_tuning) if tuning else ""
     return Variant(f"{label} ({target} rules)", path, "int8", ours_for=target, note=note)
+
+
+def tuning_note(t: dict) -> str:
+    """What the latency search did, for the row: which layers it took float (by name, so a
+    cold run that ends elsewhere can be told apart), its time, and any contended timings."""
+    floated = f" ({', '.join(t['float_layers'])})" if t["float_layers"] else ""
+    note = f"tuned: {len(t['float_layers'])}/{t['regions']} layers float{floated}"
+    note += f", {t['seconds']:.0f} s"
+    if t["retimed"] or t["contended"]:  # other processes took the CPU while it timed
+        note += f", {t['retimed']} timings retaken, {t['contended']} still contended"
+    return note
 
 
 @dataclass(frozen=True)

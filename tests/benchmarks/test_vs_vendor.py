@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.vs_vendor import Variant, died_of, nncf_recipes, samples, timed_on
+from benchmarks.vs_vendor import Variant, died_of, nncf_recipes, samples, timed_on, tuning_note
 
 
 def test_one_input_is_fed_as_input_one_sample_at_a_time():
@@ -80,3 +80,12 @@ def test_a_crash_in_the_child_is_named_and_the_parent_lives_on():
     assert died_of(_read_address_zero) == "SIGSEGV"
     assert died_of(_raise) is None  # the parent reports exceptions itself, building in-process
     assert died_of(print, "fine") is None
+
+
+def test_the_tuned_row_names_the_layers_the_search_took_float():
+    t = {"float_layers": ["layer1.0.conv1", "fc"], "regions": 54, "seconds": 31.6}
+    note = tuning_note({**t, "retimed": 0, "contended": 0})
+    assert "2/54 layers float" in note and "layer1.0.conv1" in note and "fc" in note
+    assert "contended" not in note
+    quiet = tuning_note({**t, "float_layers": [], "retimed": 2, "contended": 1})
+    assert "0/54 layers float," in quiet and "2 timings retaken, 1 still contended" in quiet
