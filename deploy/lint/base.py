@@ -3,7 +3,7 @@ rules, with the graph walks that depend on those rules)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -11,6 +11,7 @@ from onnx import NodeProto
 
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
 from qat_deploy.deploy.rules.backend import (
+    FUSED_ACTIVATIONS,
     HARDLY_NEGATIVE,
     BackendRules,
     OpRule,
@@ -138,23 +139,32 @@ class Context:
     def passes_through(self, node: NodeProto) -> bool:
         return self.graph.kind(node) in self.rules.pass_through
 
-    def hardly_negative(self, name: str) -> bool:
-        """Whether `name` is never or hardly negative (deploy.rules.backend.HARDLY_NEGATIVE
-        kinds, and pass-through ops of them), seen through Q/DQ."""
+    def source(self, name: str) -> NodeProto | None:
+        """The op computing `name`, seen through Q/DQ; None for a graph input or constant."""
+        node = self.graph.producer.get(name)
+        while node is not None and node.op_type in (QUANTIZE, DEQUANTIZE):
+            node = self.graph.producer.get(node.input[0])
+        return node
 
-        def source(value: str) -> NodeProto | None:
-            node = self.graph.producer.get(value)
-            while node is not None and node.op_type in (QUANTIZE, DEQUANTIZE):
-                node = self.graph.producer.get(node.input[0])
-            return node
+    def rectified(
+        self,
+        name: str,
+        carries: Callable[[NodeProto], bool],
+        sources: Iterable[str] = FUSED_ACTIVATIONS,
+    ) -> bool:
+        """deploy.rules.backend.rectified on the ONNX graph, seen through Q/DQ: the walk the
+        front end makes on the torch graph."""
 
         def producers(op: NodeProto) -> list[NodeProto | None]:
-            return [source(value) for value in self.graph.runtime_inputs(op)]
+            return [self.source(value) for value in self.graph.runtime_inputs(op)]
 
-        found = source(name)
-        return found is not None and rectified(
-            found, self.graph.kind, producers, self.passes_through, HARDLY_NEGATIVE
-        )
+        found = self.source(name)
+        return found is not None and rectified(found, self.graph.kind, producers, carries, sources)
+
+    def hardly_negative(self, name: str) -> bool:
+        """Whether `name` is never or hardly negative (deploy.rules.backend.HARDLY_NEGATIVE
+        kinds, and pass-through ops of them)."""
+        return self.rectified(name, self.passes_through, HARDLY_NEGATIVE)
 
     def _writes_on_grid(self, node: NodeProto) -> bool:
         """BackendRules.shared_scale_outputs_quantized: a shared-scale op (Concat) writes its

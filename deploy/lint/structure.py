@@ -17,7 +17,6 @@ from qat_deploy.deploy.rules.backend import (
     OpRule,
     branch_sum_root,
     fused_output,
-    rectified,
     selected_inputs,
     shared_scale_members,
 )
@@ -152,23 +151,14 @@ def check_concat_scales(ctx: Context) -> Iterator[Violation]:
 
 def _shared_scale_members(ctx: Context, node: NodeProto) -> list[str]:
     """deploy.rules.backend.shared_scale_members on the ONNX graph, through Q/DQ pairs."""
-    graph = ctx.graph
-
-    def source(name: str) -> NodeProto | None:
-        return graph.producer.get(_behind_qdq(graph, name))
-
-    def producers(op: NodeProto) -> list[NodeProto | None]:
-        return [source(name) for name in graph.runtime_inputs(op)]
 
     def carries(op: NodeProto) -> bool:
         rule = ctx.rule(op)
         return ctx.passes_through(op) or (rule is not None and rule.shared_scale)
 
-    def is_rectified(name: str) -> bool:
-        found = source(name)
-        return found is not None and rectified(found, graph.kind, producers, carries)
-
-    return shared_scale_members(graph.runtime_inputs(node), is_rectified, ctx.rules)
+    return shared_scale_members(
+        ctx.graph.runtime_inputs(node), lambda name: ctx.rectified(name, carries), ctx.rules
+    )
 
 
 def check_residual_adds(ctx: Context) -> Iterator[Violation]:
