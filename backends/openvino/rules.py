@@ -79,6 +79,7 @@ RULES = BackendRules(
     # ONNX post-passes (deploy/export/passes.py) that let openvino fuse more int8 kernels
     export_passes=(
         "fold_pad_into_conv",
+        "fold_quantized_constants",
         "reduce_mean_keepdims",
         "quantize_before_pass_through",
         "drop_requantize_after_pass_through",

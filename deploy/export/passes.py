@@ -32,6 +32,12 @@ graph optimizer sees the graph.
   runtimes then run the Pad alone in float (OpenVINO: a bf16 reference kernel and Reorders).
   Zero padding commutes with the quantizer (0 is on every grid: it quantizes to the zero
   point and back to 0), so the Pad moves into the Conv's pads, behind the Q -> DQ pair.
+- fold_quantized_constants: a quantized branch no graph input reaches (timm EdgeNeXt's Fourier
+  positional encoding: Sin/Cos of a fixed grid -> Q -> DQ -> Conv with int8 weights) becomes
+  the initializer it computes, as the fp32 export's optimizer folds it. Runtimes fold such a
+  branch anyway, so its quantizers buy no int8 kernel; OpenVINO 2026.4 folds it wrong:
+  EdgeNeXt-XXS's position Conv came out 77% off and the engine's cosine to its own file
+  fell to 0.9952 (with the quantizer alone folded, the CPU plugin failed to compile).
 - drop_requantize_after_pass_through: the quantizer after such an op is then an identity on
   values already on its grid. With a nonzero zero point OpenVINO still runs it, as a
   Subgraph that subtracts the zero point and requantizes (two per gate in timm's
@@ -363,6 +369,116 @@ def _forget_shapes(graph: onnx.GraphProto, names: set[str]) -> None:
         graph.value_info.remove(info)
 
 
+#: Ops whose output is not a function of their inputs: never folded to a constant.
+_NONDETERMINISTIC = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
+)
+
+
+def fold_quantized_constants(model: onnx.ModelProto) -> int:
+    """Values no graph input reaches, computed through an activation quantizer (Q -> DQ on a
+    computed value), become initializers where an input-dependent node reads them: the values
+    onnxruntime's plain semantics compute, so the file computes the same. Other constant math
+    (a weight's DequantizeLinear and what transposes it, shape arithmetic) stays: runtimes
+    need weights as DequantizeLinear(int8) to pick int8 kernels. Returns how many values were
+    folded."""
+    g = GraphIndex(model)
+    constant = _input_independent(g.graph)
+    quantized = _behind_computed_quantizers(g, constant)
+    boundary = {
+        name
+        for n in g.graph.node
+        if not all(o in constant for o in n.output)
+        for name in n.input
+        if name in quantized
+    }
+    boundary |= {o.name for o in g.graph.output if o.name in quantized}
+    if not boundary:
+        return 0
+    names = sorted(boundary)
+    for name, value in zip(names, _evaluate(model, names), strict=True):
+        g.graph.initializer.append(numpy_helper.from_array(value, name))
+        for node in [n for n in g.graph.node if name in n.output]:
+            node.output[list(node.output).index(name)] = g.fresh(f"{name}_folded")
+    drop_dead_nodes(g.graph)
+    drop_unused_initializers(g.graph)
+    _forget_shapes(g.graph, {v.name for v in g.graph.value_info} - _tensor_names(g.graph))
+    return len(names)
+
+
+def _behind_computed_quantizers(g: GraphIndex, constant: set[str]) -> set[str]:
+    """Input-independent values that a QuantizeLinear of a computed value (not a weight
+    initializer or Constant) feeds, directly or through other ops."""
+    found: set[str] = set()
+    for node in g.graph.node:  # topological order
+        if not all(o in constant for o in node.output):
+            continue
+        computed = node.input[0] not in g.inits and g.made_by(node.input[0], "Constant") is None
+        if (node.op_type == "QuantizeLinear" and computed) or any(i in found for i in node.input):
+            found.update(node.output)
+    return found
+
+
+def _input_independent(graph: onnx.GraphProto) -> set[str]:
+    """Names of the tensors computed from initializers and constants alone, deterministically."""
+    known = {t.name for t in graph.initializer}
+    for node in graph.node:  # topological order
+        if node.op_type in _NONDETERMINISTIC or any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        ):
+            continue
+        if all(not name or name in known for name in node.input):
+            known.update(node.output)
+    return known
+
+
+def _evaluate(model: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
+    """The values of input-independent tensors: their ancestors alone, run by onnxruntime with
+    its graph optimizations off (the plain ONNX semantics)."""
+    import onnxruntime as ort
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    needed: dict[str, onnx.NodeProto] = {}
+    todo = list(names)
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and node.output[0] not in needed:
+            needed[node.output[0]] = node
+            todo.extend(i for i in node.input if i)
+    nodes = [n for n in model.graph.node if n.output[0] in needed]  # graph order
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(
+        nodes,
+        "constants",
+        [],
+        [helper.make_empty_tensor_value_info(name) for name in names],
+        [t for t in model.graph.initializer if t.name in used],
+    )
+    sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    typed = onnx.shape_inference.infer_shapes(sub)
+    known = {v.name: v for v in typed.graph.value_info}
+    del sub.graph.output[:]
+    sub.graph.output.extend(known[name] for name in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(sub.SerializeToString(), options, ["CPUExecutionProvider"])
+    return session.run(names, {})
+
+
+def _tensor_names(graph: onnx.GraphProto) -> set[str]:
+    names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    return names | {o for n in graph.node for o in n.output}
+
+
 def drop_requantize_after_pass_through(model: onnx.ModelProto) -> int:
     """DQ -> pass-through ops -> Q -> DQ with the same uint8 scale and nonzero zero point
     loses that Q -> DQ pair: its values are on the grid already, so the pair is an identity.
@@ -411,6 +527,7 @@ def _dequantized_source(g: GraphIndex, name: str) -> onnx.NodeProto | None:
 
 PASSES: dict[str, Callable[[onnx.ModelProto], int]] = {
     "fold_pad_into_conv": fold_pad_into_conv,
+    "fold_quantized_constants": fold_quantized_constants,
     "global_average_pool": global_average_pool,
     "matmul_bias_3d": matmul_bias_3d,
     "reduce_mean_keepdims": reduce_mean_keepdims,

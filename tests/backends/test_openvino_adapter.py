@@ -209,3 +209,35 @@ def test_same_padding_runs_inside_int8_convs_and_matches_its_fake_quant_model(tm
     convs = [layer for layer in layers if "Convolution" in layer.layer_type]
     assert len(convs) == 3 and all(layer.precision == "int8" for layer in convs), convs
     assert _engine_cosine_to(prepared, engine, x) > 0.999
+
+
+def test_a_quantized_input_independent_branch_is_folded_and_computed_right(tmp_path):
+    """timm EdgeNeXt's Fourier positional encoding as deploy exported it (fixture: Sin/Cos of
+    a fixed grid -> Q -> DQ -> int8 1x1 Conv, plus an input). OpenVINO 2026.4 folds that branch
+    itself and gets it 77% wrong (EdgeNeXt-XXS's engine: cosine 0.9952 to its own file); after
+    the export pass fold_quantized_constants the engine computes what the file does."""
+    import onnx
+
+    from qat_deploy.deploy.export.passes import fold_quantized_constants
+    from tests.fixtures import FIXTURES
+
+    model = onnx.load(FIXTURES / "edgenext_position_branch.onnx")
+    x = np.random.default_rng(0).normal(0, 0.1, (1, 48, 20, 20)).astype(np.float32)
+    want = _reference_semantics(model, x)
+    assert fold_quantized_constants(model) >= 1
+    onnx.save(model, tmp_path / "folded.onnx")
+    got = ov.Core().compile_model(tmp_path / "folded.onnx", "CPU", _F32)(x)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    np.testing.assert_allclose(_reference_semantics(model, x), want, rtol=1e-5, atol=1e-6)
+
+
+_F32 = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
+
+
+def _reference_semantics(model, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options)
+    return session.run(None, {"x": x})[0]

@@ -1,6 +1,6 @@
-"""deploy/export/passes.py: drop_requantize_after_pass_through and fold_pad_into_conv keep what
-the model computes (onnxruntime with plain Q/DQ semantics is the reference) and rewrite only
-where that holds."""
+"""deploy/export/passes.py: drop_requantize_after_pass_through, fold_pad_into_conv and
+fold_quantized_constants keep what the model computes (onnxruntime with plain Q/DQ semantics is the
+reference) and rewrite only where that holds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qat_deploy.deploy.export.passes import drop_requantize_after_pass_through, fold_pad_into_conv
+from qat_deploy.deploy.export.passes import (
+    drop_requantize_after_pass_through,
+    fold_pad_into_conv,
+    fold_quantized_constants,
+)
 
 
 def _chain(scale_after: float, zero_point: int, zero_point_after: int) -> onnx.ModelProto:
@@ -148,3 +152,62 @@ def test_padding_something_else_also_reads_stays():
     model.graph.node.append(helper.make_node("Relu", ["pd"], ["r"], "relu"))
     model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
     assert fold_pad_into_conv(model) == 0
+
+
+def _position_branch() -> onnx.ModelProto:
+    """y = Conv(x) + Conv(Q/DQ(Sin(grid))): an input-independent branch beside an input-
+    dependent one, both Convs with int8 weights."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.uniform(0, 6, (1, 4, 5, 5)).astype(np.float32), "grid"),
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+    ]
+    for name in ("wp", "wx"):
+        inits += [
+            numpy_helper.from_array(rng.integers(-127, 128, (3, 4, 1, 1)).astype(np.int8), name),
+            numpy_helper.from_array(rng.uniform(0.01, 0.02, 3).astype(np.float32), f"{name}_s"),
+            numpy_helper.from_array(np.zeros(3, np.int8), f"{name}_z"),
+        ]
+    nodes = [
+        helper.make_node("Sin", ["grid"], ["pos"], "sin"),
+        helper.make_node("QuantizeLinear", ["pos", "s", "z"], ["pq"], "q_pos"),
+        helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["pd"], "dq_pos"),
+        *(
+            helper.make_node("DequantizeLinear", [w, f"{w}_s", f"{w}_z"], [f"{w}_d"], axis=0)
+            for w in ("wp", "wx")
+        ),
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], "q_x"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], "dq_x"),
+        helper.make_node("Conv", ["pd", "wp_d"], ["p"], "conv_pos"),
+        helper.make_node("Conv", ["xd", "wx_d"], ["c"], "conv_x"),
+        helper.make_node("Add", ["c", "p"], ["y"], "add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "position",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 5, 5])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_an_input_independent_branch_becomes_its_value_and_input_dependent_weights_stay_int8():
+    model = _position_branch()
+    x = np.random.default_rng(0).normal(0, 0.5, (1, 4, 5, 5)).astype(np.float32)
+    before = _run(model, x)
+    assert fold_quantized_constants(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert sorted(_op_types(model)) == sorted(
+        ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Add"]
+    )
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    assert weights["wx"] == TensorProto.INT8 and "wp" not in weights and "grid" not in weights
+    np.testing.assert_allclose(_run(model, x), before, rtol=1e-6, atol=1e-6)
+
+
+def test_a_graph_without_constant_branches_is_left_alone():
+    model = _padded_convs()
+    assert fold_quantized_constants(model) == 0
+    assert "Pad" in _op_types(model)
