@@ -16,6 +16,18 @@ from qat_deploy.deploy.export.passes import (
 )
 
 
+def _model(nodes, inits, *, x_shape: list[int], y_shape: list[int]) -> onnx.ModelProto:
+    """A float32 graph x -> nodes -> y, opset 21."""
+    graph = helper.make_graph(
+        nodes,
+        "passes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
 def _chain(scale_after: float, zero_point: int, zero_point_after: int) -> onnx.ModelProto:
     """x -> Q -> DQ -> Squeeze -> Reshape -> Q' -> DQ' -> Mul(2) -> y, Q' with its own qparams."""
     inits = [
@@ -36,14 +48,7 @@ def _chain(scale_after: float, zero_point: int, zero_point_after: int) -> onnx.M
         helper.make_node("DequantizeLinear", ["rq", "s2", "z2"], ["rd"], "dq2"),
         helper.make_node("Mul", ["rd", "two"], ["y"], "mul"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 1, 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 6])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return _model(nodes, inits, x_shape=[1, 6, 1, 1], y_shape=[1, 1, 6])
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -104,14 +109,7 @@ def _padded_convs(
         helper.make_node("Conv", ["pd", "w3b"], ["b"], "conv3b", strides=[2, 2], **conv_attrs),
         helper.make_node("Add", ["a", "b"], ["y"], "add"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "padded",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return _model(nodes, inits, x_shape=[1, 3, 8, 8], y_shape=[1, 4, 4, 4])
 
 
 def _op_types(model: onnx.ModelProto) -> list[str]:
@@ -183,14 +181,7 @@ def _position_branch() -> onnx.ModelProto:
         helper.make_node("Conv", ["xd", "wx_d"], ["c"], "conv_x"),
         helper.make_node("Add", ["c", "p"], ["y"], "add"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "position",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 5, 5])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return _model(nodes, inits, x_shape=[1, 4, 5, 5], y_shape=[1, 3, 5, 5])
 
 
 def test_an_input_independent_branch_becomes_its_value_and_input_dependent_weights_stay_int8():
