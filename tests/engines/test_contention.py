@@ -42,9 +42,11 @@ def test_this_process_own_cpu_time_is_inside_the_cpus_busy_time():
         pass
     after = snapshot()
     wall = after.wall_s - before.wall_s
-    own, busy = (after.own_s - before.own_s) / wall, (after.busy_s - before.busy_s) / wall
+    own, busy = after.own_s - before.own_s, after.busy_s - before.busy_s
+    # the loop spent 0.8 s of this process's CPU time however long it waited for a core (a
+    # share of wall time failed at 0.68 beside CI's other test worker)
     assert own >= 0.7
-    assert busy >= own - 0.1  # clock-tick rounding of /proc/stat
+    assert busy >= own - 0.1 * wall  # clock-tick rounding of /proc/stat
 
 
 def test_others_cores_is_others_cpu_time_over_wall_time():

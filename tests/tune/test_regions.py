@@ -245,6 +245,11 @@ def test_a_layer_on_computed_constants_goes_float_as_keep_float_makes_it(target,
     onnxruntime, --tune-latency)."""
     untuned = exported(ComputedPositionConv().eval(), target, tmp_path, "untuned")
     rules = get_rules(target)
+    if "fold_quantized_constants" in rules.export_passes:
+        # the export folds the whole quantized branch to its value: no layer left to float
+        assert [r.layer for r in regions(untuned, rules)] == ["conv"]
+        assert sum(n.op_type == "Conv" for n in untuned.graph.node) == 1
+        return
     # the exporter folds this small grid to stored codes; EdgeNeXt's stay computed: an
     # Identity makes them so here
     graph = untuned.graph
