@@ -421,8 +421,10 @@ def _behind_computed_quantizers(g: GraphIndex, constant: set[str]) -> set[str]:
     for node in g.graph.node:  # topological order
         if not all(o in constant for o in node.output):
             continue
-        computed = node.input[0] not in g.inits and g.made_by(node.input[0], "Constant") is None
-        if (node.op_type == "QuantizeLinear" and computed) or any(i in found for i in node.input):
+        quantizes_computed = node.op_type == "QuantizeLinear" and not (
+            node.input[0] in g.inits or g.made_by(node.input[0], "Constant") is not None
+        )
+        if quantizes_computed or any(i in found for i in node.input):
             found.update(node.output)
     return found
 
@@ -467,7 +469,10 @@ def _evaluate(model: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
     typed = onnx.shape_inference.infer_shapes(sub)
     known = {v.name: v for v in typed.graph.value_info}
     del sub.graph.output[:]
-    sub.graph.output.extend(known[name] for name in names)
+    sub.graph.output.extend(  # a DequantizeLinear's output where inference cannot tell
+        known.get(name) or helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        for name in names
+    )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(sub.SerializeToString(), options, ["CPUExecutionProvider"])

@@ -202,3 +202,16 @@ def test_a_graph_without_constant_branches_is_left_alone():
     model = _padded_convs()
     assert fold_quantized_constants(model) == 0
     assert "Pad" in _op_types(model)
+
+
+def test_a_constant_node_beside_the_branch_is_read_not_indexed():
+    """Constant nodes have no inputs; the walk must not read one as a quantizer's input."""
+    model = _position_branch()
+    grid = next(t for t in model.graph.initializer if t.name == "grid")
+    model.graph.initializer.remove(grid)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["grid"], value=grid))
+    x = np.random.default_rng(0).normal(0, 0.5, (1, 4, 5, 5)).astype(np.float32)
+    before = _run(model, x)
+    assert fold_quantized_constants(model) == 1
+    assert "Constant" not in _op_types(model) and "Sin" not in _op_types(model)
+    np.testing.assert_allclose(_run(model, x), before, rtol=1e-6, atol=1e-6)
