@@ -310,7 +310,7 @@ def _spatial_zero_padding(pad: onnx.NodeProto, g: GraphIndex) -> list[int] | Non
     zeros, non-negatively, on no axis but the spatial ones of an NC... tensor."""
     widths = g.const(pad.input[1]) if len(pad.input) > 1 else None
     value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
-    if _attr(pad, "mode", b"constant") not in (b"constant", "constant"):
+    if _attr(pad, "mode", b"constant") != b"constant":
         return None
     if widths is None or value is None or np.any(value != 0) or any(pad.input[3:]):
         return None
@@ -346,7 +346,7 @@ def _convs_reading(
 
 def _pads_explicitly(conv: onnx.NodeProto) -> bool:
     """Whether the Conv's padding is its pads attribute (auto_pad would ignore added pads)."""
-    return _attr(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+    return _attr(conv, "auto_pad", b"NOTSET") == b"NOTSET"
 
 
 def _set_ints(node: onnx.NodeProto, name: str, values: list[int]) -> None:
@@ -404,10 +404,10 @@ def fold_quantized_constants(model: onnx.ModelProto) -> int:
     if not boundary:
         return 0
     names = sorted(boundary)
-    for name, value in zip(names, _evaluate(model, names), strict=True):
+    for name, value in zip(names, _evaluate(model, g, names), strict=True):
         g.graph.initializer.append(numpy_helper.from_array(value, name))
-        for node in [n for n in g.graph.node if name in n.output]:
-            node.output[list(node.output).index(name)] = g.fresh(f"{name}_folded")
+        producer = g.producer[name]
+        producer.output[list(producer.output).index(name)] = g.fresh(f"{name}_folded")
     drop_dead_nodes(g.graph)
     drop_unused_initializers(g.graph)
     _forget_shapes(g.graph, {v.name for v in g.graph.value_info} - _tensor_names(g.graph))
@@ -443,27 +443,26 @@ def _input_independent(graph: onnx.GraphProto) -> set[str]:
     return known
 
 
-def _evaluate(model: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
+def _evaluate(model: onnx.ModelProto, g: GraphIndex, names: list[str]) -> list[np.ndarray]:
     """The values of input-independent tensors: their ancestors alone, run by onnxruntime with
     its graph optimizations off (the plain ONNX semantics)."""
     import onnxruntime as ort
 
-    producer = {o: n for n in model.graph.node for o in n.output}
     needed: dict[str, onnx.NodeProto] = {}
     todo = list(names)
     while todo:
-        node = producer.get(todo.pop())
+        node = g.producer.get(todo.pop())
         if node is not None and node.output[0] not in needed:
             needed[node.output[0]] = node
             todo.extend(i for i in node.input if i)
-    nodes = [n for n in model.graph.node if n.output[0] in needed]  # graph order
+    nodes = [n for n in g.graph.node if n.output[0] in needed]  # graph order
     used = {i for n in nodes for i in n.input}
     graph = helper.make_graph(
         nodes,
         "constants",
         [],
         [helper.make_empty_tensor_value_info(name) for name in names],
-        [t for t in model.graph.initializer if t.name in used],
+        [t for name, t in g.inits.items() if name in used],
     )
     sub = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     typed = onnx.shape_inference.infer_shapes(sub)

@@ -219,25 +219,20 @@ def test_a_quantized_input_independent_branch_is_folded_and_computed_right(tmp_p
     import onnx
 
     from qat_deploy.deploy.export.passes import fold_quantized_constants
+    from tests.export.qdq_probe import run_reference_semantics
     from tests.fixtures import FIXTURES
 
-    model = onnx.load(FIXTURES / "edgenext_position_branch.onnx")
-    x = np.random.default_rng(0).normal(0, 0.1, (1, 48, 20, 20)).astype(np.float32)
-    want = _reference_semantics(model, x)
+    source = FIXTURES / "edgenext_position_branch.onnx"
+    feed = {"x": np.random.default_rng(0).normal(0, 0.1, (1, 48, 20, 20)).astype(np.float32)}
+    (want,) = run_reference_semantics(source, feed, [])
+    model = onnx.load(source)
     assert fold_quantized_constants(model) >= 1
-    onnx.save(model, tmp_path / "folded.onnx")
-    got = ov.Core().compile_model(tmp_path / "folded.onnx", "CPU", _F32)(x)[0]
+    folded = tmp_path / "folded.onnx"
+    onnx.save(model, folded)
+    engine = ADAPTER.build(folded, tmp_path, precision="int8", threads=1)
+    with ADAPTER.runner(engine) as runner:
+        got = next(iter(runner.infer(feed).values()))
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
-    np.testing.assert_allclose(_reference_semantics(model, x), want, rtol=1e-5, atol=1e-6)
-
-
-_F32 = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
-
-
-def _reference_semantics(model, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options)
-    return session.run(None, {"x": x})[0]
+    np.testing.assert_allclose(
+        run_reference_semantics(folded, feed, [])[0], want, rtol=1e-5, atol=1e-6
+    )

@@ -257,22 +257,3 @@ class SamePaddingStem(nn.Module):
         x = nn.functional.silu(self.bn(self.conv(nn.functional.pad(x, (0, 1, 0, 1)))))
         x = nn.functional.silu(self.bn_dw(self.dw(nn.functional.pad(x, (0, 1, 0, 1)))))
         return self.pw(x)
-
-
-class FourierPositionBlock(nn.Module):
-    """timm EdgeNeXt's positional encoding: Sin/Cos of a grid that depends only on the input's
-    shape, through a 1x1 Conv, added to the features (an input-independent branch)."""
-
-    def __init__(self, c=8, hidden=8):
-        super().__init__()
-        self.hidden = hidden
-        self.proj = nn.Conv2d(2 * hidden, c, 1)
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        h, w = x.shape[2:]
-        ys = torch.arange(1, h + 1, dtype=torch.float32).view(1, h, 1).expand(1, h, w)
-        xs = torch.arange(1, w + 1, dtype=torch.float32).view(1, 1, w).expand(1, h, w)
-        freq = 10000 ** (torch.arange(self.hidden, dtype=torch.float32) / self.hidden)
-        pos = torch.cat([(ys[..., None] / freq).sin(), (xs[..., None] / freq).cos()], dim=3)
-        return self.conv(x) + self.proj(pos.permute(0, 3, 1, 2))
