@@ -8,7 +8,9 @@ attention get its TRANSFORMER type too). Every int8 model is calibrated on the s
 Each model is built on both runtimes, all of one runtime's engines are timed together in
 interleaved blocks (deploy.engines.timing: re-warm before each block, rotating order), and
 every int8 engine's outputs are compared with the fp32 engine's on held-out inputs, so a fast
-but broken model cannot win. Speedups and ours/best-vendor ratios are paired: the median over
+but broken model cannot win; ours are also held to `deploy build`'s own check against their
+fake-quant model (deploy.verify.engine_check), which sees an engine its runtime compiled wrong
+where a bound against fp32 cannot. Speedups and ours/best-vendor ratios are paired: the median over
 rounds of the ratio of two blocks timed back to back (robust to load that comes and goes on a
 shared box).
 Results go to docs/vs_vendor_results.json (merged per model); docs/performance.md explains them.
@@ -27,7 +29,7 @@ import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,6 +38,7 @@ import onnx
 
 from qat_deploy.deploy import recipe
 from qat_deploy.deploy.common.environment import environment
+from qat_deploy.deploy.common.errors import CheckFailedError
 from qat_deploy.deploy.data import default_dataset
 from qat_deploy.deploy.engines.adapter import get_adapter
 from qat_deploy.deploy.engines.timing import (
@@ -45,6 +48,9 @@ from qat_deploy.deploy.engines.timing import (
     summarize,
     time_interleaved,
 )
+from qat_deploy.deploy.frontend.prepare import PreparedModel
+from qat_deploy.deploy.verify import engine_check
+from qat_deploy.deploy.verify.closeness import Thresholds
 from qat_deploy.models import load_model
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -56,6 +62,16 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "vs_vendor_results.json"
 
 
 @dataclass(frozen=True)
+class FakeQuantTwin:
+    """One of our variants' fake-quant model and its outputs on the held-out inputs: what
+    `deploy build` holds that variant's engine to (deploy.verify.engine_check)."""
+
+    prepared: PreparedModel
+    references: engine_check.References
+    held_out: Mapping[str, np.ndarray]  # by the model's input names
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
     onnx: Path
@@ -63,6 +79,7 @@ class Variant:
     ours_for: str | None = None  # the runtime whose rules made it (our models only)
     vendor: bool = False
     note: str = ""
+    twin: FakeQuantTwin | None = None  # ours only
 
 
 @dataclass
@@ -77,17 +94,25 @@ class Row:
     cosine: float
     centred_cosine: float
     note: str = ""
+    #: ours only: why the engine fails `deploy build`'s check against its fake-quant model
+    #: ("" where it passes)
+    build_check: str = ""
 
 
 # ---- models ---------------------------------------------------------------------------------
 
 
 def our_variant(
-    loaded: recipe.Loaded, target: str, out: Path, tuning: Tuning | None = None
+    loaded: recipe.Loaded,
+    target: str,
+    out: Path,
+    held_out: Mapping[str, np.ndarray],
+    tuning: Tuning | None = None,
 ) -> Variant:
     """The QDQ model `deploy build` would ship (deploy.recipe), calibrated on the samples
     every vendor tool gets, in batches of CALIB_BATCH; with `tuning`, as `deploy build
-    --tune-latency` ships it (placement timed on `target`'s runtime)."""
+    --tune-latency` ships it (placement timed on `target`'s runtime). Its fake-quant model's
+    outputs on `held_out` come with it, for the build's engine check."""
     plan = recipe.Recipe(
         target=target,
         model=loaded.spec.name,
@@ -103,7 +128,9 @@ def our_variant(
     qdq_name = f"{label.replace(' ', '_')}_{target}.onnx"
     path = recipe.export_onnx(loaded, prepared, out, ["int8"], qdq_name=qdq_name)["int8"]
     note = tuning_note(prepared.plan.latency_tuning) if tuning else ""
-    return Variant(f"{label} ({target} rules)", path, "int8", ours_for=target, note=note)
+    references = engine_check.references(loaded.model, prepared, loaded.spec, held_out)
+    twin = FakeQuantTwin(prepared, references, held_out)
+    return Variant(f"{label} ({target} rules)", path, "int8", target, note=note, twin=twin)
 
 
 def tuning_note(t: dict) -> str:
@@ -216,14 +243,15 @@ def make_variants(
     model, spec = load_model(name)
     loaded = recipe.Loaded(model, spec, default_dataset(spec, CALIB_SAMPLES, split="calib"), None)
     calib = loaded.calib.inputs
-    held_out = default_dataset(spec, HELD_OUT, split="eval").inputs
+    evaluation = default_dataset(spec, HELD_OUT, split="eval")
+    held_out, by_name = evaluation.inputs, evaluation.arrays(spec.inputs)
     # token models take the vendors' transformer recipes: quantize_dynamic, NNCF TRANSFORMER
     transformer = name.startswith("bert") or any(i.dtype.startswith("int") for i in spec.inputs)
     fp32 = recipe.export_onnx(loaded, None, out, ["fp32"])["fp32"]
     variants = [Variant("fp32", fp32, "fp32")]
-    variants += [our_variant(loaded, t, out) for t in RUNTIMES]
+    variants += [our_variant(loaded, t, out, by_name) for t in RUNTIMES]
     if tuning is not None:
-        variants += [our_variant(loaded, t, out, tuning) for t in RUNTIMES]
+        variants += [our_variant(loaded, t, out, by_name, tuning) for t in RUNTIMES]
     notes: list[str] = []
     for label, make in (
         ("onnxruntime.quantization", lambda: ort_variants(fp32, calib, transformer, out)),
@@ -342,6 +370,12 @@ def measure(
                 r.deactivate()
     cos = {name: cosine(out, outputs["fp32"]) for name, out in outputs.items()}
     centred = {name: centred_cosine(out, outputs["fp32"]) for name, out in outputs.items()}
+    checks = {
+        v.name: build_check(v, outputs[v.name], runtime, len(reports[v.name].int8_compute), threads)
+        for v in variants
+        if v.twin is not None and v.name in outputs
+    }
+    notes += [f"{runtime}: {name} {why}" for name, why in checks.items() if why]
     vendor = [
         v.name for v in variants if v.vendor and v.name in times and cos[v.name] >= MIN_COSINE
     ]
@@ -351,7 +385,8 @@ def measure(
         if v.name not in times:
             continue
         t, rep = times[v.name], reports[v.name]
-        ok = v.precision == "fp32" or cos[v.name] >= MIN_COSINE
+        failed_check = checks.get(v.name, "")
+        ok = v.precision == "fp32" or (cos[v.name] >= MIN_COSINE and not failed_check)
         rows.append(
             Row(
                 runtime=runtime,
@@ -365,13 +400,39 @@ def measure(
                 int8_layers=f"{len(rep.int8_compute)}/{len(rep.compute_layers)}",
                 cosine=cos[v.name],
                 centred_cosine=centred[v.name],
-                note=("" if ok else "BROKEN (cosine)")
+                build_check=failed_check,
+                note=("" if ok else "BROKEN (engine check)" if failed_check else "BROKEN (cosine)")
                 + (f" {v.note}" if v.note and v.ours_for in (None, runtime) else "")
                 + (" <- target runtime" if v.ours_for == runtime else "")
                 + (" best vendor" if v.name == best else ""),
             )
         )
     return rows, notes
+
+
+def build_check(
+    v: Variant, engine_out: np.ndarray, runtime: str, int8_layers: int, threads: int
+) -> str:
+    """ "" where our engine passes `deploy build`'s check against its fake-quant model
+    (deploy.verify.engine_check, the build's own bounds), else the check's failure: an engine
+    its runtime compiled wrong is reported, not timed as a result."""
+    twin = v.twin
+    results, bounds = engine_check.compare_engine(engine_out, twin.references, Thresholds())
+
+    def per_layer():
+        feeds = engine_check.layer_feeds(v.onnx, twin.held_out, 1, HELD_OUT)
+        adapter = get_adapter(runtime)
+        return engine_check.per_layer_verdict(
+            v.onnx, twin.prepared, feeds, adapter, int8_layers, threads
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", engine_check.EngineAmplificationWarning)
+        try:
+            engine_check.require_faithful(results, bounds[engine_check.FAKEQUANT], per_layer)
+        except CheckFailedError as exc:
+            return f"fails deploy build's engine check: {exc}"
+    return ""
 
 
 def median_rows(runs: list[list[Row]]) -> list[Row]:

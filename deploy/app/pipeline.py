@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from qat_deploy.deploy import recipe
@@ -49,8 +48,7 @@ from qat_deploy.deploy.engines.timing import (
     time_interleaved,
 )
 from qat_deploy.deploy.lint import float_by_rule, lint, quantized_by_rule
-from qat_deploy.deploy.training.calibrate import call_model, first_tensor
-from qat_deploy.deploy.verify import closeness, layer_debug
+from qat_deploy.deploy.verify import closeness, engine_check, layer_debug
 from qat_deploy.models import ModelSpec
 
 #: report.json's contract: deploy/app/report.schema.json (validated against every report the tests
@@ -158,10 +156,6 @@ def build(options: BuildOptions, progress: Progress = lambda stage: None) -> dic
         except OSError as exc:
             raise classify(exc) from exc
     return report.data
-
-
-class EngineAmplificationWarning(UserWarning):
-    """The engine passed the per-layer check after failing the end-to-end one."""
 
 
 @contextlib.contextmanager
@@ -281,15 +275,13 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
         )
 
     def per_layer() -> layer_debug.Faithfulness | None:
-        """The engine against its QDQ model quantizer by quantizer (--debug-layers' result, or
-        a run of its engine columns alone): asked only when the end-to-end check fails."""
-        result = layers
-        if result is None:
-            feeds = _layer_feeds(evaluation, spec, qdq_path)
-            result = layer_debug.analyse(qdq_path, {}, feeds, adapter, int8_layers, o.threads)
-        verdict = result.faithfulness()
-        foreign = layer_debug.foreign_quantizers(onnx.load(str(qdq_path)), prepared)
-        return verdict and dataclasses.replace(verdict, foreign=foreign)
+        """Asked only when the end-to-end check fails (engine_check.require_faithful)."""
+        feeds = engine_check.layer_feeds(
+            qdq_path, evaluation.arrays(spec.inputs), spec.input_shape[0], DEBUG_SAMPLES
+        )
+        return engine_check.per_layer_verdict(
+            qdq_path, prepared, feeds, adapter, int8_layers, o.threads, layers
+        )
 
     engines = {"fp32": fp32, "int8": int8}
     if prepared.plan.accuracy_budget and prepared.plan.accuracy_budget["kept_float"]:
@@ -323,7 +315,9 @@ def _debug_layers(
 ) -> layer_debug.LayerDebug:
     """Per-layer errors into the report and layers.png, before the accuracy check can fail:
     a failing build is when they are wanted."""
-    feeds = _layer_feeds(evaluation, spec, qdq_path)
+    feeds = engine_check.layer_feeds(
+        qdq_path, evaluation.arrays(spec.inputs), spec.input_shape[0], DEBUG_SAMPLES
+    )
     result = layer_debug.analyse(
         qdq_path, float_weights, feeds, adapter, engine_int8_layers, o.threads
     )
@@ -332,15 +326,6 @@ def _debug_layers(
     report.artifact("layers_png", layer_debug.plot(result, title, qdq_path.parent / LAYERS_PNG))
     _stage(report, progress, "layers")
     return result
-
-
-def _layer_feeds(evaluation: Dataset, spec: ModelSpec, qdq_path: Path) -> list[dict]:
-    """The first DEBUG_SAMPLES evaluation samples, in batches, keyed by the QDQ model's inputs."""
-    arrays, batch = evaluation.arrays(spec.inputs), spec.input_shape[0]
-    names = [i.name for i in onnx.load(str(qdq_path), load_external_data=False).graph.input]
-    pairs = input_pairs(names, arrays)
-    n = max(batch, min(DEBUG_SAMPLES, (len(evaluation) // batch) * batch))
-    return [{e: arrays[a][i : i + batch] for e, a in pairs} for i in range(0, n, batch)]
 
 
 def _model_report(spec: ModelSpec) -> dict:
@@ -377,42 +362,10 @@ def _all_int8_engine(loaded, adapter, folder: Path, o: BuildOptions) -> BuiltEng
     return adapter.build(path, folder, precision="int8", threads=o.threads)
 
 
-def _feed_pairs(runner, arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
-    return input_pairs(list(runner.get_input_metadata().keys()), arrays)
-
-
 def _feed(runner, arrays: Mapping[str, np.ndarray], start: int, stop: int) -> dict:
     """Rows start:stop keyed by the engine's input names."""
-    return {e: arrays[a][start:stop] for e, a in _feed_pairs(runner, arrays)}
-
-
-def _run_engine(runner, arrays: Mapping[str, np.ndarray], batch: int) -> np.ndarray:
-    pairs, n = _feed_pairs(runner, arrays), len(next(iter(arrays.values())))
-    outputs = []
-    for i in range(0, n - batch + 1, batch):
-        feed = {e: arrays[a][i : i + batch] for e, a in pairs}
-        outputs.append(next(iter(runner.infer(feed, check_inputs=False).values())))
-    return np.concatenate(outputs)
-
-
-def _outputs(
-    model: torch.nn.Module, spec: ModelSpec, arrays: Mapping[str, np.ndarray], dtype: torch.dtype
-) -> np.ndarray:
-    """The model's first output on all samples in chunks, floating inputs cast to `dtype`
-    (token ids and masks stay integers)."""
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(dtype) if tensor.is_floating_point() else tensor
-
-    outputs = []
-    with torch.no_grad():
-        for i in range(0, len(next(iter(arrays.values()))), 64):
-            batch = recipe.tensors(spec, arrays, i, i + 64)
-            batch = (
-                {k: cast(v) for k, v in batch.items()} if isinstance(batch, dict) else cast(batch)
-            )
-            outputs.append(first_tensor(call_model(model, batch)))
-    return torch.cat(outputs).to(torch.float32).numpy()
+    pairs = input_pairs(list(runner.get_input_metadata().keys()), arrays)
+    return {e: arrays[a][start:stop] for e, a in pairs}
 
 
 def _fake_quant_accuracy(report, model, prepared, evaluation: Dataset, spec, why: str) -> None:
@@ -421,8 +374,8 @@ def _fake_quant_accuracy(report, model, prepared, evaluation: Dataset, spec, why
     far from fp32, so below the int8_vs_fp32 bound the build fails (exit 4) instead of
     shipping an engine nobody could check."""
     arrays = evaluation.arrays(spec.inputs)
-    float_out = _outputs(model, spec, arrays, torch.float32)
-    fake_quant = _outputs(prepared, spec, arrays, torch.float32)
+    float_out = engine_check.model_outputs(model, spec, arrays, torch.float32)
+    fake_quant = engine_check.model_outputs(prepared, spec, arrays, torch.float32)
     result = closeness.compare(fake_quant, float_out, closeness.range_step(float_out))
     report.set("fakequant_vs_fp32", result)
     bound = closeness.DEFAULT_THRESHOLDS["int8_vs_fp32"]
@@ -447,45 +400,29 @@ def _accuracy(
     o: BuildOptions,
     per_layer: Callable[[], layer_debug.Faithfulness | None],
 ) -> None:
+    """The engine against its fake-quant model (engine_check: the build fails where it does
+    not compute it) and against fp32 (fails where the quantization itself loses too much)."""
     batch = spec.input_shape[0]
     n = (len(evaluation) // batch) * batch
     if n == 0:
         raise BadInputError(f"evaluation data has fewer samples than the batch size {batch}")
     x = {name: a[:n] for name, a in evaluation.arrays(spec.inputs).items()}
-    engine_out = _run_engine(runner, x, batch)
-    fake_quant = _outputs(prepared, spec, x, torch.float32)
-    float_out = _outputs(model, spec, x, torch.float32)
-    step = closeness.range_step(fake_quant)
-    # how far the same fake-quant model drifts from itself in float64: the noise floor
-    floor = closeness.compare(
-        _outputs(prepared.in_float64(), spec, x, torch.float64), fake_quant, step
-    )
-    thresholds = {
-        "int8_vs_fakequant": closeness.floor_adjusted(o.thresholds, floor),
-        "int8_vs_fp32": closeness.DEFAULT_THRESHOLDS["int8_vs_fp32"],
-    }
-    margin = closeness.decisive_margin(thresholds["int8_vs_fakequant"])
-    results = {
-        "int8_vs_fakequant": closeness.compare(engine_out, fake_quant, step, margin),
-        "int8_vs_fp32": closeness.compare(engine_out, float_out, closeness.range_step(float_out)),
-        "reference_floor": floor,
-    }
-    results["thresholds"] = {k: dataclasses.asdict(v) for k, v in thresholds.items()}
+    engine_out = engine_check.engine_outputs(runner, x, batch)
+    refs = engine_check.references(model, prepared, spec, x)
+    results, thresholds = engine_check.compare_engine(engine_out, refs, o.thresholds)
     if evaluation.labels is not None:
         labels = evaluation.labels[:n]
         results["top1"] = {
-            "fp32": closeness.top1_accuracy(float_out, labels),
-            "fakequant": closeness.top1_accuracy(fake_quant, labels),
+            "fp32": closeness.top1_accuracy(refs.float_out, labels),
+            "fakequant": closeness.top1_accuracy(refs.fake_quant, labels),
             "int8": closeness.top1_accuracy(engine_out, labels),
         }
     report.set("accuracy", Measured(results))
     _stage(report, progress, "accuracy")
     try:
-        closeness.check(
-            results["int8_vs_fakequant"], thresholds["int8_vs_fakequant"], "int8_vs_fakequant"
-        )
-    except CheckFailedError as exc:
-        _engine_faithful_per_layer(report, results, exc, per_layer())
+        engine_check.require_faithful(results, thresholds[engine_check.FAKEQUANT], per_layer)
+    finally:  # with the per-layer verdict where one was asked for
+        report.set("accuracy", Measured(results))
     try:
         closeness.check(results["int8_vs_fp32"], thresholds["int8_vs_fp32"], "int8_vs_fp32")
     except CheckFailedError as exc:
@@ -499,39 +436,6 @@ def _accuracy(
             "QAT, or a better-conditioned model"
             + ("" if o.debug_layers else "; --debug-layers shows where the error enters")
         ) from exc
-
-
-def _engine_faithful_per_layer(
-    report: Report, results: dict, failure: CheckFailedError, verdict
-) -> None:
-    """The end-to-end engine-vs-fake-quant check failed: accept the engine only where it computes
-    its QDQ model quantizer by quantizer (layer_debug.Faithfulness), so the gap is the model
-    amplifying rounding flips (random-weight MixNet-S: 30 output steps from 1-step flips in
-    0.026% of codes); otherwise fail naming the layer where the engine differs."""
-    if verdict is None:
-        raise failure
-    results["int8_vs_fakequant_per_layer"] = verdict.to_dict()
-    report.set("accuracy", Measured(results))
-    where = (
-        f"{verdict.quantizers} quantizers recomputed from the engine's own upstream codes: "
-        f"at most {verdict.worst_max_steps:g} step(s) apart (at {verdict.worst_layer}), "
-        f"in at most {verdict.worst_mismatch:.3%} of codes"
-    )
-    if verdict.foreign:
-        raise CheckFailedError(
-            f"{failure}; the exported QDQ file quantizes {', '.join(verdict.foreign[:3])} on a "
-            "scale or zero point the fake-quant model does not use"
-        ) from failure
-    if not verdict.faithful:
-        raise CheckFailedError(
-            f"{failure}; the engine computes a layer differently: {where}"
-        ) from failure
-    warnings.warn(
-        f"{failure}, but the engine matches its model layer by layer ({where}): the model "
-        "amplifies rounding flips at near-ties; accepted",
-        EngineAmplificationWarning,
-        stacklevel=1,
-    )
 
 
 def _latency(report, progress, runners: dict, spec, calib: Dataset, o: BuildOptions) -> None:

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.vs_vendor import Variant, died_of, nncf_recipes, samples, timed_on, tuning_note
+from benchmarks.vs_vendor import (
+    MIN_COSINE,
+    Variant,
+    died_of,
+    measure,
+    nncf_recipes,
+    samples,
+    timed_on,
+    tuning_note,
+)
 
 
 def test_one_input_is_fed_as_input_one_sample_at_a_time():
@@ -89,3 +98,58 @@ def test_the_tuned_row_names_the_layers_the_search_took_float():
     assert "contended" not in note
     quiet = tuning_note({**t, "float_layers": [], "retimed": 2, "contended": 1})
     assert "0/54 layers float," in quiet and "2 timings retaken, 1 still contended" in quiet
+
+
+def _rescaled_activation(path: Path, out: Path, factor: float) -> Path:
+    """A copy of a QDQ file with the middle activation quantizer's scale multiplied by
+    `factor` (its Q and every DQ share the scale initializer): a file its fake-quant model
+    no longer describes."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    consts = {t.name: t for t in model.graph.initializer}
+    activation_qs = [
+        n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts
+    ]
+    scale = consts[activation_qs[len(activation_qs) // 2].input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * factor, scale.name))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_an_engine_that_departs_from_its_fake_quant_model_fails_the_build_check_and_is_broken(
+    tmp_path,
+):
+    """Our rows are held to `deploy build`'s own engine check: an engine computing something
+    its fake-quant model does not (here a file whose middle activation quantizer clips at a
+    quarter of its range) is reported BROKEN with the check's reason and cannot count, while
+    the same model as exported passes. A cosine-to-fp32 bound alone lets the copy through."""
+    from dataclasses import replace
+
+    from benchmarks.vs_vendor import HELD_OUT, our_variant
+    from qat_deploy.deploy import recipe
+    from qat_deploy.deploy.data import default_dataset
+    from qat_deploy.deploy.engines.timing import TimingConfig
+    from qat_deploy.models import load_model
+
+    model, spec = load_model("digits_resnet")
+    loaded = recipe.Loaded(model, spec, default_dataset(spec, 16, split="calib"), None)
+    evaluation = default_dataset(spec, HELD_OUT, split="eval")
+    fp32 = Variant("fp32", recipe.export_onnx(loaded, None, tmp_path, ["fp32"])["fp32"], "fp32")
+    ours = our_variant(loaded, "onnxruntime", tmp_path, evaluation.arrays(spec.inputs))
+    clipped = _rescaled_activation(ours.onnx, tmp_path / "clipped.onnx", 0.25)
+    copy = replace(ours, name="ours clipped", onnx=clipped)
+    cfg = TimingConfig(warmup=1, block=2, min_runs=2, min_time_s=0.0, rewarm=1)
+
+    rows, notes = measure("onnxruntime", [fp32, ours, copy], evaluation.inputs, 1, cfg)
+
+    by_name = {r.variant: r for r in rows}
+    assert by_name[ours.name].build_check == ""
+    assert "BROKEN" not in by_name[ours.name].note
+    failed = by_name["ours clipped"]
+    assert "fails deploy build's engine check" in failed.build_check
+    assert "int8_vs_fakequant" in failed.build_check
+    assert "BROKEN (engine check)" in failed.note
+    assert failed.cosine >= MIN_COSINE  # the bound against fp32 alone would have passed it
+    assert any("ours clipped" in n and "engine check" in n for n in notes)
