@@ -10,9 +10,10 @@ interleaved blocks (deploy.engines.timing: re-warm before each block, rotating o
 every int8 engine's outputs are compared with the fp32 engine's on held-out inputs, so a fast
 but broken model cannot win; ours are also held to `deploy build`'s own check against their
 fake-quant model (deploy.verify.engine_check), which sees an engine its runtime compiled wrong
-where a bound against fp32 cannot. Speedups and ours/best-vendor ratios are paired: the median over
-rounds of the ratio of two blocks timed back to back (robust to load that comes and goes on a
-shared box).
+where a bound against fp32 cannot. A variant whose file is an earlier one's byte for byte (ours
+tuned where the search kept every layer int8) gets its paired ratio to that one: the run's own
+A/A noise. Speedups and ours/best-vendor ratios are paired: the median over rounds of the
+ratio of two blocks timed back to back (robust to load that comes and goes on a shared box).
 Results go to docs/vs_vendor_results.json (merged per model); docs/performance.md explains them.
 
     python -m benchmarks.vs_vendor --model resnet18 --model mobilenet_v2 --model bert_tiny
@@ -21,6 +22,7 @@ Results go to docs/vs_vendor_results.json (merged per model); docs/performance.m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -97,6 +99,9 @@ class Row:
     #: ours only: why the engine fails `deploy build`'s check against its fake-quant model
     #: ("" where it passes)
     build_check: str = ""
+    #: where an earlier variant is the same file byte for byte (ours tuned, where the search
+    #: kept every layer int8): this one's paired time over that one's, the run's own A/A noise
+    same_file_ratio: float | None = None
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -380,6 +385,7 @@ def measure(
         v.name for v in variants if v.vendor and v.name in times and cos[v.name] >= MIN_COSINE
     ]
     best = min(vendor, key=lambda n: times[n].p50, default=None)
+    same_file = same_files(variants)
     rows = []
     for v in variants:
         if v.name not in times:
@@ -401,6 +407,9 @@ def measure(
                 cosine=cos[v.name],
                 centred_cosine=centred[v.name],
                 build_check=failed_check,
+                same_file_ratio=paired_ratio(raw[v.name], raw[same_file[v.name]], cfg.block)
+                if same_file.get(v.name) in raw
+                else None,
                 note=("" if ok else "BROKEN (engine check)" if failed_check else "BROKEN (cosine)")
                 + (f" {v.note}" if v.note and v.ours_for in (None, runtime) else "")
                 + (" <- target runtime" if v.ours_for == runtime else "")
@@ -408,6 +417,19 @@ def measure(
             )
         )
     return rows, notes
+
+
+def same_files(variants: list[Variant]) -> dict[str, str]:
+    """Each variant whose file is byte for byte an earlier variant's, mapped to that one."""
+    first: dict[str, str] = {}
+    same = {}
+    for v in variants:
+        digest = hashlib.sha256(v.onnx.read_bytes()).hexdigest()
+        if digest in first:
+            same[v.name] = first[digest]
+        else:
+            first[digest] = v.name
+    return same
 
 
 def build_check(
@@ -444,6 +466,7 @@ def median_rows(runs: list[list[Row]]) -> list[Row]:
     for first in runs[0]:
         same = [r for run in runs for r in run if r.variant == first.variant]
         vs_best = [r.vs_best_vendor for r in same if r.vs_best_vendor is not None]
+        aa = [r.same_file_ratio for r in same if r.same_file_ratio is not None]
         out.append(
             replace(
                 first,
@@ -451,6 +474,7 @@ def median_rows(runs: list[list[Row]]) -> list[Row]:
                 p90=float(np.median([r.p90 for r in same])),
                 speedup=float(np.median([r.speedup for r in same])),
                 vs_best_vendor=float(np.median(vs_best)) if vs_best else None,
+                same_file_ratio=float(np.median(aa)) if aa else None,
                 note=f"{first.note} (median of {len(same)} runs)".strip(),
             )
         )
@@ -492,10 +516,11 @@ def table(rows: list[Row]) -> str:
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         ratio = f"{r.vs_best_vendor:.2f}" if r.vs_best_vendor is not None else ""
+        same = f" A/A {r.same_file_ratio:.3f}" if r.same_file_ratio is not None else ""
         lines.append(
             f"| {r.runtime} | {r.variant} | {r.p50:.2f} | {r.p90:.2f} | {r.speedup:.2f}x "
             f"| {ratio} | {r.int8_layers} | {r.cosine:.4f} | {r.centred_cosine:.3f} "
-            f"| {r.note.strip()} |"
+            f"| {r.note.strip()}{same} |"
         )
     return "\n".join(lines)
 

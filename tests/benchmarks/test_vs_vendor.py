@@ -14,6 +14,7 @@ from benchmarks.vs_vendor import (
     died_of,
     measure,
     nncf_recipes,
+    same_files,
     samples,
     timed_on,
     tuning_note,
@@ -124,7 +125,8 @@ def test_an_engine_that_departs_from_its_fake_quant_model_fails_the_build_check_
     """Our rows are held to `deploy build`'s own engine check: an engine computing something
     its fake-quant model does not (here a file whose middle activation quantizer clips at a
     quarter of its range) is reported BROKEN with the check's reason and cannot count, while
-    the same model as exported passes. A cosine-to-fp32 bound alone lets the copy through."""
+    the same model as exported passes. A cosine-to-fp32 bound alone lets the copy through.
+    A byte-for-byte copy of ours is paired with it (same_file_ratio)."""
     from dataclasses import replace
 
     from benchmarks.vs_vendor import HELD_OUT, our_variant
@@ -142,7 +144,12 @@ def test_an_engine_that_departs_from_its_fake_quant_model_fails_the_build_check_
     copy = replace(ours, name="ours clipped", onnx=clipped)
     cfg = TimingConfig(warmup=1, block=2, min_runs=2, min_time_s=0.0, rewarm=1)
 
-    rows, notes = measure("onnxruntime", [fp32, ours, copy], evaluation.inputs, 1, cfg)
+    again = tmp_path / "again.onnx"
+    again.write_bytes(ours.onnx.read_bytes())
+    twice = replace(ours, name="ours again", onnx=again)
+    variants = [fp32, ours, copy, twice]
+
+    rows, notes = measure("onnxruntime", variants, evaluation.inputs, 1, cfg)
 
     by_name = {r.variant: r for r in rows}
     assert by_name[ours.name].build_check == ""
@@ -153,3 +160,21 @@ def test_an_engine_that_departs_from_its_fake_quant_model_fails_the_build_check_
     assert "BROKEN (engine check)" in failed.note
     assert failed.cosine >= MIN_COSINE  # the bound against fp32 alone would have passed it
     assert any("ours clipped" in n and "engine check" in n for n in notes)
+    # the byte-for-byte copy is timed against the original: the run's A/A ratio
+    assert by_name["ours again"].same_file_ratio > 0
+    assert [r.variant for r in rows if r.same_file_ratio is not None] == ["ours again"]
+
+
+def test_a_variant_with_the_same_file_as_an_earlier_one_is_paired_with_it(tmp_path):
+    """ours tuned where the search kept every layer int8 is ours again, byte for byte: the
+    two are named as one file, so their paired ratio can stand as the run's A/A noise."""
+    first, same, other = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "c.onnx"
+    first.write_bytes(b"graph one")
+    same.write_bytes(b"graph one")
+    other.write_bytes(b"graph two")
+    variants = [
+        Variant("ours", first, "int8", ours_for="ort"),
+        Variant("ours tuned", same, "int8", ours_for="ort"),
+        Variant("vendor", other, "int8", vendor=True),
+    ]
+    assert same_files(variants) == {"ours tuned": "ours"}
