@@ -822,3 +822,24 @@ def test_float_by_rule_names_the_compute_ops_the_rules_keep_float(target, tmp_pa
     assert [n.op_type for n in graph.node if n.name in floats] == (
         [] if target == "tensorrt" else ["ConvTranspose"]
     )
+
+
+def test_timm_fused_qkv_attention_exported_for_openvino_is_lint_clean(tmp_path):
+    """timm's qkv Linear -> reshape -> permute -> unbind -> attention MatMuls: the unbind
+    exports as Slice then Squeeze, one torch op. The lint must follow the quantized value
+    through both to the MatMuls, whose OpenVINO transformer rule asks int8, as prepare()
+    does; stopping at the Squeeze it asked uint8 of the qkv quantizers (timm DeiT-Tiny's
+    build failed with 36 such violations)."""
+    import torch
+
+    from qat_deploy.deploy.export.qdq import export
+    from qat_deploy.deploy.frontend.prepare import prepare
+    from qat_deploy.deploy.training.calibrate import calibrate
+    from tests.frontend.blocks import FusedQKVAttention
+
+    torch.manual_seed(0)
+    model, x = FusedQKVAttention().eval(), torch.randn(1, 5, 64)
+    prepared = prepare(model, "openvino", x)
+    calibrate(prepared, [x + 0.1 * torch.randn_like(x) for _ in range(4)], progress=False)
+    path = export(prepared, tmp_path / "attention.qdq.onnx", x)
+    assert lint(path, "openvino") == []
