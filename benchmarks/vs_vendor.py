@@ -51,8 +51,7 @@ from qat_deploy.deploy.engines.timing import (
     time_interleaved,
 )
 from qat_deploy.deploy.frontend.prepare import PreparedModel
-from qat_deploy.deploy.verify import engine_check
-from qat_deploy.deploy.verify.closeness import Thresholds
+from qat_deploy.deploy.verify import closeness, engine_check, layer_debug
 from qat_deploy.models import load_model
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -439,19 +438,19 @@ def build_check(
     (deploy.verify.engine_check, the build's own bounds), else the check's failure: an engine
     its runtime compiled wrong is reported, not timed as a result."""
     twin = v.twin
-    results, bounds = engine_check.compare_engine(engine_out, twin.references, Thresholds())
+    bounds = closeness.DEFAULT_THRESHOLDS[engine_check.FAKEQUANT]  # deploy build's default
+    results, thresholds = engine_check.compare_engine(engine_out, twin.references, bounds)
 
     def per_layer():
         feeds = engine_check.layer_feeds(v.onnx, twin.held_out, 1, HELD_OUT)
         adapter = get_adapter(runtime)
-        return engine_check.per_layer_verdict(
-            v.onnx, twin.prepared, feeds, adapter, int8_layers, threads
-        )
+        layers = layer_debug.analyse(v.onnx, {}, feeds, adapter, int8_layers, threads)
+        return engine_check.per_layer_verdict(layers, v.onnx, twin.prepared)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", engine_check.EngineAmplificationWarning)
         try:
-            engine_check.require_faithful(results, bounds[engine_check.FAKEQUANT], per_layer)
+            engine_check.require_faithful(results, thresholds[engine_check.FAKEQUANT], per_layer)
         except CheckFailedError as exc:
             return f"fails deploy build's engine check: {exc}"
     return ""

@@ -275,13 +275,13 @@ def _run(o: BuildOptions, out: Path, report: Report, progress: Progress) -> None
         )
 
     def per_layer() -> layer_debug.Faithfulness | None:
-        """Asked only when the end-to-end check fails (engine_check.require_faithful)."""
-        feeds = engine_check.layer_feeds(
-            qdq_path, evaluation.arrays(spec.inputs), spec.input_shape[0], DEBUG_SAMPLES
-        )
-        return engine_check.per_layer_verdict(
-            qdq_path, prepared, feeds, adapter, int8_layers, o.threads, layers
-        )
+        """Asked only when the end-to-end check fails (engine_check.require_faithful):
+        --debug-layers' result, or a run of its engine columns alone."""
+        result = layers
+        if result is None:
+            feeds = _layer_feeds(evaluation, spec, qdq_path)
+            result = layer_debug.analyse(qdq_path, {}, feeds, adapter, int8_layers, o.threads)
+        return engine_check.per_layer_verdict(result, qdq_path, prepared)
 
     engines = {"fp32": fp32, "int8": int8}
     if prepared.plan.accuracy_budget and prepared.plan.accuracy_budget["kept_float"]:
@@ -315,9 +315,7 @@ def _debug_layers(
 ) -> layer_debug.LayerDebug:
     """Per-layer errors into the report and layers.png, before the accuracy check can fail:
     a failing build is when they are wanted."""
-    feeds = engine_check.layer_feeds(
-        qdq_path, evaluation.arrays(spec.inputs), spec.input_shape[0], DEBUG_SAMPLES
-    )
+    feeds = _layer_feeds(evaluation, spec, qdq_path)
     result = layer_debug.analyse(
         qdq_path, float_weights, feeds, adapter, engine_int8_layers, o.threads
     )
@@ -326,6 +324,12 @@ def _debug_layers(
     report.artifact("layers_png", layer_debug.plot(result, title, qdq_path.parent / LAYERS_PNG))
     _stage(report, progress, "layers")
     return result
+
+
+def _layer_feeds(evaluation: Dataset, spec: ModelSpec, qdq_path: Path) -> list[dict]:
+    """The first DEBUG_SAMPLES evaluation samples, in batches, keyed by the QDQ model's inputs."""
+    arrays, batch = evaluation.arrays(spec.inputs), spec.input_shape[0]
+    return engine_check.layer_feeds(qdq_path, arrays, batch, DEBUG_SAMPLES)
 
 
 def _model_report(spec: ModelSpec) -> dict:

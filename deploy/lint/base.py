@@ -199,9 +199,9 @@ class Context:
         """The compute ops reading `name`, seen through DequantizeLinear after a Q and through
         pass-through ops, which carry the quantized value on unchanged: also from one ONNX node
         of such an op to the next (torch's unbind exports as Slice then Squeeze)."""
+        producer = self.graph.producer.get(name)
         for node, index in self.graph.consumers.get(name, ()):
             dequantizes = node.op_type == DEQUANTIZE and self._after_quantize(name)
-            producer = self.graph.producer.get(name)
             inside = producer is not None and self.graph.same_op(producer, node)
             carried = inside or name in self.graph.data_inputs(node)
             carries = self.passes_through(node) and carried

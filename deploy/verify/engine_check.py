@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from torch import nn
 
 from qat_deploy.deploy.common.errors import CheckFailedError
 from qat_deploy.deploy.data import input_pairs
-from qat_deploy.deploy.engines.adapter import Adapter
 from qat_deploy.deploy.frontend.prepare import PreparedModel
 from qat_deploy.deploy.training.calibrate import call_model, first_tensor
 from qat_deploy.deploy.verify import closeness, layer_debug
@@ -169,19 +168,10 @@ def faithful_per_layer(results: dict, failure: CheckFailedError, verdict) -> Non
 
 
 def per_layer_verdict(
-    qdq_path: Path,
-    prepared: nn.Module,
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    adapter: Adapter,
-    int8_layers: int,
-    threads: int,
-    layers: LayerDebug | None = None,
+    layers: LayerDebug, qdq_path: Path, prepared: nn.Module
 ) -> Faithfulness | None:
-    """The engine against its QDQ model quantizer by quantizer (`layers` where a --debug-layers
-    run has them, else a run of its engine columns alone), with any quantizer the file holds on
-    a grid the fake-quant model does not use."""
-    if layers is None:
-        layers = layer_debug.analyse(qdq_path, {}, feeds, adapter, int8_layers, threads)
+    """The engine against its QDQ model quantizer by quantizer (`layers`: layer_debug.analyse of
+    `qdq_path`), with any quantizer the file holds on a grid the fake-quant model does not use."""
     verdict = layers.faithfulness()
     foreign = layer_debug.foreign_quantizers(onnx.load(str(qdq_path)), prepared)
     return verdict and dataclasses.replace(verdict, foreign=foreign)
