@@ -72,6 +72,11 @@ class _ExportWeight(nn.Module):
         weight = self.float_weight() if self._export_weight is None else self._export_weight
         return self.weight_quant(weight)
 
+    def export_weight(self) -> torch.Tensor:
+        """The fake-quantized weight export writes as integer codes (in export mode): what
+        deploy.verify.provenance holds a QDQ file's weights to."""
+        return self.weight_quant(self._export_weight)
+
 
 class _EngineBias(_ExportWeight):
     """Bias as an int8 kernel adds it: round(b / (x_scale * w_scale)) in the int32 accumulator
@@ -162,6 +167,9 @@ class QuantConvBn(_EngineBias):
             weight, bias = self.folded_weight_and_bias()
         weight = self.weight_quant.within_range(weight)
         self._export = (weight.detach().clone(), bias.detach().clone())
+
+    def export_weight(self) -> torch.Tensor:
+        return self.weight_quant(self._export[0])
 
     def freeze_bn(self, frozen: bool = True) -> None:
         """From now on fold with running statistics and stop updating them."""

@@ -5,8 +5,9 @@ it to our rows, so that neither ships nor times an engine its runtime compiled w
 against fp32 cannot see that: OpenVINO 2026.4 folded EdgeNeXt's positional-encoding branch 77%
 wrong and the engine still read cosine 0.995 to fp32. The engine is compared with the fake-quant
 model on the same inputs. Where the end-to-end bounds fail, it is accepted only if it matches its
-QDQ model quantizer by quantizer (layer_debug.Faithfulness): a deep model amplifies rounding
-flips at near-ties, while a wrong kernel shows at one layer.
+QDQ model quantizer by quantizer (layer_debug.Faithfulness) and that file holds the model's
+grids and weights (provenance): a deep model amplifies rounding flips at near-ties, while a
+wrong kernel shows at one layer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from qat_deploy.deploy.common.errors import CheckFailedError
 from qat_deploy.deploy.data import input_pairs
 from qat_deploy.deploy.frontend.prepare import PreparedModel
 from qat_deploy.deploy.training.calibrate import call_model, first_tensor
-from qat_deploy.deploy.verify import closeness, layer_debug
+from qat_deploy.deploy.verify import closeness, provenance
 from qat_deploy.deploy.verify.layer_debug import Faithfulness, LayerDebug
 from qat_deploy.models import ModelSpec
 
@@ -155,6 +156,12 @@ def faithful_per_layer(results: dict, failure: CheckFailedError, verdict) -> Non
             f"{failure}; the exported QDQ file quantizes {', '.join(verdict.foreign[:3])} on a "
             "scale or zero point the fake-quant model does not use"
         ) from failure
+    if verdict.foreign_weights:
+        raise CheckFailedError(
+            f"{failure}; the exported QDQ file holds int8 weights "
+            f"({', '.join(verdict.foreign_weights[:3])}) that no weight quantizer of the "
+            "fake-quant model computes"
+        ) from failure
     if not verdict.faithful:
         raise CheckFailedError(
             f"{failure}; the engine computes a layer differently: {where}"
@@ -168,10 +175,17 @@ def faithful_per_layer(results: dict, failure: CheckFailedError, verdict) -> Non
 
 
 def per_layer_verdict(
-    layers: LayerDebug, qdq_path: Path, prepared: nn.Module
+    layers: LayerDebug, qdq_path: Path, prepared: PreparedModel
 ) -> Faithfulness | None:
     """The engine against its QDQ model quantizer by quantizer (`layers`: layer_debug.analyse of
-    `qdq_path`), with any quantizer the file holds on a grid the fake-quant model does not use."""
+    `qdq_path`), with what in the file the fake-quant model does not compute: activation grids
+    it does not use, int8 weights none of its weight quantizers produce."""
     verdict = layers.faithfulness()
-    foreign = layer_debug.foreign_quantizers(onnx.load(str(qdq_path)), prepared)
-    return verdict and dataclasses.replace(verdict, foreign=foreign)
+    if verdict is None:
+        return None
+    model = onnx.load(str(qdq_path))
+    return dataclasses.replace(
+        verdict,
+        foreign=provenance.foreign_grids(model, prepared),
+        foreign_weights=provenance.foreign_weights(model, prepared),
+    )

@@ -35,14 +35,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
-from torch import nn
 
 from qat_deploy.deploy.common.artifacts import temp_folder, write_atomic
 from qat_deploy.deploy.common.errors import BackendUnavailableError, BadInputError, one_line
 from qat_deploy.deploy.common.measured import Measured, NotMeasured
 from qat_deploy.deploy.engines.adapter import Adapter
 from qat_deploy.deploy.export.passes import GraphIndex, drop_dead_nodes, drop_unused_initializers
-from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE, FakeQuantize
+from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE
 from qat_deploy.deploy.rules.ops import LAYER_KEY
 from qat_deploy.deploy.verify.closeness import sqnr_db
 
@@ -113,13 +112,16 @@ class Faithfulness:
     worst_max_steps: float
     worst_mismatch: float
     #: tensors the QDQ file quantizes on a grid (scale, zero point) no fake-quantizer of the
-    #: model has: there the file, not the engine, computes something else (foreign_quantizers)
+    #: model has: there the file, not the engine, computes something else (provenance)
     foreign: tuple[str, ...] = ()
+    #: int8 weights of the file that no weight quantizer of the model computes (provenance)
+    foreign_weights: tuple[str, ...] = ()
 
     @property
     def faithful(self) -> bool:
         return (
             not self.foreign
+            and not self.foreign_weights
             and self.worst_max_steps <= 1
             and self.worst_mismatch <= FAITHFUL_MISMATCH
         )
@@ -199,29 +201,6 @@ def quantizers(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarray]) 
             layer = _layer(readers[0]) if readers else node.input[0]
             found.append(Quantizer("weight", layer, node.input[0], "", (layer,), *params, axis))
     return found
-
-
-def foreign_quantizers(model: onnx.ModelProto, fake_quant: nn.Module) -> tuple[str, ...]:
-    """Tensors a per-tensor activation quantizer of `model` quantizes on a grid (float32 scale,
-    integer zero point) that no per-tensor FakeQuantize of `fake_quant` has. The per-layer
-    check compares the engine with this file; this ties the file to the model it came from."""
-    grids = {
-        _grid(*m.effective_qparams())
-        for m in fake_quant.modules()
-        if isinstance(m, FakeQuantize) and not m.spec.per_channel
-    }
-    return tuple(
-        p.tensor
-        for p in quantizers(model, {})
-        if p.kind == "activation"
-        and p.scale.size == 1
-        and _grid(p.scale, p.zero_point) not in grids
-    )
-
-
-def _grid(scale, zero_point) -> tuple[float, int]:
-    """(scale, zero point) as the export writes them: float32 and an integer."""
-    return float(np.float32(scale.item())), int(zero_point.item())
 
 
 def float_twin(model: onnx.ModelProto, float_weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:

@@ -52,6 +52,16 @@ def test_an_engine_failing_end_to_end_passes_only_when_every_layer_matches(
     assert results["int8_vs_fakequant_per_layer"]["faithful"] is accepted
 
 
+def test_a_file_holding_weights_the_model_does_not_compute_fails_naming_them():
+    """Each quantizer matches, but against a file whose weights are not the model's: the
+    engine computes the file, not the model."""
+    verdict = Faithfulness(40, "block.3", 1.0, 0.0, foreign_weights=("conv1.weight_q",))
+    results = {"int8_vs_fakequant": {}}
+    with pytest.raises(errors.CheckFailedError, match="int8 weights \\(conv1.weight_q\\)"):
+        faithful_per_layer(results, _failure(), verdict)
+    assert results["int8_vs_fakequant_per_layer"]["faithful"] is False
+
+
 def test_an_engine_that_cannot_report_its_layers_keeps_the_end_to_end_failure():
     failure = _failure()
     with pytest.raises(errors.CheckFailedError) as raised:
