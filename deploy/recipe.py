@@ -36,7 +36,7 @@ from qat_deploy.deploy.training.choice import choose_observer, use_observer
 from qat_deploy.deploy.training.qat import distillation_loss, train_qat
 from qat_deploy.deploy.training.smooth import choose_alpha, smooth_linear_inputs
 from qat_deploy.deploy.tune.cache import TimingCache, default_cache_path
-from qat_deploy.deploy.tune.search import EngineTimer, search
+from qat_deploy.deploy.tune.search import EngineTimer, gain, search
 from qat_deploy.deploy.verify.sensitivity import choose_keep_float
 from qat_deploy.models import ModelSpec, load_model
 from qat_deploy.models.inputs import InputSpec
@@ -215,7 +215,8 @@ def _calibrate(prepared: PreparedModel, model: nn.Module, batches: list) -> None
 def _tune(loaded: Loaded, recipe: Recipe, prepared: PreparedModel, batches: list) -> PreparedModel:
     """Time placements of the calibrated model on the target runtime (deploy.tune.search);
     when some layers run faster float, prepare again with them kept float, and keep that
-    model only if its own export times faster than the untuned one."""
+    model only if its own export times faster than the untuned one, with the search's own
+    standard (deploy.tune.search.gain: a second timing with the roles swapped must agree)."""
     adapter = get_adapter(recipe.target)
     cache = TimingCache(recipe.tune_cache or default_cache_path())
     with tempfile.TemporaryDirectory(prefix="qat_deploy_tune_") as work:
@@ -234,11 +235,13 @@ def _tune(loaded: Loaded, recipe: Recipe, prepared: PreparedModel, batches: list
                 tuned.plan.accuracy_budget = prepared.plan.accuracy_budget
                 final = export(tuned, Path(work) / "tuned" / QDQ_NAME, loaded.example)
                 before = timer.contended
-                ratio = timer.ratio(final.read_bytes(), untuned.SerializeToString())
+                ratio, faster = gain(
+                    timer, final.read_bytes(), untuned.SerializeToString(), result.threshold
+                )
                 result.time_ratio, result.contended = ratio, timer.contended
                 result.retimed = timer.retimed
                 busy = timer.contended > before
-                if busy or ratio >= 1 - result.threshold:  # the rewrite's gain did not hold
+                if not faster:  # the rewrite's gain did not hold, or was timed on a busy CPU
                     result.reverted = {
                         "float_layers": result.float_layers,
                         "time_ratio": ratio,

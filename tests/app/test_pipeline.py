@@ -270,22 +270,18 @@ def test_tune_latency_ships_the_placement_it_reports(tmp_path):
     assert written == tuning["cache"]["misses"] - tuning["contended"]
 
 
-def test_a_tuned_placement_timed_on_a_busy_cpu_is_not_shipped(tmp_path, monkeypatch):
-    """The search's choice (here: the first layer float) must hold in a final timing against
-    the untuned model; when other processes keep the CPU busy through that timing, the
-    untuned placement ships and the report says why."""
+def _build_with_first_layer_float(tmp_path, monkeypatch) -> dict:
+    """A tuned mnist_cnn build whose search (stubbed) chose the first layer float: what the
+    final timing of the re-prepared placement then decides is in the returned report."""
     from qat_deploy.deploy import recipe
     from qat_deploy.deploy.tune.regions import regions
-    from qat_deploy.deploy.tune.search import EngineTimer, TuneResult
-    from tests.tune.watch import ScriptedWatch
+    from qat_deploy.deploy.tune.search import TuneResult
 
     def first_layer_float(untuned, rules, timer, budget_s):
         names = [r.layer for r in regions(untuned, rules)]
         return TuneResult(len(names), names[:1], 0.5, 0.0, 0.03, budget_s)
 
-    busy = functools.partial(EngineTimer, watch=ScriptedWatch(10**6), retry_pause_s=0.0)
     monkeypatch.setattr(recipe, "search", first_layer_float)
-    monkeypatch.setattr(recipe, "EngineTimer", busy)
     options = BuildOptions(
         target="onnxruntime",
         model="mnist_cnn",
@@ -295,12 +291,50 @@ def test_a_tuned_placement_timed_on_a_busy_cpu_is_not_shipped(tmp_path, monkeypa
         **FAST,
     )
     build(options)
-    report = read_report(tmp_path / "out")
+    return read_report(tmp_path / "out")
+
+
+def test_a_tuned_placement_timed_on_a_busy_cpu_is_not_shipped(tmp_path, monkeypatch):
+    """The search's choice (here: the first layer float) must hold in a final timing against
+    the untuned model; when other processes keep the CPU busy through that timing, the
+    untuned placement ships and the report says why."""
+    from qat_deploy.deploy import recipe
+    from qat_deploy.deploy.tune.search import EngineTimer
+    from tests.tune.watch import ScriptedWatch
+
+    busy = functools.partial(EngineTimer, watch=ScriptedWatch(10**6), retry_pause_s=0.0)
+    monkeypatch.setattr(recipe, "EngineTimer", busy)
+    report = _build_with_first_layer_float(tmp_path, monkeypatch)
     tuning = report["latency_tuning"]
     assert tuning["reverted"]["contended"] and tuning["contended"] == 1
     assert tuning["reverted"]["float_layers"] and tuning["float_layers"] == []
     assert report["kept_float"] == [] and report["kernels"]["int8"] == tuning["regions"]
     assert not (tmp_path / "cache.json").exists()
+
+
+def test_a_tuned_placement_whose_gain_vanishes_with_roles_swapped_is_not_shipped(
+    tmp_path, monkeypatch
+):
+    """One timing of a few tenths of a second can be off by 10% on a shared machine: the final
+    timing of the re-prepared placement must agree with a second one, roles swapped. Here each
+    engine times 0.8x the other whichever is measured first, so the gain is noise."""
+    from qat_deploy.deploy.tune.search import EngineTimer
+
+    asked = []
+
+    def first_one_always_faster(self, candidate, reference):
+        asked.append((candidate, reference))
+        return 0.8
+
+    monkeypatch.setattr(EngineTimer, "ratio", first_one_always_faster)
+    tuning = _build_with_first_layer_float(tmp_path, monkeypatch)["latency_tuning"]
+    assert len(asked) == 2 and asked[1] == asked[0][::-1]
+    assert tuning["reverted"] == {
+        "float_layers": tuning["reverted"]["float_layers"],
+        "time_ratio": pytest.approx(1.0),
+        "contended": False,
+    }
+    assert tuning["reverted"]["float_layers"] and tuning["float_layers"] == []
 
 
 def test_tune_latency_without_a_runnable_engine_says_why(tmp_path):
