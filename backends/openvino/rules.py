@@ -1,8 +1,8 @@
 """OpenVINO CPU rules, as NNCF's CPU hardware config states them (setups/cpu.py, qspaces.py).
 
 - Activations uint8 affine per-tensor (Convolution needs per-tensor activation dequantization),
-  int8 symmetric where only a Mul, pooling or float BatchNorm reads a value that can be well
-  below 0 (zero_point_free_readers);
+  int8 symmetric where only Convs, Muls, pooling or float BatchNorms read a value that can be
+  well below 0 (zero_point_free_readers), as NNCF's signed activations;
   weights int8 symmetric per-channel, narrow range.
 - Quantize inputs of Convolution, MatMul, Add (both inputs in CNNs), Multiply, AvgPool,
   ReduceMean, Interpolate; Concat inputs share one scale; MaxPool, Reshape, Transpose and Pad
@@ -68,7 +68,16 @@ RULES = BackendRules(
     # MobileNetV3-L's centred cosine fell 0.934 -> 0.918). SiLU, HardSwish and GELU outputs
     # keep uint8 (deploy.rules.backend.HARDLY_NEGATIVE): torchvision EfficientNet-B0 with its
     # SiLU outputs int8 ran 1.006 -> 0.994 but its centred cosine fell 0.894 -> 0.851.
-    zero_point_free_readers=frozenset({"mul", "reduce_mean", "global_avgpool", "avgpool", "bn"}),
+    # A Conv too (the image into the stem, a block's output read only by the next block's
+    # Convs, ECA's pooled vectors): the AMX Convs of a Xeon with AMX-INT8 ran ~25% slower on
+    # u8 with a zero point (PERF_COUNT: ECA-ResNet26t's stem 107 vs 82 us). Harness, ours over
+    # NNCF before -> after, untuned: ECA-ResNet26t 1.030 -> 1.004, DenseNet-121 1.032 -> 0.998.
+    # That needs deploy.rules.backend.hardly_negative to look through pooling and gates: with
+    # the squeeze-excite means and gated Muls of EfficientNet-B0 int8, its cosine vs fp32 fell
+    # 0.9758 -> 0.9614; with them uint8 only near-symmetric values turn int8.
+    zero_point_free_readers=frozenset(
+        {"conv", "mul", "reduce_mean", "global_avgpool", "avgpool", "bn"}
+    ),
     signed_activation=INT8_SYM_ACT,
     transformer_ops={
         "conv": WEIGHTED_OPS["conv"],

@@ -47,7 +47,6 @@ from qat_deploy.deploy.quant.observers import (
 from qat_deploy.deploy.quant.spec import QuantSpec
 from qat_deploy.deploy.rules.backend import (
     FUSED_ACTIVATIONS,
-    HARDLY_NEGATIVE,
     BackendRules,
     InputFacts,
     Inputs,
@@ -58,6 +57,7 @@ from qat_deploy.deploy.rules.backend import (
     float_islands,
     fused_output,
     get_rules,
+    hardly_negative,
     reader_kinds,
     rectified,
     selected_inputs,
@@ -663,10 +663,10 @@ def _group_specs(readers: dict[Key, list[fx.Node]], groups, kinds, rules: Backen
 def _hardly_negative(value: fx.Node, kinds, rules: BackendRules) -> bool:
     """The value's uint8 grid keeps (nearly) full resolution: a signed one would not."""
 
-    def carries(node: fx.Node) -> bool:
+    def passes_through(node: fx.Node) -> bool:
         return kinds.get(node) in rules.pass_through
 
-    return rectified(value, kinds.get, _tensor_producers, carries, HARDLY_NEGATIVE)
+    return hardly_negative(value, kinds.get, _tensor_producers, passes_through)
 
 
 def _tensor_producers(node: fx.Node) -> list[fx.Node]:

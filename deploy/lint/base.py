@@ -12,11 +12,11 @@ from onnx import NodeProto
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph
 from qat_deploy.deploy.rules.backend import (
     FUSED_ACTIVATIONS,
-    HARDLY_NEGATIVE,
     BackendRules,
     OpRule,
     conv_stage,
     float_islands,
+    hardly_negative,
     rectified,
 )
 from qat_deploy.deploy.rules.ops import WEIGHTED_KINDS, is_transformer
@@ -154,17 +154,20 @@ class Context:
     ) -> bool:
         """deploy.rules.backend.rectified on the ONNX graph, seen through Q/DQ: the walk the
         front end makes on the torch graph."""
-
-        def producers(op: NodeProto) -> list[NodeProto | None]:
-            return [self.source(value) for value in self.graph.runtime_inputs(op)]
-
         found = self.source(name)
-        return found is not None and rectified(found, self.graph.kind, producers, carries, sources)
+        return found is not None and rectified(
+            found, self.graph.kind, self._producers, carries, sources
+        )
 
     def hardly_negative(self, name: str) -> bool:
-        """Whether `name` is never or hardly negative (deploy.rules.backend.HARDLY_NEGATIVE
-        kinds, and pass-through ops of them)."""
-        return self.rectified(name, self.passes_through, HARDLY_NEGATIVE)
+        """deploy.rules.backend.hardly_negative on the ONNX graph, seen through Q/DQ."""
+        found = self.source(name)
+        return found is not None and hardly_negative(
+            found, self.graph.kind, self._producers, self.passes_through
+        )
+
+    def _producers(self, op: NodeProto) -> list[NodeProto | None]:
+        return [self.source(value) for value in self.graph.runtime_inputs(op)]
 
     def _writes_on_grid(self, node: NodeProto) -> bool:
         """BackendRules.shared_scale_outputs_quantized: a shared-scale op (Concat) writes its

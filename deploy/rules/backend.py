@@ -146,8 +146,8 @@ class BackendRules:
     #: such ops read (through pass-through ops and Concats), and that can be well below 0, is
     #: quantized with `signed_activation` instead of the default (activation_spec). The CPU
     #: plugin runs a Mul, a pooling or a float BatchNorm on u8 data as a kernel that
-    #: subtracts the zero point first; a Conv, and a residual Add fused into one, folds it
-    #: into the Conv's compensation and keeps the default.
+    #: subtracts the zero point first, and its AMX Convs run slower with one; a residual Add
+    #: fused into the Conv before it reads the zero point itself and keeps the default.
     zero_point_free_readers: frozenset[str] = frozenset()
     signed_activation: QuantSpec | None = None
     notes: str = ""
@@ -231,6 +231,34 @@ HARDLY_NEGATIVE = (
     "hardswish",
     "gelu",
 )
+
+#: Kinds whose output is a mean of their input's values, so never below the input's least.
+AVERAGING = ("avgpool", "global_avgpool", "reduce_mean")
+#: Kinds whose output lies in [0, 1]: a Mul by one (a squeeze-excite or ECA gate) keeps its
+#: other input's lower bound.
+GATES = ("sigmoid", "hardsigmoid")
+
+
+def hardly_negative(
+    op: T,
+    kind: Callable[[T], str | None],
+    producers: Callable[[T], Sequence[T | None]],
+    passes_through: Callable[[T], bool],
+) -> bool:
+    """Whether the op's output is never or hardly negative: a HARDLY_NEGATIVE kind's output,
+    carried by pass-through ops, averaging ops, or a Mul by a gate (squeeze-excite:
+    mean(SiLU(x)) and SiLU(x) * sigmoid(s) are >= -0.28 too). One walk for prepare and lint
+    (rectified's producers)."""
+
+    def gate(node: T | None) -> bool:
+        return node is not None and rectified(node, kind, producers, passes_through, GATES)
+
+    def carries(node: T) -> bool:
+        if passes_through(node) or kind(node) in AVERAGING:
+            return True
+        return kind(node) == "mul" and any(gate(p) for p in producers(node))
+
+    return rectified(op, kind, producers, carries, HARDLY_NEGATIVE)
 
 
 def reader_kinds(

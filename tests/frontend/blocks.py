@@ -257,3 +257,26 @@ class SamePaddingStem(nn.Module):
         x = nn.functional.silu(self.bn(self.conv(nn.functional.pad(x, (0, 1, 0, 1)))))
         x = nn.functional.silu(self.bn_dw(self.dw(nn.functional.pad(x, (0, 1, 0, 1)))))
         return self.pw(x)
+
+
+class SqueezeExcite(nn.Module):
+    """EfficientNet's MBConv tail in small: a SiLU feature map, squeeze-excite (channel means
+    by `pool`: "mean" as timm, "adaptive" as torchvision's AdaptiveAvgPool2d -> Conv -> SiLU
+    -> Conv -> sigmoid) multiplied into it, and the projection Conv reading the product.
+    gate=False multiplies by the second Conv's output itself, which has no [0, 1] bound."""
+
+    def __init__(self, c=8, pool="mean", gate=True):
+        super().__init__()
+        self.stem, self.bn = conv_bn(3, c)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        self.pool, self.gate = pool, gate
+
+    def forward(self, x):
+        x = nn.functional.silu(self.bn(self.stem(x)))
+        if self.pool == "mean":
+            s = x.mean((2, 3), keepdim=True)
+        else:
+            s = nn.functional.adaptive_avg_pool2d(x, 1)
+        s = self.fc2(nn.functional.silu(self.fc1(s)))
+        return self.proj(x * (torch.sigmoid(s) if self.gate else s))

@@ -260,16 +260,16 @@ def test_prepare_leaves_the_users_model_untouched():
 def test_summary_lists_every_quantizer_with_its_scales():
     from rich.console import Console
 
-    prepared = prepare(
-        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "openvino", torch.randn(1, 3, 8, 8)
-    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    prepared = prepare(model, "openvino", torch.randn(1, 3, 8, 8))
     prepared(torch.randn(2, 3, 8, 8))
     console = Console(record=True, width=200)
     console.print(prepared.summary())
     text = console.export_text()
     # 7-bit weights where OpenVINO runs without VNNI (reduced range)
     assert re.search(r"int[78] sym narrow per-channel\(axis=0\)", text)
-    assert "uint8 affine per-tensor" in text
+    assert "uint8 affine per-tensor" in text  # the ReLU output
+    assert "int8 sym per-tensor" in text  # the image, which can be negative, read by a Conv
     assert "uncalibrated" not in text
 
 

@@ -27,6 +27,7 @@ from tests.frontend.blocks import (
     GhostBlock,
     InceptionStem,
     InvertedResidual,
+    SqueezeExcite,
     randomize_bn,
 )
 
@@ -34,6 +35,7 @@ INT8_SYM = QuantSpec(bits=8, signed=True, symmetric=True)
 UINT8_AFFINE = QuantSpec(bits=8, signed=False, symmetric=False)
 WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, axis=0, narrow_range=True)
 IMG = torch.randn(2, 8, 8, 8)
+IMG3 = torch.randn(2, 3, 16, 16)  # an image
 SEQ = torch.randn(2, 5, 16)
 
 EXPECTED = {
@@ -128,6 +130,20 @@ BLOCKS = {
 }
 ACTIVATION = {"tensorrt": INT8_SYM, "openvino": UINT8_AFFINE, "onnxruntime": UINT8_AFFINE}
 TARGETS = list(ACTIVATION)
+# OpenVINO's signed values (zero_point_free_readers), written by hand from its rules: the
+# graph input, which can be negative, read only by Convs (Bottleneck: conv1 and the
+# downsample; ConcatBlock: conv_a, conv_b and, through the MaxPool, the Concat, whose one
+# grid conv_out alone reads). A value the residual Add reads too keeps uint8.
+OPENVINO_SIGNED = {
+    "bottleneck": {("x", "conv1"), ("x", "downsample_0")},
+    "concat": {
+        ("x", "conv_a"),
+        ("x", "conv_b"),
+        ("relu_a", "cat"),
+        ("relu_b", "cat"),
+        ("pool", "cat"),
+    },
+}
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -141,8 +157,13 @@ def test_cnn_block_placement(block, target):
     assert plan.mode == "cnn"
     assert plan.activation_edges == expected
     assert plan.weight_layers == weighted
+    signed = OPENVINO_SIGNED.get(block, set()) if target == "openvino" else set()
     for site in plan.sites:
-        assert site.spec == (ACTIVATION[target] if site.role == "activation" else WEIGHT)
+        if site.role == "weight":
+            assert site.spec == WEIGHT
+        else:
+            assert site.spec == (INT8_SYM if set(site.edges) <= signed else ACTIVATION[target])
+    assert {e for s in plan.sites if s.spec == INT8_SYM for e in s.edges} >= signed
 
 
 def test_fusion_chains_follow_each_backend():
@@ -226,7 +247,10 @@ def test_tensorrt_and_openvino_differ_exactly_where_rules_differ(block):
         assert len(extra) == 1 and next(iter(extra))[1] == "add"
         assert trt.activation_edges <= ov.activation_edges
     assert {s.spec for s in trt.sites if s.role == "activation"} == {INT8_SYM}
-    assert {s.spec for s in ov.sites if s.role == "activation"} == {UINT8_AFFINE}
+    ov_specs = {e: s.spec for s in ov.sites if s.role == "activation" for e in s.edges}
+    signed = OPENVINO_SIGNED.get(block, set())
+    assert ov_specs == {e: INT8_SYM if e in signed else UINT8_AFFINE for e in ov_specs}
+    assert signed <= ov_specs.keys()
     assert trt.weight_layers == ov.weight_layers
 
 
@@ -447,21 +471,55 @@ def test_a_gate_quantizer_moves_up_to_a_sigmoid_the_conv_before_it_runs_as_a_pos
 
 @pytest.mark.parametrize("target", ["openvino", "onnxruntime"])
 def test_a_signed_value_only_elementwise_ops_read_is_int8_on_openvino(target, tmp_path):
-    """OpenVINO (zero_point_free_readers): the Conv output that only the pooling and the gate
-    Mul read can be negative, so it is int8 with zero point 0 (the CPU plugin subtracts a
-    uint8 zero point in a kernel of its own there). The pooled values a Conv1d reads, and
-    the sigmoid gate (never negative: zero point 0 on the uint8 grid), stay uint8; so does
-    everything on onnxruntime. Lint accepts the export."""
+    """OpenVINO (zero_point_free_readers): the values that can be negative and that only
+    Convs, the pooling and the gate Mul read (the input, the Conv output, its channel means
+    into the Conv1d) are int8 with zero point 0 (the CPU plugin subtracts a uint8 zero point
+    in a kernel of its own there, and its AMX Convs run slower with one). The sigmoid gate
+    (never negative: zero point 0 on the uint8 grid) stays uint8; so does everything on
+    onnxruntime. Lint accepts the export."""
     prepared = prepare(ChannelGate(gate="conv").eval(), target, IMG)
     spec = {e: s.spec for s in prepared.plan.sites if s.role == "activation" for e in s.edges}
     signed = INT8_SYM if target == "openvino" else UINT8_AFFINE
     assert spec[("conv", "mean")] == spec[("conv", "mul")] == signed
-    assert spec[("x", "conv")] == spec[("sigmoid", "view_1")] == UINT8_AFFINE
+    assert spec[("x", "conv")] == signed
+    assert spec[("sigmoid", "view_1")] == UINT8_AFFINE
     if target == "openvino":
-        assert spec[("mean", "view")] == UINT8_AFFINE
+        assert spec[("mean", "view")] == INT8_SYM
     with torch.no_grad():
         prepared(IMG)
     assert lint(export(prepared, tmp_path / "m.onnx", IMG[:1]), target) == []
+
+
+@pytest.mark.parametrize("pool", ["mean", "adaptive"])
+def test_squeeze_excite_means_and_gated_values_keep_uint8_on_openvino(pool, tmp_path):
+    """Conv is a zero_point_free_reader on OpenVINO, but a SiLU output's channel means and
+    its product with a sigmoid gate are never below SiLU's minimum (-0.28): a symmetric
+    grid would halve their resolution (EfficientNet-B0's cosine vs fp32 fell 0.9758 ->
+    0.9614 when they were int8), so they stay uint8; the image into the stem turns int8.
+    The bound is checked on calibrated ranges; lint accepts the export."""
+    from qat_deploy.deploy.training.calibrate import calibrate
+
+    torch.manual_seed(0)
+    prepared = prepare(randomize_bn(SqueezeExcite(pool=pool)).eval(), "openvino", IMG3)
+    sites = {e: s for s in prepared.plan.sites if s.role == "activation" for e in s.edges}
+    pooled = "mean" if pool == "mean" else "adaptive_avg_pool2d"
+    assert sites[("x", "stem")].spec == INT8_SYM
+    hardly_negative = [sites[(pooled, "fc1")], sites[("mul", "proj")]]
+    assert {s.spec for s in hardly_negative} == {UINT8_AFFINE}
+    calibrate(prepared, [4 * torch.randn(8, 3, 16, 16) for _ in range(4)], progress=False)
+    silu_min = torch.nn.functional.silu(torch.linspace(-4, 0, 40001)).min()
+    for site in hardly_negative:
+        observer = prepared.get_submodule(site.module).observer
+        assert observer.min_val >= silu_min - 1e-6 and observer.max_val > 0
+    assert lint(export(prepared, tmp_path / "m.onnx", IMG3[:1]), "openvino") == []
+
+
+def test_a_product_with_an_unbounded_factor_is_signed_on_openvino():
+    """Only a [0, 1] gate keeps a Mul's lower bound: times a Conv's output the SiLU values
+    can be well below 0, and the product into the projection Conv is int8."""
+    plan = prepare(SqueezeExcite(gate=False).eval(), "openvino", IMG3).plan
+    assert plan.site_for_edge("mul", "proj").spec == INT8_SYM
+    assert plan.site_for_edge("mean", "fc1").spec == UINT8_AFFINE
 
 
 class DenseStem(torch.nn.Module):

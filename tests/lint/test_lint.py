@@ -179,10 +179,27 @@ def test_affine_backends_accept_int32_bias(target):
     assert found(conv_with_bias(target, int32=True), target) == []
 
 
+def input_conv_add(target: str, **qdq) -> onnx.ModelProto:
+    """x -> Q/DQ `q_in` (as input_conv) -> Conv -> Q/DQ -> Add, which reads x too."""
+    net = Net(target)
+    x = net.qdq("x", "q_in", **qdq)
+    net.op("Add", [net.qdq(net.conv(x, "conv"), "q_conv"), x], "add")
+    return net.model("add")
+
+
 @pytest.mark.parametrize("target", AFFINE_TARGETS)
 def test_signed_activation_is_flagged_but_int8_weights_are_not(target):
-    signed = input_conv(target, dtype=np.int8, zero_point=0)
+    signed = input_conv_add(target, dtype=np.int8, zero_point=0)
     assert found(signed, target) == [("dtype", "q_in")]
+    assert found(input_conv_add(target, dtype=np.uint8, zero_point=128), target) == []
+
+
+@pytest.mark.parametrize("target", AFFINE_TARGETS)
+def test_a_value_only_convs_read_may_be_signed_on_openvino_alone(target):
+    """OpenVINO's zero_point_free_readers name Conv: there the input of a lone Conv may be
+    int8 with zero point 0 or uint8; onnxruntime's rules keep it uint8."""
+    signed = found(input_conv(target, dtype=np.int8, zero_point=0), target)
+    assert signed == ([] if target == "openvino" else [("dtype", "q_in")])
     assert found(input_conv(target, dtype=np.uint8, zero_point=128), target) == []
 
 
