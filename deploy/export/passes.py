@@ -105,6 +105,17 @@ def uint8_qparams(node: onnx.NodeProto, g: GraphIndex) -> tuple[float, int] | No
     return float(scale.reshape(())), int(zero_point.reshape(()))
 
 
+def along_axis(param: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """A Q/DQ parameter (scale, zero point) shaped to broadcast against its ndim-dimensional
+    tensor: a per-channel one along `axis` (ONNX's, may be negative), a per-tensor one as a
+    scalar."""
+    if param.size == 1:
+        return param.reshape(())
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return param.reshape(shape)
+
+
 def drop_dead_nodes(graph: onnx.GraphProto) -> None:
     """Remove nodes whose outputs nothing reads any more (a rewrite's leftovers)."""
     while True:

@@ -10,6 +10,10 @@ transformer is decided here once (is_transformer), for prepare() and lint() alik
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from onnx import NodeProto
 
 #: ONNX metadata keys our exports carry: each node's kind and the torch op it came from (nodes
 #: of one op share an id), the model's rule mode ("cnn" / "transformer"), and "1" on the nodes
@@ -18,6 +22,12 @@ from collections.abc import Iterable, Mapping
 #: reports speak of "layer1.conv2", not of the exporter's tensor names.
 KIND_KEY, OP_KEY, MODE_KEY = "qat_deploy.kind", "qat_deploy.op", "qat_deploy.mode"
 FLOAT_KEY, LAYER_KEY = "qat_deploy.float", "qat_deploy.layer"
+
+
+def layer_of(node: NodeProto) -> str | None:
+    """The user's layer an exported node belongs to (its LAYER_KEY tag), if tagged."""
+    return next((p.value for p in node.metadata_props if p.key == LAYER_KEY), None)
+
 
 #: Weighted ops: a data input plus a constant weight that gets a per-channel quantizer.
 WEIGHTED_KINDS = ("conv", "conv_transpose", "linear")

@@ -23,11 +23,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qat_deploy.deploy.export.passes import drop_dead_nodes, drop_unused_initializers
+from qat_deploy.deploy.export.passes import (
+    along_axis,
+    drop_dead_nodes,
+    drop_unused_initializers,
+)
 from qat_deploy.deploy.lint.base import Context
 from qat_deploy.deploy.lint.graph import DEQUANTIZE, QUANTIZE, Graph, attribute
 from qat_deploy.deploy.rules.backend import BackendRules
-from qat_deploy.deploy.rules.ops import FLOAT_KEY, LAYER_KEY, WEIGHTED_KINDS
+from qat_deploy.deploy.rules.ops import FLOAT_KEY, WEIGHTED_KINDS, layer_of
 
 #: activations a weighted op's output quantizer sits after (the rules fuse them into the op)
 _FUSED_ACTIVATIONS = ("relu", "relu6")
@@ -39,10 +43,6 @@ class Region:
 
     layer: str
     nodes: tuple[str, ...]
-
-
-def layer_of(node: onnx.NodeProto) -> str | None:
-    return next((p.value for p in node.metadata_props if p.key == LAYER_KEY), None)
 
 
 def regions(model: onnx.ModelProto, rules: BackendRules) -> list[Region]:
@@ -121,12 +121,9 @@ def _dequantized(graph: Graph, dq: onnx.NodeProto) -> np.ndarray:
     codes = graph.value(dq.input[0]).astype(np.float64)
     scale = graph.value(dq.input[1]).astype(np.float64)
     zero = graph.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
-    zero = zero.astype(np.float64)
-    if scale.size > 1:  # per channel along the DQ's axis
-        shape = [1] * codes.ndim
-        axis = attribute(dq, "axis", 1) % codes.ndim
-        shape[axis] = scale.size
-        scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.size > 1 else zero
+    axis = attribute(dq, "axis", 1)
+    scale = along_axis(scale, axis, codes.ndim)
+    zero = along_axis(zero.astype(np.float64), axis, codes.ndim)
     return ((codes - zero) * scale).astype(np.float32)
 
 

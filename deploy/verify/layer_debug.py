@@ -40,9 +40,14 @@ from qat_deploy.deploy.common.artifacts import temp_folder, write_atomic
 from qat_deploy.deploy.common.errors import BackendUnavailableError, BadInputError, one_line
 from qat_deploy.deploy.common.measured import Measured, NotMeasured
 from qat_deploy.deploy.engines.adapter import Adapter
-from qat_deploy.deploy.export.passes import GraphIndex, drop_dead_nodes, drop_unused_initializers
+from qat_deploy.deploy.export.passes import (
+    GraphIndex,
+    along_axis,
+    drop_dead_nodes,
+    drop_unused_initializers,
+)
 from qat_deploy.deploy.quant.fake_quant import SMOOTH_ATTRIBUTE
-from qat_deploy.deploy.rules.ops import LAYER_KEY
+from qat_deploy.deploy.rules.ops import layer_of
 from qat_deploy.deploy.verify.closeness import sqnr_db
 
 #: rows shown first: the quantizers where most error enters
@@ -434,11 +439,7 @@ def plot(result: LayerDebug, title: str, path: Path) -> Path:
 
 def _broadcast(p: Quantizer, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     scale, zero = p.scale.astype(np.float32), p.zero_point.astype(np.float32)
-    if scale.size > 1:
-        shape = [1] * ndim
-        shape[p.axis % ndim] = -1
-        scale, zero = scale.reshape(shape), zero.reshape(shape)
-    return scale, zero
+    return along_axis(scale, p.axis, ndim), along_axis(zero, p.axis, ndim)
 
 
 def _producer_layer(tensor: str, g: GraphIndex) -> str:
@@ -453,8 +454,7 @@ def _producer_layer(tensor: str, g: GraphIndex) -> str:
 
 
 def _layer(node: onnx.NodeProto) -> str:
-    tags = {p.key: p.value for p in node.metadata_props}
-    return tags.get(LAYER_KEY) or node.name or node.op_type
+    return layer_of(node) or node.name or node.op_type
 
 
 def _is_dq(node: onnx.NodeProto) -> bool:

@@ -5,7 +5,8 @@ file, quantizer by quantizer. That acquits the engine only if the file is the mo
 export that wrote one activation on another grid, or one layer's weights wrong, would run
 "faithfully" and still compute something else. These two checks tie the file to the model: every
 activation grid the file uses is one of the model's, and every int8 weight the file holds is
-the fake-quantized weight of one of the model's weight quantizers.
+the fake-quantized weight of the model's layer the export tagged its reader with (of one of
+the model's weight quantizers where the reader has no tag).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from qat_deploy.deploy.export.passes import GraphIndex
+from qat_deploy.deploy.export.passes import GraphIndex, along_axis
 from qat_deploy.deploy.export.qdq import export_mode
 from qat_deploy.deploy.frontend.prepare import PreparedModel
 from qat_deploy.deploy.quant.fake_quant import FakeQuantize
+from qat_deploy.deploy.rules.ops import layer_of
 from qat_deploy.deploy.verify.layer_debug import quantizers
 
 #: the share of a weight's values allowed one step from the model's: the export quantizes the
@@ -74,29 +76,57 @@ def foreign_weights(model: onnx.ModelProto, fake_quant: PreparedModel) -> tuple[
     `fake_quant` (same shape; no value more than one step apart, and at most
     WEIGHT_TIE_SHARE of them one step apart) nor, per tensor, on one of its activation grids
     (a constant an activation quantizer reads, as ConvNeXt's layer scales on onnxruntime: the
-    export folds its QuantizeLinear into integers too)."""
+    export folds its QuantizeLinear into integers too). A weight whose reader the export
+    tagged with a layer of the model (LAYER_KEY) must be that layer's: two layers' weights
+    swapped are foreign too."""
+    layers = model_weights(fake_quant)
     by_shape: dict[tuple[int, ...], list[np.ndarray]] = defaultdict(list)
-    for weight in model_weights(fake_quant):
+    for weight in layers.values():
         by_shape[weight.shape].append(weight)
     grids = activation_grids(fake_quant)
+    readers = reading_layers(model)
+
+    def candidates(w: FileWeight) -> list[np.ndarray]:
+        own = [layers[name] for name in readers.get(w.name, ()) if name in layers]
+        return own or by_shape.get(w.values.shape, [])
+
     return tuple(
         w.name
         for w in file_weights(model)
         if w.grid not in grids
-        and not any(_same_codes(w.values, m, w.step) for m in by_shape.get(w.values.shape, []))
+        and not any(
+            m.shape == w.values.shape and _same_codes(w.values, m, w.step) for m in candidates(w)
+        )
     )
 
 
-def model_weights(fake_quant: PreparedModel) -> list[np.ndarray]:
-    """Each weight quantizer's output on the weight export writes (float32)."""
+def model_weights(fake_quant: PreparedModel) -> dict[str, np.ndarray]:
+    """Each weight quantizer's output on the weight export writes (float32), by the layer's
+    module path as the export's LAYER_KEY tags name it."""
     modules = dict(fake_quant.named_modules())
-    layers = [
-        modules[s.module.removesuffix(".weight_quant")]
-        for s in fake_quant.plan.sites
-        if s.role == "weight"
+    paths = [
+        s.module.removesuffix(".weight_quant") for s in fake_quant.plan.sites if s.role == "weight"
     ]
     with export_mode(fake_quant), torch.no_grad():
-        return [layer.export_weight().float().numpy() for layer in layers]
+        return {
+            path.removeprefix("model."): modules[path].export_weight().float().numpy()
+            for path in paths
+        }
+
+
+def reading_layers(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """Initializer -> the layers (LAYER_KEY tags) of the nodes that read its
+    DequantizeLinear's output."""
+    dequantized = {
+        n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+    }
+    found: dict[str, set[str]] = defaultdict(set)
+    for node in model.graph.node:
+        tag = layer_of(node)
+        for name in node.input:
+            if tag is not None and name in dequantized:
+                found[dequantized[name]].add(tag)
+    return found
 
 
 def file_weights(model: onnx.ModelProto) -> list[FileWeight]:
@@ -114,10 +144,9 @@ def file_weights(model: onnx.ModelProto) -> list[FileWeight]:
             continue
         if zero_point is None:
             zero_point = np.zeros_like(scale, dtype=np.int32)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(codes.ndim, 1)
-        shape = [-1 if d == axis else 1 for d in range(codes.ndim)] if scale.size > 1 else []
-        step = np.broadcast_to(scale.astype(np.float32).reshape(shape), codes.shape)
-        offset = zero_point.astype(np.float32).reshape(shape)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        step = np.broadcast_to(along_axis(scale.astype(np.float32), axis, codes.ndim), codes.shape)
+        offset = along_axis(zero_point.astype(np.float32), axis, codes.ndim)
         grid = _grid(scale, zero_point) if scale.size == 1 else None
         found.append(FileWeight(name, (codes.astype(np.float32) - offset) * step, step, grid))
         seen.add(name)

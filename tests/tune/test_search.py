@@ -17,10 +17,10 @@ from qat_deploy.deploy.engines.timing import TimingConfig
 from qat_deploy.deploy.export.qdq import export
 from qat_deploy.deploy.frontend.prepare import prepare
 from qat_deploy.deploy.rules.backend import get_rules
-from qat_deploy.deploy.rules.ops import FLOAT_KEY
+from qat_deploy.deploy.rules.ops import FLOAT_KEY, layer_of
 from qat_deploy.deploy.training.calibrate import calibrate
 from qat_deploy.deploy.tune.cache import TimingCache
-from qat_deploy.deploy.tune.regions import layer_of, regions
+from qat_deploy.deploy.tune.regions import regions
 from qat_deploy.deploy.tune.search import MIN_GAIN, EngineTimer, search
 from tests.tune.watch import ScriptedWatch
 

@@ -102,6 +102,29 @@ def test_a_tie_rounded_the_other_way_is_allowed_but_many_one_step_changes_are_no
     assert provenance.foreign_weights(_replaced(model, name, spoilt), prepared) == (name,)
 
 
+@pytest.mark.parametrize("exported", [("bert_tiny", "openvino")], indirect=True)
+def test_two_layers_of_one_shape_reading_each_others_weights_are_named(exported):
+    """Each weight is held to the layer its reader belongs to: q_proj reading k_proj's int8
+    weight (and k_proj q_proj's) holds only weights of the model, yet computes another
+    function."""
+    prepared, model = exported
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for weight in provenance.file_weights(model):
+        by_shape.setdefault(weight.values.shape, []).append(weight.name)
+    first, second = next(names for names in by_shape.values() if len(names) > 1)[:2]
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    outputs = {
+        n.input[0]: n.output[0] for n in swapped.graph.node if n.op_type == "DequantizeLinear"
+    }
+    exchange = {outputs[first]: outputs[second], outputs[second]: outputs[first]}
+    for node in swapped.graph.node:
+        if node.op_type != "DequantizeLinear":
+            node.input[:] = [exchange.get(name, name) for name in node.input]
+    assert provenance.foreign_weights(model, prepared) == ()
+    assert sorted(provenance.foreign_weights(swapped, prepared)) == sorted([first, second])
+
+
 def test_an_activation_quantized_on_a_grid_the_model_lacks_is_named(exported):
     prepared, model = exported
     changed = onnx.ModelProto()
