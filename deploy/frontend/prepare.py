@@ -288,9 +288,9 @@ def _kept_float(
 
 def _slow_int8_convs(gm: fx.GraphModule, kinds, op_rules: _RulesOf) -> set[fx.Node]:
     """The Convs the rules keep float: group shapes without a fast int8 kernel
-    (BackendRules.float_conv_groups), and thin dense ones whose output is read float anyway
-    or that write few channels not read by a pooling op (BackendRules.float_thin_convs,
-    float_thin_conv_outputs)."""
+    (BackendRules.float_conv_groups) or with a wrong one (BackendRules.wrong_int8_conv), and
+    thin dense ones whose output is read float anyway or that write few channels not read by
+    a pooling op (BackendRules.float_thin_convs, float_thin_conv_outputs)."""
     rules = op_rules.rules
     found = set()
     for node in gm.graph.nodes:
@@ -306,6 +306,7 @@ def _slow_int8_convs(gm: fx.GraphModule, kinds, op_rules: _RulesOf) -> set[fx.No
         )
         if (
             shape in rules.float_conv_groups
+            or rules.wrong_int8_conv(conv.in_channels, conv.groups, shape)
             or narrow
             or (thin and _read_float(node, kinds, op_rules))
         ):

@@ -117,6 +117,10 @@ class BackendRules:
     #: gains nothing, and quantizing the narrow float output costs about what quantizing the
     #: input did. 0: never.
     float_thin_conv_outputs: int = 0
+    #: A grouped Conv (deploy.rules.ops.conv_groups "grouped") reading more than this many
+    #: channels per group, and not a multiple of it, stays float: the runtime's int8 kernel
+    #: computes it wrong (wrong_int8_conv). 0: never. Tagged like float_conv_groups.
+    float_grouped_conv_width: int = 0
     #: ONNX post-passes (names in deploy/export/passes.py) export() applies for this backend.
     export_passes: tuple[str, ...] = ()
     #: Transformer mode: SmoothQuant migration strengths to choose from, per activation
@@ -161,6 +165,12 @@ class BackendRules:
                 f"{self.name} rules: quantize_pass_through_inputs names kinds that are not "
                 f"pass-through: {', '.join(sorted(stray))}"
             )
+
+    def wrong_int8_conv(self, in_channels: int, groups: int, shape: str) -> bool:
+        """Whether the runtime's int8 kernel computes a Conv of this group `shape`
+        (deploy.rules.ops.conv_groups) wrong: float_grouped_conv_width."""
+        width, per_group = self.float_grouped_conv_width, in_channels // groups
+        return shape == "grouped" and 0 < width < per_group and per_group % width != 0
 
     def op_rules(self, transformer: bool) -> Mapping[str, OpRule]:
         """A node's rules: transformer mode's, except in a conv stage (conv_stage), which

@@ -1,10 +1,13 @@
 """Convs a runtime runs no faster in int8 stay float by rule: group shapes without a fast int8
 kernel (BackendRules.float_conv_groups: onnxruntime's depthwise Convs with a channel
-multiplier) and thin stems read float anyway (BackendRules.float_thin_convs)."""
+multiplier) and thin stems read float anyway (BackendRules.float_thin_convs); grouped Convs
+a runtime computes wrong in int8 stay float too (BackendRules.float_grouped_conv_width)."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -148,3 +151,57 @@ def test_a_narrow_stem_stays_float_unless_a_pooling_op_reads_it(target, reader, 
 
 def test_the_onnxruntime_engine_runs_the_stem_float_and_the_rest_int8(tmp_path):
     assert _engine_precisions(_FloatActivationStem(), tmp_path)[:2] == ["float", "int8"]
+
+
+class _MixedPointwise(nn.Module):
+    """timm MixNet's two-group pointwise Conv, reading `width` channels per group."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 2 * width, 3, padding=1)
+        self.pw = nn.Conv2d(2 * width, 40, 1, groups=2)
+        self.head = nn.Conv2d(40, 8, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.pw(torch.relu(self.stem(x)))))
+
+
+@pytest.mark.parametrize(("width", "wrong"), [(120, True), (80, True), (64, False), (60, False)])
+@pytest.mark.parametrize("target", TARGETS)
+def test_openvino_keeps_the_grouped_convs_its_int8_kernel_computes_wrong_float(
+    target, width, wrong, tmp_path
+):
+    """OpenVINO's rules (float_grouped_conv_width 64): a grouped Conv reading more than 64
+    channels per group, and not a multiple of 64, stays float, tagged so; the others and
+    every other backend keep it int8."""
+    prepared = prepare(_MixedPointwise(width).eval(), target, X, reduce_range=False)
+    floated = wrong and target == "openvino"
+    assert prepared.plan.float_by_rule == (["pw"] if floated else [])
+    assert ("pw" in prepared.plan.weight_layers) != floated
+    with torch.no_grad():
+        prepared(X)
+    model = onnx.load(export(prepared, tmp_path / "m.onnx", X))
+    assert lint(model, target) == []
+    pw = next(n for n in model.graph.node if n.op_type == "Conv" and n.attribute[0].i == 2)
+    assert (pw.name in float_by_rule(model, target)) == floated
+
+
+def test_the_openvino_engine_of_a_wide_grouped_conv_computes_what_its_qdq_file_does(tmp_path):
+    """The independent reference is onnxruntime running the same QDQ file. On a Xeon with
+    AMX-INT8, OpenVINO 2026.4.1's int8 kernel put 95% of this Conv's outputs up to 255 steps
+    off; kept float by the rule, the engine matches."""
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 16, 16)
+    prepared = prepare(_MixedPointwise(120).eval(), "openvino", X)
+    calibrate(prepared, [images], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", X)
+    adapter = get_adapter("openvino")
+    engine = adapter.build(path, tmp_path / "e", precision="int8", threads=1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    with adapter.runner(engine) as runner:
+        for image in images.numpy():
+            expected = session.run(None, {name: image[None]})[0]
+            got = next(iter(runner.infer({name: image[None]}).values()))
+            step = np.ptp(expected) / 255
+            assert np.abs(got - expected).max() < 2 * step
