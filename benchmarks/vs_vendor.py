@@ -139,10 +139,20 @@ def our_variant(
 
 def tuning_note(t: dict) -> str:
     """What the latency search did, for the row: which layers it took float (by name, so a
-    cold run that ends elsewhere can be told apart), its time, and any contended timings."""
+    cold run that ends elsewhere can be told apart), its time, the gain it asked of a change
+    (twice the noise it measured: a noisy run takes nothing), a placement its final timing
+    reverted, and any contended timings."""
     floated = f" ({', '.join(t['float_layers'])})" if t["float_layers"] else ""
     note = f"tuned: {len(t['float_layers'])}/{t['regions']} layers float{floated}"
     note += f", {t['seconds']:.0f} s"
+    if "threshold" in t:
+        note += f", a change had to gain {t['threshold']:.1%}"
+    if t.get("reverted"):
+        back = t["reverted"]
+        note += (
+            f", reverted {len(back['float_layers'])} float layers "
+            f"(time ratio {back['time_ratio']:.3f}{', contended' if back['contended'] else ''})"
+        )
     if t["retimed"] or t["contended"]:  # other processes took the CPU while it timed
         note += f", {t['retimed']} timings retaken, {t['contended']} still contended"
     return note

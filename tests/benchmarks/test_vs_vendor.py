@@ -101,6 +101,16 @@ def test_the_tuned_row_names_the_layers_the_search_took_float():
     assert "0/54 layers float," in quiet and "2 timings retaken, 1 still contended" in quiet
 
 
+def test_the_tuned_row_says_what_gain_was_asked_and_what_the_final_timing_reverted():
+    """A row with no float layers tells a noisy search (a high bar) from a reverted one."""
+    t = {"float_layers": [], "regions": 52, "seconds": 210.0, "retimed": 0, "contended": 0}
+    noisy = tuning_note({**t, "threshold": 0.2666, "reverted": None})
+    assert "a change had to gain 26.7%" in noisy and "reverted" not in noisy
+    back = {"float_layers": ["a", "b", "c"], "time_ratio": 1.0512, "contended": True}
+    reverted = tuning_note({**t, "threshold": 0.05, "reverted": back})
+    assert "reverted 3 float layers (time ratio 1.051, contended)" in reverted
+
+
 def _rescaled_activation(path: Path, out: Path, factor: float) -> Path:
     """A copy of a QDQ file with the middle activation quantizer's scale multiplied by
     `factor` (its Q and every DQ share the scale initializer): a file its fake-quant model
