@@ -80,15 +80,12 @@ def foreign_weights(model: onnx.ModelProto, fake_quant: PreparedModel) -> tuple[
     tagged with a layer of the model (LAYER_KEY) must be that layer's: two layers' weights
     swapped are foreign too."""
     layers = model_weights(fake_quant)
-    by_shape: dict[tuple[int, ...], list[np.ndarray]] = defaultdict(list)
-    for weight in layers.values():
-        by_shape[weight.shape].append(weight)
     grids = activation_grids(fake_quant)
     readers = reading_layers(model)
 
     def candidates(w: FileWeight) -> list[np.ndarray]:
         own = [layers[name] for name in readers.get(w.name, ()) if name in layers]
-        return own or by_shape.get(w.values.shape, [])
+        return own or list(layers.values())
 
     return tuple(
         w.name
@@ -117,15 +114,12 @@ def model_weights(fake_quant: PreparedModel) -> dict[str, np.ndarray]:
 def reading_layers(model: onnx.ModelProto) -> dict[str, set[str]]:
     """Initializer -> the layers (LAYER_KEY tags) of the nodes that read its
     DequantizeLinear's output."""
-    dequantized = {
-        n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
-    }
+    g = GraphIndex(model)
     found: dict[str, set[str]] = defaultdict(set)
-    for node in model.graph.node:
-        tag = layer_of(node)
-        for name in node.input:
-            if tag is not None and name in dequantized:
-                found[dequantized[name]].add(tag)
+    for node in g.graph.node:
+        if node.op_type == "DequantizeLinear":
+            tags = (layer_of(reader) for reader in g.consumers.get(node.output[0], []))
+            found[node.input[0]].update(tag for tag in tags if tag is not None)
     return found
 
 
