@@ -101,6 +101,7 @@ RULES = BackendRules(
         "reduce_mean_keepdims",
         "quantize_before_pass_through",
         "drop_requantize_after_pass_through",
+        "average_pool_floor_mode",
     ),
     # The CPU plugin fuses a residual Add into the Conv feeding it as a oneDNN sum post-op and
     # rounds only at the last post-op: that Conv's output quantizer becomes a clamp. Measured

@@ -43,6 +43,11 @@ graph optimizer sees the graph.
   Subgraph that subtracts the zero point and requantizes (two per gate in timm's
   ECA-ResNet26t, between the pooling and the Conv1d); without it the dequantization moves
   through the op into the reader, as in NNCF's graphs.
+- average_pool_floor_mode: ResNet-D shortcuts (timm's ResNet-D family, ECA-ResNet26t)
+  average-pool with ceil_mode=1. Where every window fits the input, floor mode gives the same
+  windows and output; the OpenVINO 2026.4 CPU plugin runs DQ -> AveragePool -> Q in f32 with
+  ceil_mode=1 and in u8 with ceil_mode=0 (a 256x56x56 pool: 213 -> 53 us, and its
+  quantizer's f32 Subgraph shrinks with it), so such pools lose the flag.
 """
 
 from __future__ import annotations
@@ -529,6 +534,41 @@ def drop_requantize_after_pass_through(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def average_pool_floor_mode(model: onnx.ModelProto) -> int:
+    """AveragePool(ceil_mode=1) -> ceil_mode=0 where that changes no window: on every spatial
+    axis (size + pads - dilated kernel) is a multiple of the stride, so ceil and floor agree on
+    the output size. Pools with an unknown input size or auto_pad are left alone."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    sizes = {
+        v.name: [
+            d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim
+        ]
+        for v in [*inferred.graph.value_info, *inferred.graph.input]
+        if v.type.tensor_type.HasField("shape")
+    }
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "AveragePool" or _attr(node, "ceil_mode", 0) != 1:
+            continue
+        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        kernel = _attr(node, "kernel_shape", [])
+        spatial = sizes.get(node.input[0], [])[2:]
+        if not kernel or len(spatial) != len(kernel) or not all(spatial):
+            continue
+        strides = _attr(node, "strides", None) or [1] * len(kernel)
+        dilations = _attr(node, "dilations", None) or [1] * len(kernel)
+        pads = _attr(node, "pads", None) or [0] * (2 * len(kernel))
+        spans = [
+            size + pads[i] + pads[i + len(kernel)] - (k - 1) * d - 1
+            for i, (size, k, d) in enumerate(zip(spatial, kernel, dilations, strict=True))
+        ]
+        if all(span >= 0 and span % s == 0 for span, s in zip(spans, strides, strict=True)):
+            next(a for a in node.attribute if a.name == "ceil_mode").i = 0
+            rewritten += 1
+    return rewritten
+
+
 def _dequantized_source(g: GraphIndex, name: str) -> onnx.NodeProto | None:
     """The DequantizeLinear of a quantized value that reaches `name` through pass-through ops
     (at least one), if one does and its producer is a QuantizeLinear."""
@@ -548,6 +588,7 @@ PASSES: dict[str, Callable[[onnx.ModelProto], int]] = {
     "reduce_mean_keepdims": reduce_mean_keepdims,
     "quantize_before_pass_through": quantize_before_pass_through,
     "drop_requantize_after_pass_through": drop_requantize_after_pass_through,
+    "average_pool_floor_mode": average_pool_floor_mode,
 }
 
 

@@ -159,6 +159,21 @@ def _engine_cosine_to(prepared, engine, x) -> float:
     return closeness.compare(got, want, step=None)["cosine"]
 
 
+def _prepared_and_engine(module, x, tmp_path):
+    """`module` prepared for OpenVINO, calibrated on random batches shaped like x, exported
+    and built: the fake-quant model and its engine."""
+    import torch
+
+    from qat_deploy.deploy.export.qdq import export
+    from qat_deploy.deploy.frontend.prepare import prepare
+    from qat_deploy.deploy.training.calibrate import calibrate
+
+    prepared = prepare(module.eval(), "openvino", x[:1])
+    calibrate(prepared, [torch.randn(*x.shape) for _ in range(4)], progress=False)
+    path = export(prepared, tmp_path / "m.onnx", x[:1], dynamic_batch=True)
+    return prepared, ADAPTER.build(path, tmp_path, precision="int8", threads=1)
+
+
 def test_an_eca_gate_runs_without_requantizers_and_matches_its_fake_quant_model(tmp_path):
     """timm's ECA gate on OpenVINO's rules: the Conv output only the pooling and the Mul read
     is int8 (zero point 0), and the pooled values reach the gate's Conv1d through the
@@ -167,18 +182,12 @@ def test_an_eca_gate_runs_without_requantizers_and_matches_its_fake_quant_model(
     engine computes what the fake-quant model does."""
     import torch
 
-    from qat_deploy.deploy.export.qdq import export
-    from qat_deploy.deploy.frontend.prepare import prepare
-    from qat_deploy.deploy.training.calibrate import calibrate
     from tests.frontend.blocks import ChannelGate
 
     torch.manual_seed(0)
     x = torch.randn(8, 16, 12, 12)
-    prepared = prepare(ChannelGate(c=16, gate="conv").eval(), "openvino", x[:1])
-    calibrate(prepared, [torch.randn(8, 16, 12, 12) for _ in range(4)], progress=False)
+    prepared, engine = _prepared_and_engine(ChannelGate(c=16, gate="conv"), x, tmp_path)
     assert any(s.spec.signed for s in prepared.plan.sites if s.role == "activation")
-    path = export(prepared, tmp_path / "m.onnx", x[:1], dynamic_batch=True)
-    engine = ADAPTER.build(path, tmp_path, precision="int8", threads=1)
     layers = ADAPTER.kernel_report(engine).layers
     types = [layer.layer_type for layer in layers]
     pooled, gate = types.index("Reduce"), types.index("Convolution", types.index("Reduce"))
@@ -193,21 +202,32 @@ def test_same_padding_runs_inside_int8_convs_and_matches_its_fake_quant_model(tm
     bf16 reference kernel before the Conv's quantizer, and every Conv is int8."""
     import torch
 
-    from qat_deploy.deploy.export.qdq import export
-    from qat_deploy.deploy.frontend.prepare import prepare
-    from qat_deploy.deploy.training.calibrate import calibrate
     from tests.frontend.blocks import SamePaddingStem, randomize_bn
 
     torch.manual_seed(0)
     x = torch.randn(8, 3, 16, 16)
-    prepared = prepare(randomize_bn(SamePaddingStem()).eval(), "openvino", x[:1])
-    calibrate(prepared, [torch.randn(8, 3, 16, 16) for _ in range(4)], progress=False)
-    path = export(prepared, tmp_path / "m.onnx", x[:1], dynamic_batch=True)
-    engine = ADAPTER.build(path, tmp_path, precision="int8", threads=1)
+    prepared, engine = _prepared_and_engine(randomize_bn(SamePaddingStem()), x, tmp_path)
     layers = ADAPTER.kernel_report(engine).layers
     assert "Pad" not in {layer.layer_type for layer in layers}
     convs = [layer for layer in layers if "Convolution" in layer.layer_type]
     assert len(convs) == 3 and all(layer.precision == "int8" for layer in convs), convs
+    assert _engine_cosine_to(prepared, engine, x) > 0.999
+
+
+def test_a_resnet_d_shortcut_pool_runs_int8_and_matches_its_fake_quant_model(tmp_path):
+    """timm's ResNet-D shortcut pools with ceil_mode=True. On even sizes that changes no
+    window, and with the flag dropped (export pass average_pool_floor_mode) the CPU plugin
+    pools the u8 values; with it, it pooled in f32 (and requantized in an f32 Subgraph)."""
+    import torch
+
+    from tests.frontend.blocks import ResNetDShortcut, randomize_bn
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    prepared, engine = _prepared_and_engine(randomize_bn(ResNetDShortcut()), x, tmp_path)
+    layers = ADAPTER.kernel_report(engine).layers
+    pools = [layer for layer in layers if "Pool" in layer.layer_type]
+    assert len(pools) == 1 and pools[0].precision == "int8", layers
     assert _engine_cosine_to(prepared, engine, x) > 0.999
 
 

@@ -1,6 +1,6 @@
-"""deploy/export/passes.py: drop_requantize_after_pass_through, fold_pad_into_conv and
-fold_quantized_constants keep what the model computes (onnxruntime with plain Q/DQ semantics is the
-reference) and rewrite only where that holds."""
+"""deploy/export/passes.py: drop_requantize_after_pass_through, fold_pad_into_conv,
+fold_quantized_constants and average_pool_floor_mode keep what the model computes (onnxruntime
+with plain Q/DQ semantics is the reference) and rewrite only where that holds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from qat_deploy.deploy.export.passes import (
+    average_pool_floor_mode,
     drop_requantize_after_pass_through,
     fold_pad_into_conv,
     fold_quantized_constants,
@@ -215,3 +216,50 @@ def test_a_constant_node_beside_the_branch_is_read_not_indexed():
     assert fold_quantized_constants(model) == 1
     assert "Constant" not in _op_types(model) and "Sin" not in _op_types(model)
     np.testing.assert_allclose(_run(model, x), before, rtol=1e-6, atol=1e-6)
+
+
+def _pool(
+    size: int | str, *, kernel: int = 2, auto_pad: str = "NOTSET", **attrs
+) -> onnx.ModelProto:
+    """x [1, 3, size, size] -> AveragePool(stride 2, ceil_mode=1, count_include_pad=0) -> y."""
+    pool = helper.make_node(
+        "AveragePool",
+        ["x"],
+        ["y"],
+        "pool",
+        kernel_shape=[kernel, kernel],
+        strides=[2, 2],
+        ceil_mode=1,
+        count_include_pad=0,
+        auto_pad=auto_pad,
+        **attrs,
+    )
+    return _model([pool], [], x_shape=[1, 3, size, size], y_shape=[1, 3, None, None])
+
+
+def _ceil_mode(model: onnx.ModelProto) -> int:
+    pool = next(n for n in model.graph.node if n.op_type == "AveragePool")
+    return next(a.i for a in pool.attribute if a.name == "ceil_mode")
+
+
+def test_a_ceil_mode_pool_whose_windows_all_fit_loses_the_flag_and_values_are_unchanged():
+    """Even sizes (ResNet-D's 2x2 shortcut pool), and odd ones where a 3x3 kernel or the
+    padding makes the windows fit."""
+    for size, kernel, attrs in ((8, 2, {}), (9, 3, {}), (7, 2, {"pads": [1, 1, 0, 0]})):
+        model = _pool(size, kernel=kernel, **attrs)
+        x = np.random.default_rng(0).normal(0, 2, (1, 3, size, size)).astype(np.float32)
+        before = _run(model, x)
+        assert average_pool_floor_mode(model) == 1, (size, kernel, attrs)
+        onnx.checker.check_model(model, full_check=True)
+        assert _ceil_mode(model) == 0
+        np.testing.assert_array_equal(_run(model, x), before)
+
+
+def test_a_pool_whose_last_window_ceil_mode_adds_or_an_unknown_size_stays():
+    """An odd size under a 2x2 kernel has a partial last window (ceil mode's extra output),
+    a symbolic size and auto_pad are not worked out."""
+    for model in (_pool(7), _pool("h"), _pool(8, auto_pad="SAME_UPPER")):
+        assert average_pool_floor_mode(model) == 0
+        assert _ceil_mode(model) == 1
+    partial = _pool(7)
+    assert _run(partial, np.ones((1, 3, 7, 7), np.float32)).shape == (1, 3, 4, 4)

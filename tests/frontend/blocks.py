@@ -280,3 +280,21 @@ class SqueezeExcite(nn.Module):
             s = nn.functional.adaptive_avg_pool2d(x, 1)
         s = self.fc2(nn.functional.silu(self.fc1(s)))
         return self.proj(x * (torch.sigmoid(s) if self.gate else s))
+
+
+class ResNetDShortcut(nn.Module):
+    """A ResNet-D downsampling block as timm writes it: the shortcut average-pools (2x2,
+    stride 2, ceil_mode=True, count_include_pad=False) before its 1x1 Conv, the main path is a
+    strided 3x3 Conv."""
+
+    def __init__(self, cin=8, cout=16):
+        super().__init__()
+        self.stem, self.bn = conv_bn(3, cin)
+        self.conv, self.bn_conv = conv_bn(cin, cout, 3, stride=2)
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+        self.down, self.bn_down = conv_bn(cin, cout, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        shortcut = self.bn_down(self.down(self.pool(x)))
+        return torch.relu(self.bn_conv(self.conv(x)) + shortcut)
