@@ -148,11 +148,20 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _rank(model: onnx.ModelProto, name: str) -> int | None:
+def _dims(model: onnx.ModelProto, name: str) -> list[int] | None:
+    """The recorded shape of a tensor, 0 for a dimension that is not a fixed number; None
+    when no shape is recorded."""
     for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         if v.name == name and v.type.tensor_type.HasField("shape"):
-            return len(v.type.tensor_type.shape.dim)
+            return [
+                d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim
+            ]
     return None
+
+
+def _rank(model: onnx.ModelProto, name: str) -> int | None:
+    dims = _dims(model, name)
+    return None if dims is None else len(dims)
 
 
 def global_average_pool(model: onnx.ModelProto) -> int:
@@ -360,9 +369,9 @@ def _convs_reading(
     return convs or None
 
 
-def _pads_explicitly(conv: onnx.NodeProto) -> bool:
-    """Whether the Conv's padding is its pads attribute (auto_pad would ignore added pads)."""
-    return _attr(conv, "auto_pad", b"NOTSET") == b"NOTSET"
+def _pads_explicitly(node: onnx.NodeProto) -> bool:
+    """Whether a Conv's or a pool's padding is its pads attribute (auto_pad ignores pads)."""
+    return _attr(node, "auto_pad", b"NOTSET") == b"NOTSET"
 
 
 def _set_ints(node: onnx.NodeProto, name: str, values: list[int]) -> None:
@@ -538,22 +547,18 @@ def average_pool_floor_mode(model: onnx.ModelProto) -> int:
     """AveragePool(ceil_mode=1) -> ceil_mode=0 where that changes no window: on every spatial
     axis (size + pads - dilated kernel) is a multiple of the stride, so ceil and floor agree on
     the output size. Pools with an unknown input size or auto_pad are left alone."""
+    pools = [
+        n
+        for n in model.graph.node
+        if n.op_type == "AveragePool" and _attr(n, "ceil_mode", 0) == 1 and _pads_explicitly(n)
+    ]
+    if not pools:  # most models: no shape inference needed
+        return 0
     inferred = onnx.shape_inference.infer_shapes(model)
-    sizes = {
-        v.name: [
-            d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim
-        ]
-        for v in [*inferred.graph.value_info, *inferred.graph.input]
-        if v.type.tensor_type.HasField("shape")
-    }
     rewritten = 0
-    for node in model.graph.node:
-        if node.op_type != "AveragePool" or _attr(node, "ceil_mode", 0) != 1:
-            continue
-        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            continue
+    for node in pools:
         kernel = _attr(node, "kernel_shape", [])
-        spatial = sizes.get(node.input[0], [])[2:]
+        spatial = (_dims(inferred, node.input[0]) or [])[2:]
         if not kernel or len(spatial) != len(kernel) or not all(spatial):
             continue
         strides = _attr(node, "strides", None) or [1] * len(kernel)
