@@ -159,7 +159,7 @@ def _engine_cosine_to(prepared, engine, x) -> float:
     return closeness.compare(got, want, step=None)["cosine"]
 
 
-def _prepared_and_engine(module, x, tmp_path):
+def _prepared_and_engine(module, x, tmp_path, *, dynamic_batch: bool = True):
     """`module` prepared for OpenVINO, calibrated on random batches shaped like x, exported
     and built: the fake-quant model and its engine."""
     import torch
@@ -170,7 +170,7 @@ def _prepared_and_engine(module, x, tmp_path):
 
     prepared = prepare(module.eval(), "openvino", x[:1])
     calibrate(prepared, [torch.randn(*x.shape) for _ in range(4)], progress=False)
-    path = export(prepared, tmp_path / "m.onnx", x[:1], dynamic_batch=True)
+    path = export(prepared, tmp_path / "m.onnx", x[:1], dynamic_batch=dynamic_batch)
     return prepared, ADAPTER.build(path, tmp_path, precision="int8", threads=1)
 
 
@@ -228,6 +228,27 @@ def test_a_resnet_d_shortcut_pool_runs_int8_and_matches_its_fake_quant_model(tmp
     layers = ADAPTER.kernel_report(engine).layers
     pools = [layer for layer in layers if "Pool" in layer.layer_type]
     assert len(pools) == 1 and pools[0].precision == "int8", layers
+    assert _engine_cosine_to(prepared, engine, x) > 0.999
+
+
+def test_a_dense_blocks_bn_relu_runs_once_per_concatenation(tmp_path):
+    """DenseNet's Concat -> BN -> ReLU -> Q with positive BN scales, exported with a fixed
+    batch as deploy build does: OpenVINO folds the BN and ReLU into the quantizer and then
+    splits that per-channel quantizer over the Concat's inputs, one Subgraph per input
+    (DenseNet-121: 594 Subgraphs). With the ReLU written as Max(x, 0) (export pass
+    relu_as_max_after_concat) it runs once per Concat, after it."""
+    import torch
+
+    from tests.frontend.blocks import DenseBlock, randomize_bn
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    block = randomize_bn(DenseBlock(), positive_scales=True)
+    prepared, engine = _prepared_and_engine(block, x, tmp_path, dynamic_batch=False)
+    types = [layer.layer_type for layer in ADAPTER.kernel_report(engine).layers]
+    elementwise = [t for t in types if t in ("Subgraph", "Eltwise", "FakeQuantize")]
+    # one per Concat, plus the input's quantizer and the first layer's BN (no Concat before)
+    assert len(elementwise) <= types.count("Concatenation") + 2, types
     assert _engine_cosine_to(prepared, engine, x) > 0.999
 
 

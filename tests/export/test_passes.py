@@ -1,6 +1,7 @@
 """deploy/export/passes.py: drop_requantize_after_pass_through, fold_pad_into_conv,
-fold_quantized_constants and average_pool_floor_mode keep what the model computes (onnxruntime
-with plain Q/DQ semantics is the reference) and rewrite only where that holds."""
+fold_quantized_constants, average_pool_floor_mode and relu_as_max_after_concat keep what the
+model computes (onnxruntime with plain Q/DQ semantics is the reference) and rewrite only where
+that holds."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from qat_deploy.deploy.export.passes import (
     drop_requantize_after_pass_through,
     fold_pad_into_conv,
     fold_quantized_constants,
+    relu_as_max_after_concat,
 )
 
 
@@ -59,6 +61,16 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
+def _rewrites_keeping_values(model: onnx.ModelProto, rewrite, x: np.ndarray) -> int:
+    """Apply `rewrite`; the result must be a valid model computing bit-identical outputs on x.
+    Returns the rewrite's count."""
+    before = _run(model, x)
+    count = rewrite(model)
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_array_equal(_run(model, x), before)
+    return count
+
+
 def _quantizers(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "QuantizeLinear"]
 
@@ -66,11 +78,8 @@ def _quantizers(model: onnx.ModelProto) -> list[str]:
 def test_an_identity_requantizer_after_reshapes_is_dropped_and_values_are_unchanged():
     model = _chain(0.05, zero_point=120, zero_point_after=120)
     x = np.random.default_rng(0).normal(0, 3, (1, 6, 1, 1)).astype(np.float32)  # some clip
-    before = _run(model, x)
-    assert drop_requantize_after_pass_through(model) == 1
-    onnx.checker.check_model(model)
+    assert _rewrites_keeping_values(model, drop_requantize_after_pass_through, x) == 1
     assert _quantizers(model) == ["q"]
-    np.testing.assert_array_equal(_run(model, x), before)
 
 
 def test_requantizers_that_change_values_or_that_openvino_merges_stay():
@@ -248,11 +257,8 @@ def test_a_ceil_mode_pool_whose_windows_all_fit_loses_the_flag_and_values_are_un
     for size, kernel, attrs in ((8, 2, {}), (9, 3, {}), (7, 2, {"pads": [1, 1, 0, 0]})):
         model = _pool(size, kernel=kernel, **attrs)
         x = np.random.default_rng(0).normal(0, 2, (1, 3, size, size)).astype(np.float32)
-        before = _run(model, x)
-        assert average_pool_floor_mode(model) == 1, (size, kernel, attrs)
-        onnx.checker.check_model(model, full_check=True)
+        assert _rewrites_keeping_values(model, average_pool_floor_mode, x) == 1, (size, kernel)
         assert _ceil_mode(model) == 0
-        np.testing.assert_array_equal(_run(model, x), before)
 
 
 def test_a_pool_whose_last_window_ceil_mode_adds_or_an_unknown_size_stays():
@@ -263,3 +269,65 @@ def test_a_pool_whose_last_window_ceil_mode_adds_or_an_unknown_size_stays():
         assert _ceil_mode(model) == 1
     partial = _pool(7)
     assert _run(partial, np.ones((1, 3, 7, 7), np.float32)).shape == (1, 3, 4, 4)
+
+
+def _concat_bn_relu(*, first_input_quantized: bool = True, relu_read_by: str = "QuantizeLinear"):
+    """x [1, 4, 5, 5] -> two Q -> DQ copies (the first optionally float) -> Concat -> random
+    BatchNormalization -> Relu -> Q -> DQ -> y (or Relu -> `relu_read_by` -> y)."""
+    rng = np.random.default_rng(0)
+    bn = [rng.normal(0, 1, 8), rng.normal(0, 1, 8), rng.normal(0, 1, 8), rng.uniform(0.5, 2, 8)]
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "s_out"),
+        numpy_helper.from_array(np.array(0, np.uint8), "z_out"),
+        *(
+            numpy_helper.from_array(v.astype(np.float32), n)
+            for v, n in zip(bn, "gbmv", strict=True)
+        ),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], "q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], "dq"),
+        helper.make_node("Neg", ["xd"], ["neg"], "neg"),
+        helper.make_node("QuantizeLinear", ["neg", "s", "z"], ["nq"], "q_neg"),
+        helper.make_node("DequantizeLinear", ["nq", "s", "z"], ["nd"], "dq_neg"),
+        helper.make_node("Concat", ["xd" if first_input_quantized else "x", "nd"], ["c"], axis=1),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"], "bn"),
+        helper.make_node("Relu", ["bn"], ["r"], "relu"),
+    ]
+    if relu_read_by == "QuantizeLinear":
+        nodes += [
+            helper.make_node("QuantizeLinear", ["r", "s_out", "z_out"], ["rq"], "q_out"),
+            helper.make_node("DequantizeLinear", ["rq", "s_out", "z_out"], ["y"], "dq_out"),
+        ]
+    else:
+        nodes.append(helper.make_node(relu_read_by, ["r"], ["y"], "reader"))
+    return _model(nodes, inits, x_shape=[1, 4, 5, 5], y_shape=[1, 8, 5, 5])
+
+
+def test_a_relu_between_a_quantized_concats_affine_ops_and_a_quantizer_becomes_max_exactly():
+    """DenseNet's Concat -> BatchNorm -> ReLU -> Q: Max(x, 0) computes the same codes."""
+    model = _concat_bn_relu()
+    x = np.random.default_rng(1).normal(0, 2, (1, 4, 5, 5)).astype(np.float32)
+    y = _run(model, x)
+    assert (y > 0).any() and (y == 0).any()  # the floor at 0 is exercised
+    assert _rewrites_keeping_values(model, relu_as_max_after_concat, x) == 1
+    assert "Relu" not in _op_types(model) and "Max" in _op_types(model)
+
+
+def test_relus_off_that_path_stay():
+    """A float Concat input, a Relu read by something other than a quantizer, and a Relu
+    right after a Concat (no affine op for OpenVINO to fold) are left alone."""
+    no_affine = _concat_bn_relu()
+    bn = next(n for n in no_affine.graph.node if n.op_type == "BatchNormalization")
+    relu = next(n for n in no_affine.graph.node if n.op_type == "Relu")
+    relu.input[0] = bn.input[0]
+    no_affine.graph.node.remove(bn)
+    for model in (
+        _concat_bn_relu(first_input_quantized=False),
+        _concat_bn_relu(relu_read_by="Neg"),
+        no_affine,
+    ):
+        assert relu_as_max_after_concat(model) == 0
+        assert "Relu" in _op_types(model) and "Max" not in _op_types(model)

@@ -97,8 +97,9 @@ class EncoderBlock(nn.Module):
         return self.norm2(x + self.fc2(self.act(self.fc1(x))))
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so folding is really exercised."""
+def randomize_bn(model: nn.Module, seed: int = 0, *, positive_scales: bool = False) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so folding is really exercised;
+    `positive_scales` keeps every weight above 0, as trained BN scales mostly are."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -107,6 +108,8 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
             m.weight.data.copy_(torch.randn(n, generator=g))
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+            if positive_scales:
+                m.weight.data.abs_()
     return model
 
 
@@ -298,3 +301,34 @@ class ResNetDShortcut(nn.Module):
         x = torch.relu(self.bn(self.stem(x)))
         shortcut = self.bn_down(self.down(self.pool(x)))
         return torch.relu(self.bn_conv(self.conv(x)) + shortcut)
+
+
+class DenseBlock(nn.Module):
+    """Three DenseNet layers as torchvision writes them: each concatenates every earlier
+    feature map, then BN -> ReLU -> 1x1 Conv -> BN -> ReLU -> 3x3 Conv (pre-activation); a
+    transition (BN -> ReLU -> 1x1 Conv) reads the last concatenation."""
+
+    def __init__(self, cin=16, growth=8, layers=3):
+        super().__init__()
+        self.stem, self.bn = conv_bn(3, cin)
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.BatchNorm2d(cin + i * growth),
+                nn.ReLU(),
+                nn.Conv2d(cin + i * growth, 2 * growth, 1, bias=False),
+                nn.BatchNorm2d(2 * growth),
+                nn.ReLU(),
+                nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False),
+            )
+            for i in range(layers)
+        )
+        width = cin + layers * growth
+        self.transition = nn.Sequential(
+            nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width // 2, 1, bias=False)
+        )
+
+    def forward(self, x):
+        features = [torch.relu(self.bn(self.stem(x)))]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.transition(torch.cat(features, 1))
