@@ -271,11 +271,19 @@ def test_a_pool_whose_last_window_ceil_mode_adds_or_an_unknown_size_stays():
     assert _run(partial, np.ones((1, 3, 7, 7), np.float32)).shape == (1, 3, 4, 4)
 
 
-def _concat_bn_relu(*, first_input_quantized: bool = True, relu_read_by: str = "QuantizeLinear"):
-    """x [1, 4, 5, 5] -> two Q -> DQ copies (the first optionally float) -> Concat -> random
-    BatchNormalization -> Relu -> Q -> DQ -> y (or Relu -> `relu_read_by` -> y)."""
+def _concat_bn_relu(
+    *,
+    first_input_quantized: bool = True,
+    relu_read_by: str = "QuantizeLinear",
+    negative_scale: bool = False,
+    batch: int | str = 1,
+) -> onnx.ModelProto:
+    """x [batch, 4, 5, 5] -> two Q -> DQ copies (the first optionally float) -> Concat ->
+    random BatchNormalization (positive scales, or one negative) -> Relu -> Q -> DQ -> y (or
+    Relu -> `relu_read_by` -> y)."""
     rng = np.random.default_rng(0)
-    bn = [rng.normal(0, 1, 8), rng.normal(0, 1, 8), rng.normal(0, 1, 8), rng.uniform(0.5, 2, 8)]
+    scale = rng.uniform(0.2, 2, 8) * np.where(np.arange(8) == 3, -1 if negative_scale else 1, 1)
+    bn = [scale, rng.normal(0, 1, 8), rng.normal(0, 1, 8), rng.uniform(0.5, 2, 8)]
     inits = [
         numpy_helper.from_array(np.array(0.05, np.float32), "s"),
         numpy_helper.from_array(np.array(128, np.uint8), "z"),
@@ -303,7 +311,7 @@ def _concat_bn_relu(*, first_input_quantized: bool = True, relu_read_by: str = "
         ]
     else:
         nodes.append(helper.make_node(relu_read_by, ["r"], ["y"], "reader"))
-    return _model(nodes, inits, x_shape=[1, 4, 5, 5], y_shape=[1, 8, 5, 5])
+    return _model(nodes, inits, x_shape=[batch, 4, 5, 5], y_shape=[batch, 8, 5, 5])
 
 
 def test_a_relu_between_a_quantized_concats_affine_ops_and_a_quantizer_becomes_max_exactly():
@@ -317,8 +325,9 @@ def test_a_relu_between_a_quantized_concats_affine_ops_and_a_quantizer_becomes_m
 
 
 def test_relus_off_that_path_stay():
-    """A float Concat input, a Relu read by something other than a quantizer, and a Relu
-    right after a Concat (no affine op for OpenVINO to fold) are left alone."""
+    """A float Concat input, a Relu read by something other than a quantizer, a Relu right
+    after a Concat (no affine op for OpenVINO to fold), a BN scale below 0 and a dynamic batch
+    (OpenVINO folds without splitting there) are left alone."""
     no_affine = _concat_bn_relu()
     bn = next(n for n in no_affine.graph.node if n.op_type == "BatchNormalization")
     relu = next(n for n in no_affine.graph.node if n.op_type == "Relu")
@@ -328,6 +337,8 @@ def test_relus_off_that_path_stay():
         _concat_bn_relu(first_input_quantized=False),
         _concat_bn_relu(relu_read_by="Neg"),
         no_affine,
+        _concat_bn_relu(negative_scale=True),
+        _concat_bn_relu(batch="n"),
     ):
         assert relu_as_max_after_concat(model) == 0
         assert "Relu" in _op_types(model) and "Max" not in _op_types(model)
