@@ -633,15 +633,15 @@ def _positive_affine_data_input(g: GraphIndex, node: onnx.NodeProto) -> str | No
     """The one computed input of an inference BatchNormalization with positive scales, of a
     Mul by a positive constant or of an Add of a constant; None for any other node."""
     if node.op_type == "BatchNormalization" and len(node.output) == 1:
-        scale = g.const(node.input[1])
-        constant = all(i in g.inits for i in node.input[1:])
-        return node.input[0] if constant and scale is not None and (scale > 0).all() else None
+        if not all(i in g.inits for i in node.input[1:]):
+            return None
+        return node.input[0] if (g.const(node.input[1]) > 0).all() else None
     if node.op_type in ("Mul", "Add"):
         computed = [i for i in node.input if i not in g.inits]
         if len(computed) != 1:
             return None
-        constant = g.const(next(i for i in node.input if i in g.inits))
-        return computed[0] if node.op_type == "Add" or (constant > 0).all() else None
+        operand = g.const(next(i for i in node.input if i in g.inits))
+        return computed[0] if node.op_type == "Add" or (operand > 0).all() else None
     return None
 
 

@@ -282,7 +282,9 @@ def _concat_bn_relu(
     random BatchNormalization (positive scales, or one negative) -> Relu -> Q -> DQ -> y (or
     Relu -> `relu_read_by` -> y)."""
     rng = np.random.default_rng(0)
-    scale = rng.uniform(0.2, 2, 8) * np.where(np.arange(8) == 3, -1 if negative_scale else 1, 1)
+    scale = rng.uniform(0.2, 2, 8)
+    if negative_scale:
+        scale[3] = -scale[3]
     bn = [scale, rng.normal(0, 1, 8), rng.normal(0, 1, 8), rng.uniform(0.5, 2, 8)]
     inits = [
         numpy_helper.from_array(np.array(0.05, np.float32), "s"),
